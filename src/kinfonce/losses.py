@@ -1,0 +1,395 @@
+"""Kernel-InfoNCE losses (Section 5.2, Eq. 8), their Table 2 mixtures, and spectral contrastive loss.
+
+Two readings of "Simple Sum" and "Concatenation Sum" exist in the paper, and both are here:
+
+* a mixture KERNEL inside one InfoNCE ratio (Section 5.2):
+  ``KernelInfoNCE(kernel=simple_sum_kernel(...))``, ``-log K(q, p1) / sum_i K(q, p_i)`` with ``K`` a sum
+  of kernels (presets ``simple-sum-kernel`` and ``concat-sum-kernel``);
+* a mixture of LOSSES, as the experiments use it (Appendix B, Table 2):
+  ``lam * C(gamma=1, tau1) + (1 - lam) * C(gamma=2, tau2)``, a weighted sum of two Kernel-InfoNCE
+  losses, :class:`LossMixture` (presets ``simple-sum`` and ``concat-sum``).
+
+The paper's Tables 1 and 4 were measured with the second reading.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from kinfonce.kernel_lse import kernel_logsumexp
+from kinfonce.kernels import (
+    ExpKernel,
+    MixtureKernel,
+    as_mixture,
+    check_weight,
+    concat_sum_kernel,
+    simple_sum_kernel,
+)
+
+
+def check_embeddings(**named: Tensor) -> None:
+    """Raises a ValueError naming the argument unless all tensors are finite float (N, D) matrices
+    of one dtype and device with the same D."""
+    ref_name, ref = next(iter(named.items()))
+    for name, z in named.items():
+        if not isinstance(z, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+        if z.ndim != 2:
+            raise ValueError(
+                f"{name} must have shape (N, D) with 2 dims, got shape {tuple(z.shape)}"
+            )
+        if not z.is_floating_point():
+            raise ValueError(f"{name} must be a floating point tensor, got dtype {z.dtype}")
+        if z.dtype != ref.dtype or z.device != ref.device:
+            raise ValueError(
+                f"{name} must have the dtype and device of {ref_name} ({ref.dtype}, {ref.device}), "
+                f"got {z.dtype}, {z.device}"
+            )
+        if z.shape[1] != ref.shape[1]:
+            raise ValueError(
+                f"{name} must have the feature dimension of {ref_name} ({ref.shape[1]}), "
+                f"got shape {tuple(z.shape)}"
+            )
+        if not torch.isfinite(z).all():
+            raise ValueError(f"{name} contains non-finite values (nan or inf)")
+
+
+def _check_same_shape(z0: Tensor, z1: Tensor) -> None:
+    if z0.shape != z1.shape:
+        raise ValueError(
+            f"z0 and z1 must have the same shape (N, D), got {tuple(z0.shape)} and {tuple(z1.shape)}"
+        )
+
+
+def gather_with_grad(z: Tensor) -> tuple[Tensor, int]:
+    """All-gathers ``z`` (n, D) from every rank with gradient: returns ((world * n, D), rank).
+
+    Requires an initialised process group and the same ``n`` on every rank. The backward pass sums
+    the gradients of all ranks (``torch.distributed.nn.all_gather``), so each rank's gradient is
+    ``world_size`` times the gradient of the mean loss over all ranks; data-parallel training, which
+    averages gradients over ranks, gets exactly the full-batch gradient.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "gather_distributed=True needs an initialised torch.distributed process group "
+            "(torch.distributed.init_process_group); use gather_distributed=False on one process"
+        )
+    if dist.get_world_size() == 1:
+        return z, 0
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(z), dim=0), dist.get_rank()
+
+
+class KernelInfoNCE(nn.Module):
+    """Kernel-InfoNCE loss (Eq. 8) with an exponential kernel (Eq. 7) or a mixture kernel.
+
+    Three forms, all returning the mean over anchors of ``log sum_j K(q, p_j) - log K(q, p_pos)``:
+
+    * two views (Algorithm 2, SimCLR): ``loss(z0, z1)`` with z0, z1 (N, D); 2N anchors, each with
+      its other view as positive and the other 2N - 2 embeddings as negatives;
+    * queue (MoCo): ``loss(z0, z1, queue=Q)`` with Q (M, D): N anchors z0, positives z1 (the keys),
+      negatives the M rows of Q;
+    * bipartite (CLIP, Section 4, Theorem 4.2): ``bipartite=True``, ``loss(a, b)`` with N pairs
+      (a_i, b_i): anchors a_i against all b_j and anchors b_i against all a_j, 2N anchors.
+
+    Args:
+        gamma: Distance power of the exponential kernel, in (0, 2]. Ignored if ``kernel`` is given.
+        temperature: Kernel temperature tau > 0. Ignored if ``kernel`` is given.
+        kernel: An :class:`ExpKernel` or :class:`MixtureKernel` (e.g. ``simple_sum_kernel()``).
+        normalize: Project embeddings (each part, for a concatenation kernel) to the unit sphere.
+        bipartite: Use the CLIP form.
+        chunk_size: Anchor rows per block; same values and gradients, O(N * chunk_size) memory.
+        gather_distributed: Gather the in-batch candidates of all ranks (with gradient) under
+            torch.distributed. The queue form gathers nothing: its negatives are the queue.
+
+    Note:
+        The Gaussian kernel at temperature tau on unit vectors equals NT-Xent (SimCLR's loss) at
+        temperature tau / 2, since ``||a - b||^2 = 2 - 2 a.b``.
+    """
+
+    out_dim_multiple = 1
+
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        temperature: float = 0.5,
+        *,
+        kernel: ExpKernel | MixtureKernel | None = None,
+        normalize: bool = True,
+        bipartite: bool = False,
+        chunk_size: int | None = None,
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__()
+        self.kernel = as_mixture(ExpKernel(gamma, temperature) if kernel is None else kernel)
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+        self.out_dim_multiple = self.kernel.parts
+        self.normalize = normalize
+        self.bipartite = bipartite
+        self.chunk_size = chunk_size
+        self.gather_distributed = gather_distributed
+
+    def extra_repr(self) -> str:
+        return (
+            f"kernel={self.kernel}, normalize={self.normalize}, bipartite={self.bipartite}, "
+            f"chunk_size={self.chunk_size}, gather_distributed={self.gather_distributed}"
+        )
+
+    def forward(self, z0: Tensor, z1: Tensor, queue: Tensor | None = None) -> Tensor:
+        """Loss of a batch.
+
+        Args:
+            z0: (N, D) embeddings of the first view (anchors / queries / modality a).
+            z1: (N, D) embeddings of the second view (positives / keys / modality b).
+            queue: Optional (M, D) negatives (MoCo memory bank); not with ``bipartite``.
+
+        Returns:
+            Scalar mean loss over the anchors.
+        """
+        if queue is None:
+            check_embeddings(z0=z0, z1=z1)
+        else:
+            check_embeddings(z0=z0, z1=z1, queue=queue)
+            if self.bipartite:
+                raise ValueError("queue must be None for the bipartite (CLIP) form")
+        _check_same_shape(z0, z1)
+        self.kernel.check_dim(z0.shape[1])
+        if self.normalize:
+            z0, z1 = self.kernel.normalize(z0), self.kernel.normalize(z1)
+            queue = None if queue is None else self.kernel.normalize(queue)
+        if queue is not None:
+            return self._queue_loss(z0, z1, queue)
+        if self.bipartite:
+            return self._bipartite_loss(z0, z1)
+        return self._two_view_loss(z0, z1)
+
+    def _gather(self, z: Tensor) -> tuple[Tensor, int]:
+        return gather_with_grad(z) if self.gather_distributed else (z, 0)
+
+    def _rows(self, anchors: Tensor, cands: Tensor, self_idx, pos_idx) -> Tensor:
+        lse, lpos = kernel_logsumexp(
+            anchors,
+            cands,
+            self.kernel,
+            self_idx=self_idx,
+            pos_idx=pos_idx,
+            chunk_size=self.chunk_size,
+        )
+        return lse - lpos
+
+    def _two_view_loss(self, z0: Tensor, z1: Tensor) -> Tensor:
+        n = z0.shape[0]
+        all0, rank = self._gather(z0)
+        all1, _ = self._gather(z1)
+        total = all0.shape[0]
+        local = torch.arange(n, device=z0.device) + rank * n
+        self_idx = torch.cat([local, local + total])
+        pos_idx = torch.cat([local + total, local])
+        return self._rows(torch.cat([z0, z1]), torch.cat([all0, all1]), self_idx, pos_idx).mean()
+
+    def _bipartite_loss(self, a: Tensor, b: Tensor) -> Tensor:
+        all_a, rank = self._gather(a)
+        all_b, _ = self._gather(b)
+        pos = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
+        a_to_b = self._rows(a, all_b, None, pos)
+        b_to_a = self._rows(b, all_a, None, pos)
+        return torch.cat([a_to_b, b_to_a]).mean()
+
+    def _queue_loss(self, q: Tensor, k: Tensor, queue: Tensor) -> Tensor:
+        lse_neg, _ = kernel_logsumexp(q, queue, self.kernel, chunk_size=self.chunk_size)
+        lpos = self.kernel.log_pairs(q, k)
+        return (torch.logaddexp(lse_neg, lpos) - lpos).mean()
+
+
+class LossMixture(nn.Module):
+    """Weighted sum of losses, Table 2: ``sum_c w_c * loss_c(z0, z1)``.
+
+    With ``split_features=True`` the features are cut into equal consecutive parts and loss ``c``
+    sees part ``c`` only (Table 2's Concatenation Sum: ``z_L`` to the first loss, ``z_R`` to the
+    second); otherwise every loss sees the whole embedding (Table 2's Sum).
+
+    Args:
+        losses: The component losses, each called as ``loss(z0, z1, queue=None)``.
+        weights: Their weights, each in [0, 1].
+        split_features: Give each loss its own slice of the features.
+    """
+
+    def __init__(
+        self, losses: Sequence[nn.Module], weights: Sequence[float], *, split_features: bool = False
+    ) -> None:
+        super().__init__()
+        if len(losses) != len(weights) or not losses:
+            raise ValueError(
+                f"losses and weights must be non-empty and of equal length, got {len(losses)} "
+                f"losses and {len(weights)} weights"
+            )
+        self.weights = [check_weight("weight", w) for w in weights]
+        self.losses = nn.ModuleList(losses)
+        self.split_features = split_features
+        self.out_dim_multiple = len(losses) if split_features else 1
+
+    def _parts(self, z: Tensor | None) -> list[Tensor | None]:
+        if z is None or not self.split_features:
+            return [z] * len(self.losses)
+        if z.ndim != 2 or z.shape[1] % len(self.losses):
+            raise ValueError(
+                f"the feature dimension must be divisible by {len(self.losses)} to split it "
+                f"between the losses, got shape {tuple(z.shape)}"
+            )
+        return list(z.chunk(len(self.losses), dim=1))
+
+    def forward(self, z0: Tensor, z1: Tensor, queue: Tensor | None = None) -> Tensor:
+        """(N, D), (N, D), optional (M, D) -> scalar weighted sum of the component losses."""
+        parts = zip(self._parts(z0), self._parts(z1), self._parts(queue), strict=True)
+        terms = [
+            w * loss(a, b, queue=q)
+            for w, loss, (a, b, q) in zip(self.weights, self.losses, parts, strict=True)
+            if w > 0
+        ]
+        return torch.stack(terms).sum()
+
+
+class SpectralContrastiveLoss(nn.Module):
+    """Spectral contrastive loss (HaoChen et al., 2021), a baseline with the same call signature.
+
+    ``L = -2/N sum_i z0_i . z1_i + 1/(N (N - 1)) sum_{i != j} (z0_i . z1_j)^2``.
+
+    Args:
+        normalize: Project embeddings to the unit sphere first (off by default, as in HaoChen et
+            al., who leave the embedding's norm free).
+        gather_distributed: Gather both views from all ranks (with gradient) before the sums.
+    """
+
+    out_dim_multiple = 1
+
+    def __init__(self, *, normalize: bool = False, gather_distributed: bool = False) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.gather_distributed = gather_distributed
+
+    def forward(self, z0: Tensor, z1: Tensor, queue: Tensor | None = None) -> Tensor:
+        """(N, D), (N, D) -> scalar. ``queue`` is not supported (a clear error if given)."""
+        if queue is not None:
+            raise ValueError("queue must be None: the spectral contrastive loss has no queue form")
+        check_embeddings(z0=z0, z1=z1)
+        _check_same_shape(z0, z1)
+        if self.normalize:
+            z0, z1 = nn.functional.normalize(z0, dim=1), nn.functional.normalize(z1, dim=1)
+        if self.gather_distributed:
+            z0, _ = gather_with_grad(z0)
+            z1, _ = gather_with_grad(z1)
+        n = z0.shape[0]
+        attraction = -2.0 * (z0 * z1).sum(1).mean()
+        if n < 2:
+            return attraction
+        sim = z0 @ z1.T
+        off_diag = sim.pow(2).sum() - sim.diagonal().pow(2).sum()
+        return attraction + off_diag / (n * (n - 1))
+
+
+def _exponential(temperature: float = 0.5, gamma: float = 2.0, **common) -> KernelInfoNCE:
+    return KernelInfoNCE(kernel=ExpKernel(gamma, temperature), **common)
+
+
+def _gaussian(temperature: float = 0.5, **common) -> KernelInfoNCE:
+    return _exponential(temperature, 2.0, **common)
+
+
+def _laplacian(temperature: float = 0.5, **common) -> KernelInfoNCE:
+    return _exponential(temperature, 1.0, **common)
+
+
+def _exp_half(temperature: float = 0.5, **common) -> KernelInfoNCE:
+    return _exponential(temperature, 0.5, **common)
+
+
+def _table2_mixture(
+    temperature1: float, temperature2: float, lam: float, common: dict, split: bool
+) -> LossMixture:
+    lam = check_weight("lam", lam)
+    return LossMixture(
+        [_laplacian(temperature1, **common), _gaussian(temperature2, **common)],
+        [lam, 1.0 - lam],
+        split_features=split,
+    )
+
+
+def _simple_sum(temperature1: float = 0.5, temperature2: float = 0.5, lam: float = 0.5, **common):
+    return _table2_mixture(temperature1, temperature2, lam, common, split=False)
+
+
+def _concat_sum(temperature1: float = 0.5, temperature2: float = 0.5, lam: float = 0.5, **common):
+    return _table2_mixture(temperature1, temperature2, lam, common, split=True)
+
+
+def _simple_sum_kernel(
+    temperature1: float = 0.5, temperature2: float = 0.5, lam: float = 0.5, **common
+) -> KernelInfoNCE:
+    return KernelInfoNCE(kernel=simple_sum_kernel(temperature1, temperature2, lam), **common)
+
+
+def _concat_sum_kernel(
+    temperature1: float = 0.5, temperature2: float = 0.5, lam: float = 0.5, **common
+) -> KernelInfoNCE:
+    return KernelInfoNCE(kernel=concat_sum_kernel(temperature1, temperature2, lam), **common)
+
+
+def _spectral(normalize: bool = False, gather_distributed: bool = False) -> SpectralContrastiveLoss:
+    return SpectralContrastiveLoss(normalize=normalize, gather_distributed=gather_distributed)
+
+
+#: Loss presets by name: Table 1 rows (Table 2's definitions), Section 5.2's mixture kernels, and
+#: the spectral contrastive baseline.
+LOSS_PRESETS: dict[str, Callable[..., nn.Module]] = {
+    "gaussian": _gaussian,
+    "laplacian": _laplacian,
+    "exp-0.5": _exp_half,
+    "exponential": _exponential,
+    "simple-sum": _simple_sum,
+    "concat-sum": _concat_sum,
+    "simple-sum-kernel": _simple_sum_kernel,
+    "concat-sum-kernel": _concat_sum_kernel,
+    "spectral": _spectral,
+}
+
+_COMMON = ("normalize", "chunk_size", "gather_distributed")
+
+
+def preset_params(name: str) -> tuple[str, ...]:
+    """Keyword arguments a preset accepts, its own first, then the common ones it takes."""
+    if name not in LOSS_PRESETS:
+        known = ", ".join(sorted(LOSS_PRESETS))
+        raise ValueError(f"unknown loss preset {name!r}; known presets: {known}")
+    params = inspect.signature(LOSS_PRESETS[name]).parameters.values()
+    own = tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD)
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return own + _COMMON
+    return own
+
+
+def make_loss(name: str, **params) -> nn.Module:
+    """Builds a loss module by preset name (see :data:`LOSS_PRESETS`).
+
+    A parameter the preset does not take raises a ValueError rather than being silently ignored.
+
+    Args:
+        name: One of ``LOSS_PRESETS``.
+        **params: The preset's parameters (``preset_params(name)``), e.g. ``temperature``, or
+            ``temperature1``, ``temperature2``, ``lam``; and ``normalize``, ``chunk_size``,
+            ``gather_distributed``.
+    """
+    allowed = preset_params(name)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"loss preset {name!r} takes no parameter(s) {', '.join(unknown)}; "
+            f"allowed: {', '.join(allowed)}"
+        )
+    return LOSS_PRESETS[name](**params)

@@ -1,0 +1,174 @@
+"""The float32 losses against float64 references written from the paper (Algorithm 2, Table 2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kinfonce import KernelInfoNCE, LossMixture, make_loss
+from kinfonce.kernels import ExpKernel, concat_sum_kernel, simple_sum_kernel
+
+from . import reference as ref
+
+GAMMAS = [0.5, 1.0, 1.5, 2.0]
+TAUS = [1e-3, 1e-2, 0.1, 0.5, 5.0]
+SIZES = [1, 2, 7, 64]
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The issue's bound: |got - ref| <= 1e-5 * max(1, |ref|)."""
+    got, want = float(got), float(want)
+    assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), (got, want)
+
+
+def views(n: int, d: int = 16, seed: int = 0, noise: float = 0.5):
+    """Two correlated views: positives are closer than random pairs, as in training."""
+    g = torch.Generator().manual_seed(seed)
+    z0 = torch.randn(n, d, generator=g)
+    return z0, z0 + noise * torch.randn(n, d, generator=g)
+
+
+@pytest.mark.parametrize("gamma", GAMMAS)
+@pytest.mark.parametrize("tau", TAUS)
+@pytest.mark.parametrize("n", SIZES)
+def test_two_view_matches_algorithm_2(gamma, tau, n):
+    z0, z1 = views(n, seed=n)
+    loss = KernelInfoNCE(gamma=gamma, temperature=tau)
+    close(loss(z0, z1), ref.two_view(z0, z1, [(1.0, gamma, tau, 0)]))
+
+
+@pytest.mark.parametrize("gamma", GAMMAS)
+@pytest.mark.parametrize("tau", TAUS)
+@pytest.mark.parametrize("n", SIZES)
+def test_queue_form_matches_reference(gamma, tau, n):
+    z0, z1 = views(n, seed=n + 1)
+    queue = torch.randn(32, 16, generator=torch.Generator().manual_seed(7))
+    loss = KernelInfoNCE(gamma=gamma, temperature=tau)
+    close(loss(z0, z1, queue=queue), ref.with_queue(z0, z1, queue, [(1.0, gamma, tau, 0)]))
+
+
+@pytest.mark.parametrize("gamma", GAMMAS)
+@pytest.mark.parametrize("tau", TAUS)
+@pytest.mark.parametrize("n", SIZES)
+def test_bipartite_form_matches_reference(gamma, tau, n):
+    a, b = views(n, seed=n + 2)
+    loss = KernelInfoNCE(gamma=gamma, temperature=tau, bipartite=True)
+    close(loss(a, b), ref.bipartite(a, b, [(1.0, gamma, tau, 0)]))
+
+
+@pytest.mark.parametrize("tau", TAUS)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
+def test_mixture_kernels_inside_one_ratio(tau, n, lam):
+    """Section 5.2: Simple Sum and Concatenation Sum kernels inside one InfoNCE ratio."""
+    z0, z1 = views(n, seed=n + 3)
+    tau2 = 2 * tau
+    terms = [(lam, 1.0, tau, 0), (1 - lam, 2.0, tau2, 0)]
+    simple = KernelInfoNCE(kernel=simple_sum_kernel(tau, tau2, lam))
+    close(simple(z0, z1), ref.two_view(z0, z1, [t for t in terms if t[0] > 0]))
+    concat_terms = [(lam, 1.0, tau, 0), (1 - lam, 2.0, tau2, 1)]
+    concat = KernelInfoNCE(kernel=concat_sum_kernel(tau, tau2, lam))
+    want = ref.two_view(z0, z1, [t for t in concat_terms if t[0] > 0], parts=2)
+    close(concat(z0, z1), want)
+
+
+@pytest.mark.parametrize("tau", TAUS)
+@pytest.mark.parametrize("n", SIZES)
+def test_table2_loss_mixtures(tau, n):
+    """Table 2: lam * C(gamma=1, tau1) + (1 - lam) * C(gamma=2, tau2), whole or split features."""
+    z0, z1 = views(n, seed=n + 4)
+    lam, tau2 = 0.8, 2 * tau
+    simple = make_loss("simple-sum", temperature1=tau, temperature2=tau2, lam=lam)
+    want = lam * ref.two_view(z0, z1, [(1.0, 1.0, tau, 0)]) + (1 - lam) * ref.two_view(
+        z0, z1, [(1.0, 2.0, tau2, 0)]
+    )
+    close(simple(z0, z1), want)
+    concat = make_loss("concat-sum", temperature1=tau, temperature2=tau2, lam=lam)
+    left, right = (z0[:, :8], z1[:, :8]), (z0[:, 8:], z1[:, 8:])
+    want = lam * ref.two_view(*left, [(1.0, 1.0, tau, 0)]) + (1 - lam) * ref.two_view(
+        *right, [(1.0, 2.0, tau2, 0)]
+    )
+    close(concat(z0, z1), want)
+
+
+def test_mixture_readings_differ():
+    """The kernel mixture and the loss mixture are different losses (not a naming alias)."""
+    z0, z1 = views(16)
+    kernel_form = make_loss("simple-sum-kernel", temperature1=0.1, temperature2=0.2, lam=0.5)
+    loss_form = make_loss("simple-sum", temperature1=0.1, temperature2=0.2, lam=0.5)
+    assert isinstance(loss_form, LossMixture)
+    assert abs(float(kernel_form(z0, z1)) - float(loss_form(z0, z1))) > 1e-3
+
+
+def _value_and_grads(loss, *inputs):
+    inputs = [x.clone().requires_grad_(True) for x in inputs]
+    value = loss(*inputs[:2], queue=inputs[2] if len(inputs) > 2 else None)
+    value.backward()
+    return value.detach(), [x.grad for x in inputs]
+
+
+CHUNK_CASES = {
+    "exp-0.5": (dict(gamma=0.5, temperature=0.01), False),
+    "exp-0.5-queue": (dict(gamma=0.5, temperature=0.01), True),
+    "laplacian-bipartite": (dict(gamma=1.0, temperature=0.1, bipartite=True), False),
+    "gaussian": (dict(gamma=2.0, temperature=0.5), False),
+    "gaussian-queue": (dict(gamma=2.0, temperature=0.5), True),
+    "sum-kernel": (dict(kernel=simple_sum_kernel(0.1, 0.3, 0.4)), False),
+    "concat-kernel-queue": (dict(kernel=concat_sum_kernel(0.1, 0.3, 0.4)), True),
+}
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES)
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_chunking_keeps_values_and_gradients(case, chunk):
+    kwargs, queue = CHUNK_CASES[case]
+    z0, z1 = views(37, seed=chunk)
+    inputs = [z0, z1] + ([torch.randn(19, 16)] if queue else [])
+    plain = KernelInfoNCE(**kwargs)
+    chunked = KernelInfoNCE(**kwargs, chunk_size=chunk)
+    v0, g0 = _value_and_grads(plain, *inputs)
+    v1, g1 = _value_and_grads(chunked, *inputs)
+    torch.testing.assert_close(v1, v0, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("gamma", GAMMAS)
+@pytest.mark.parametrize("tau", [0.05, 0.5])
+def test_float32_gradients_match_float64_reference(gamma, tau):
+    z0, z1 = views(24, seed=3)
+    _, got = _value_and_grads(KernelInfoNCE(gamma=gamma, temperature=tau), z0, z1)
+    x0, x1 = z0.double().requires_grad_(True), z1.double().requires_grad_(True)
+    ref.two_view(x0, x1, [(1.0, gamma, tau, 0)]).backward()
+    torch.testing.assert_close(got[0].double(), x0.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got[1].double(), x1.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_gaussian_equals_nt_xent_at_half_temperature():
+    z0, z1 = views(32)
+    for tau in (0.05, 0.2, 1.0):
+        close(KernelInfoNCE(gamma=2.0, temperature=tau)(z0, z1), ref.nt_xent(z0, z1, tau / 2))
+
+
+def test_gaussian_equals_lightly_nt_xent():
+    """Peer check against an independent, widely used implementation."""
+    lightly_loss = pytest.importorskip("lightly.loss").NTXentLoss
+    z0, z1 = views(32)
+    for tau in (0.1, 0.5):
+        ours = KernelInfoNCE(gamma=2.0, temperature=tau)(z0, z1)
+        theirs = lightly_loss(temperature=tau / 2)(z0, z1)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_unnormalized_plane_points():
+    """normalize=False works on raw vectors, e.g. 2-D points of the synthetic experiment."""
+    z0, z1 = views(10, d=2)
+    loss = KernelInfoNCE(gamma=2.0, temperature=0.5, normalize=False)
+    close(loss(z0, z1), ref.two_view(z0, z1, [(1.0, 2.0, 0.5, 0)], normalize=False))
+
+
+def test_single_kernel_equals_exp_kernel_argument():
+    z0, z1 = views(9)
+    a = KernelInfoNCE(gamma=1.0, temperature=0.3)(z0, z1)
+    b = KernelInfoNCE(kernel=ExpKernel(1.0, 0.3))(z0, z1)
+    assert float(a) == float(b)

@@ -1,0 +1,171 @@
+"""Gradient checks, the zero-distance convention, and bad-input errors of the losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kinfonce import KernelInfoNCE, LossMixture, SpectralContrastiveLoss, make_loss
+from kinfonce.kernel_lse import kernel_logsumexp
+from kinfonce.kernels import (
+    ExpKernel,
+    KernelTerm,
+    MixtureKernel,
+    concat_sum_kernel,
+    simple_sum_kernel,
+)
+from kinfonce.losses import LOSS_PRESETS, preset_params
+
+
+def _double(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 1.5, 2.0])
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_gradcheck_two_view(gamma, chunk):
+    loss = KernelInfoNCE(gamma=gamma, temperature=0.3, chunk_size=chunk)
+    assert torch.autograd.gradcheck(loss, (_double(5, 4), _double(5, 4, seed=1)))
+
+
+def test_gradcheck_queue_bipartite_and_mixtures():
+    z0, z1, queue = _double(4, 6), _double(4, 6, seed=1), _double(7, 6, seed=2)
+    assert torch.autograd.gradcheck(
+        lambda a, b, q: KernelInfoNCE(gamma=1.0, temperature=0.2)(a, b, queue=q), (z0, z1, queue)
+    )
+    assert torch.autograd.gradcheck(
+        KernelInfoNCE(gamma=0.5, temperature=0.4, bipartite=True), (z0, z1)
+    )
+    for kernel in (simple_sum_kernel(0.2, 0.5, 0.3), concat_sum_kernel(0.2, 0.5, 0.7)):
+        assert torch.autograd.gradcheck(KernelInfoNCE(kernel=kernel, chunk_size=2), (z0, z1))
+    assert torch.autograd.gradcheck(make_loss("concat-sum", temperature1=0.2), (z0, z1))
+    assert torch.autograd.gradcheck(SpectralContrastiveLoss(), (z0, z1))
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_identical_views_give_finite_gradients(gamma, normalize):
+    """d^gamma has an infinite slope at d = 0 for gamma < 1; the convention is a zero gradient."""
+    z = torch.randn(6, 8)
+    z0, z1 = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    loss = KernelInfoNCE(gamma=gamma, temperature=0.05, normalize=normalize)
+    value = loss(z0, z1)
+    value.backward()
+    assert torch.isfinite(value)
+    assert torch.isfinite(z0.grad).all() and torch.isfinite(z1.grad).all()
+    # the positive pair sits at distance 0, so its logit is exactly 0 (no rounding noise)
+    _, lpos = kernel_logsumexp(
+        torch.cat([z, z]),
+        torch.cat([z, z]),
+        loss.kernel,
+        self_idx=torch.arange(12),
+        pos_idx=(torch.arange(12) + 6) % 12,
+    )
+    assert torch.all(lpos == 0)
+
+
+def test_zero_distance_pair_exerts_no_force():
+    """Two anchors whose views coincide, and nothing else: the pull between them is 0."""
+    z = torch.tensor([[1.0, 0.0]])
+    z0, z1 = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    KernelInfoNCE(gamma=0.5, temperature=0.1, normalize=False)(z0, z1).backward()
+    assert torch.all(z0.grad == 0) and torch.all(z1.grad == 0)
+
+
+def test_half_precision_inputs_are_computed_in_float32():
+    z0, z1 = torch.randn(8, 16), torch.randn(8, 16)
+    loss = KernelInfoNCE(gamma=1.0, temperature=0.1)
+    full = loss(z0, z1)
+    half = loss(z0.bfloat16(), z1.bfloat16())
+    assert torch.isfinite(half)
+    assert abs(float(half) - float(full)) < 0.1
+
+
+def test_stable_where_the_literal_formula_fails():
+    """At tau = 0.01 the literal float32 exp(-d^gamma / tau) underflows to 0 / 0."""
+    z0, z1 = torch.randn(16, 32), torch.randn(16, 32)
+    z = torch.nn.functional.normalize(torch.cat([z0, z1]), dim=1)
+    kernel = torch.exp(-(torch.cdist(z, z) ** 2) / 0.01)
+    assert kernel.max() < 1e-30 or not torch.isfinite(torch.log(kernel)).all()
+    assert torch.isfinite(KernelInfoNCE(gamma=2.0, temperature=0.01)(z0, z1))
+
+
+def test_presets_build_and_run():
+    z0, z1 = torch.randn(6, 8), torch.randn(6, 8)
+    for name in LOSS_PRESETS:
+        loss = make_loss(name)
+        assert z0.shape[1] % loss.out_dim_multiple == 0
+        assert torch.isfinite(loss(z0, z1))
+    assert make_loss("concat-sum").out_dim_multiple == 2
+    assert "lam" in preset_params("simple-sum")
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: KernelInfoNCE()(torch.randn(4, 8), torch.randn(5, 8)), "same shape"),
+        (lambda: KernelInfoNCE()(torch.randn(4, 8), torch.randn(4, 8).double()), "dtype"),
+        (lambda: KernelInfoNCE()(torch.randn(8), torch.randn(8)), "2 dims"),
+        (
+            lambda: KernelInfoNCE()(torch.randn(4, 8), torch.full((4, 8), float("nan"))),
+            "z1 contains non-finite",
+        ),
+        (
+            lambda: KernelInfoNCE()(torch.randn(4, 8), torch.randn(4, 8), queue=torch.randn(3, 7)),
+            "queue must have the feature dimension",
+        ),
+        (
+            lambda: KernelInfoNCE()(
+                torch.randn(4, 8), torch.randn(4, 8), queue=torch.tensor([[float("inf")] * 8])
+            ),
+            "queue contains non-finite",
+        ),
+        (
+            lambda: KernelInfoNCE(bipartite=True)(
+                torch.randn(4, 8), torch.randn(4, 8), queue=torch.randn(3, 8)
+            ),
+            "bipartite",
+        ),
+        (lambda: KernelInfoNCE(temperature=0.0), "temperature must be a finite number > 0"),
+        (lambda: KernelInfoNCE(temperature=-1.0), "temperature"),
+        (lambda: KernelInfoNCE(gamma=0.0), r"gamma must be a number in \(0, 2\]"),
+        (lambda: KernelInfoNCE(gamma=2.5), "gamma"),
+        (lambda: KernelInfoNCE(chunk_size=0), "chunk_size"),
+        (lambda: simple_sum_kernel(lam=1.5), r"lam must be a number in \[0, 1\]"),
+        (lambda: make_loss("simple-sum", lam=-0.1), "lam"),
+        (lambda: LossMixture([KernelInfoNCE()], [2.0]), "weight"),
+        (lambda: MixtureKernel([KernelTerm(ExpKernel(), 0.5, 3)], parts=2), "part"),
+        (
+            lambda: KernelInfoNCE(kernel=concat_sum_kernel())(torch.randn(4, 7), torch.randn(4, 7)),
+            "divisible by 2",
+        ),
+        (lambda: make_loss("concat-sum")(torch.randn(4, 7), torch.randn(4, 7)), "divisible by 2"),
+        (lambda: make_loss("nope"), "known presets: concat-sum"),
+        (lambda: make_loss("laplacian", lam=0.3), "takes no parameter"),
+        (
+            lambda: SpectralContrastiveLoss()(
+                torch.randn(4, 8), torch.randn(4, 8), queue=torch.randn(2, 8)
+            ),
+            "queue",
+        ),
+    ],
+)
+def test_bad_input_names_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_gather_without_process_group_is_a_runtime_error():
+    loss = KernelInfoNCE(gather_distributed=True)
+    with pytest.raises(RuntimeError, match="gather_distributed=True needs an initialised"):
+        loss(torch.randn(4, 8), torch.randn(4, 8))
+
+
+def test_spectral_loss_closed_form():
+    """Orthonormal positives and orthogonal negatives: loss = -2 exactly."""
+    z = torch.eye(4)
+    assert float(SpectralContrastiveLoss()(z, z)) == pytest.approx(-2.0)
+    ones = torch.ones(3, 2) / 2**0.5
+    # all pairs identical unit vectors: -2 + 1
+    assert float(SpectralContrastiveLoss()(ones, ones)) == pytest.approx(-1.0)
