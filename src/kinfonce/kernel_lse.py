@@ -47,128 +47,134 @@ def _block_logits(kernel: MixtureKernel, sq_parts: list[Tensor]) -> Tensor:
     single = kernel.single
     if single is None:
         return kernel.log_kernel(sq_parts)
-    return _powered(sq_parts[0], single.gamma).mul(-1.0 / single.temperature)
+    powered = _powered(sq_parts[0], single.gamma)
+    if powered is sq_parts[0]:
+        return powered.mul(-1.0 / single.temperature)
+    return powered.mul_(-1.0 / single.temperature)
 
 
-def _single_grad_weights(kernel, sq, lse, grad_lse, grad_lpos, rows, self_idx, pos):
-    """Single kernel: (B, Nc) weights G / scale and the scalar scale with dL/d(d^2) = scale * G."""
-    single = kernel.single
-    powered = _powered(sq, single.gamma)
-    # softmax of the row: exp(-d^gamma / tau - lse)
-    weights = torch.add(-lse.unsqueeze(1), powered, alpha=-1.0 / single.temperature).exp_()
-    weights.mul_(grad_lse.unsqueeze(1))
-    if self_idx is not None:
-        weights[rows, self_idx] = 0.0
-    if pos is not None:
-        weights[rows, pos] += grad_lpos
-    if single.gamma == 2.0:
-        return weights, -1.0 / single.temperature
-    # d log k / d(d^2) = -(gamma / 2) / tau * d^gamma / d^2, and 0 where d = 0 (d^gamma = 0 there)
-    weights.mul_(powered).div_(sq.clamp_min_(_TINY))
-    return weights, -0.5 * single.gamma / single.temperature
+class _Block:
+    """One block of rows: squared distances, logits, and the shifted exponentials of its rows.
 
+    ``exps = exp(logit - shift)`` with the row maximum as shift, so that ``sums = exps.sum(1)``
+    and ``lse = shift + log(sums)``; the excluded (self) entries hold the lowest finite logit and
+    an exponential of exactly 0.
+    """
 
-def _mixture_grad_weights(kernel, sq_parts, lse, grad_lse, grad_lpos, rows, self_idx, pos):
-    """Mixture kernel: per part, (B, Nc) dL/d(d^2) of the block."""
-    logit = kernel.log_kernel(sq_parts)
-    weights = (logit - lse.unsqueeze(1)).exp_().mul_(grad_lse.unsqueeze(1))
-    if self_idx is not None:
-        weights[rows, self_idx] = 0.0
-    if pos is not None:
-        weights[rows, pos] += grad_lpos
-    grads: list[Tensor | float] = [0.0] * kernel.parts
-    for lw, term in zip(kernel.log_weights, kernel.terms, strict=True):
-        sq = sq_parts[term.part]
-        log_k = term.kernel.log_kernel(sq)
-        share = (log_k + lw - logit).exp_()  # this term's share of the mixture at each pair
-        if term.kernel.gamma == 2.0:
-            dlog = share.mul_(-1.0 / term.kernel.temperature)
-        else:  # d log k / d(d^2) = (gamma / 2) log k / d^2, 0 where d = 0
-            dlog = share.mul_(log_k.div_(sq.clamp_min(_TINY))).mul_(term.kernel.gamma / 2)
-        grads[term.part] = grads[term.part] + dlog
-    return [weights * g for g in grads]
+    def __init__(self, kernel, sq, rows, self_idx, pos):
+        self.sq, self.rows, self.pos, self.self_idx = sq, rows, pos, self_idx
+        self.logit = _block_logits(kernel, sq)
+        self.lpos = self.logit[rows, pos] if pos is not None else None
+        if self_idx is not None:  # the lowest finite value, so that 0 * logit stays 0
+            self.logit[rows, self_idx] = torch.finfo(self.logit.dtype).min
+        shift = self.logit.amax(dim=1, keepdim=True)
+        self.exps = (self.logit - shift).exp_()
+        self.sums = self.exps.sum(dim=1)
+        self.lse = shift.squeeze(1) + self.sums.log()
+
+    def grad_weights(self, kernel, grad_lse, grad_lpos) -> list[tuple[Tensor, float]]:
+        """Per part, ``(G, scale)`` with dL/d(d^2) = scale * G, (B, Nc); consumes the block."""
+        weights = self.exps.mul_((grad_lse / self.sums).unsqueeze(1))  # row softmax * grad
+        if self.pos is not None:
+            weights[self.rows, self.pos] += grad_lpos
+        single = kernel.single
+        if single is not None:
+            if single.gamma == 2.0:
+                return [(weights, -1.0 / single.temperature)]
+            # d log k / d(d^2) = (gamma / 2) log k / d^2; log k = 0 where d = 0: no force there
+            weights.mul_(self.logit).div_(self.sq[0].clamp_min_(_TINY))
+            return [(weights, 0.5 * single.gamma)]
+        grads: list[Tensor | float] = [0.0] * kernel.parts
+        for lw, term in zip(kernel.log_weights, kernel.terms, strict=True):
+            sq = self.sq[term.part]
+            log_k = term.kernel.log_kernel(sq)
+            share = (log_k + lw - self.logit).exp_()  # this term's share of the mixture
+            if self.self_idx is not None:  # inf there (logit = lowest float), and weight 0
+                share[self.rows, self.self_idx] = 0.0
+            if term.kernel.gamma == 2.0:
+                dlog = share.mul_(-1.0 / term.kernel.temperature)
+            else:  # (gamma / 2) log k / d^2, 0 where d = 0
+                dlog = share.mul_(log_k.div_(sq.clamp_min(_TINY))).mul_(term.kernel.gamma / 2)
+            grads[term.part] = grads[term.part] + dlog
+        return [(weights * g, 1.0) for g in grads]
 
 
 class _KernelLogSumExp(torch.autograd.Function):
+    """See the module docstring. With one block (no chunking) the forward pass keeps the block
+    for the backward pass, which then skips the recomputation (O(N^2) memory, as the block itself
+    needs); with several blocks each block is recomputed in the backward pass."""
+
     @staticmethod
     def forward(ctx, anchors, cands, self_idx, pos_idx, kernel, chunk):
-        blocks = _Blocks(anchors, cands, pos_idx, kernel, chunk)
+        blocks = _Blocks(anchors, cands, self_idx, pos_idx, kernel, chunk)
         n = anchors.shape[0]
         lse = anchors.new_empty(n)
         lpos = anchors.new_empty(n if pos_idx is not None else 0)
-        for start, stop, rows, pos, sq in blocks:
-            logit = _block_logits(kernel, sq)
-            if pos is not None:
-                lpos[start:stop] = logit[rows, pos]
-            if self_idx is not None:
-                logit[rows, self_idx[start:stop]] = float("-inf")
-            lse[start:stop] = torch.logsumexp(logit, dim=1)
-        ctx.save_for_backward(anchors, cands, self_idx, pos_idx, lse)
+        ctx.kept = None
+        for start, stop, block in blocks:
+            lse[start:stop] = block.lse
+            if block.lpos is not None:
+                lpos[start:stop] = block.lpos
+            if stop - start == n:
+                ctx.kept = block
+        ctx.save_for_backward(anchors, cands, self_idx, pos_idx)
         ctx.kernel, ctx.chunk = kernel, chunk
         return lse, lpos
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_lse, grad_lpos):
-        anchors, cands, self_idx, pos_idx, lse = ctx.saved_tensors
+        anchors, cands, self_idx, pos_idx = ctx.saved_tensors
         kernel = ctx.kernel
-        blocks = _Blocks(anchors, cands, pos_idx, kernel, ctx.chunk)
+        blocks = _Blocks(anchors, cands, self_idx, pos_idx, kernel, ctx.chunk, kept=ctx.kept)
+        ctx.kept = None
         grad_a = [torch.zeros_like(a) for a in blocks.a_parts]
         grad_c = [torch.zeros_like(c) for c in blocks.c_parts]
-        for start, stop, rows, pos, sq in blocks:
-            args = (
-                lse[start:stop],
-                grad_lse[start:stop],
-                grad_lpos[start:stop] if pos is not None else None,
-                rows,
-                None if self_idx is None else self_idx[start:stop],
-                pos,
-            )
-            if kernel.single is not None:
-                weights, scale = _single_grad_weights(kernel, sq[0], *args)
-                per_part = [(weights, 2.0 * scale)]
-            else:
-                per_part = [(g, 2.0) for g in _mixture_grad_weights(kernel, sq, *args)]
-            for p, (g, scale) in enumerate(per_part):
+        for start, stop, block in blocks:
+            g_pos = grad_lpos[start:stop] if pos_idx is not None else None
+            for p, (g, scale) in enumerate(block.grad_weights(kernel, grad_lse[start:stop], g_pos)):
                 a, c = blocks.a_parts[p][start:stop], blocks.c_parts[p]
                 # dL/dA_i = sum_j G_ij 2 (A_i - C_j),  dL/dC_j = sum_i G_ij 2 (C_j - A_i)
-                grad_a[p][start:stop] += scale * (g.sum(1, keepdim=True) * a - g @ c)
-                grad_c[p] += scale * (g.sum(0).unsqueeze(1) * c - g.T @ a)
+                grad_a[p][start:stop] += 2.0 * scale * (g.sum(1, keepdim=True) * a - g @ c)
+                grad_c[p] += 2.0 * scale * (g.sum(0).unsqueeze(1) * c - g.T @ a)
         if kernel.parts == 1:
             return grad_a[0], grad_c[0], None, None, None, None
         return torch.cat(grad_a, dim=-1), torch.cat(grad_c, dim=-1), None, None, None, None
 
 
 class _Blocks:
-    """Iterates over row blocks: yields (start, stop, rows, pos, squared distances per part)."""
+    """Iterates over the row blocks: yields ``(start, stop, _Block)``."""
 
-    def __init__(self, anchors, cands, pos_idx, kernel, chunk):
+    def __init__(self, anchors, cands, self_idx, pos_idx, kernel, chunk, kept=None):
+        self.kernel, self.kept = kernel, kept
         self.a_parts, self.c_parts = kernel.split(anchors), kernel.split(cands)
-        self.c_norms = [c.pow(2).sum(-1) for c in self.c_parts]
-        self.pos_idx, self.chunk, self.n = pos_idx, chunk, anchors.shape[0]
-        self.pos_sq = None
-        if pos_idx is not None:
-            self.pos_sq = [
-                (a - c[pos_idx]).pow(2).sum(-1)
-                for a, c in zip(self.a_parts, self.c_parts, strict=True)
-            ]
+        self.self_idx, self.pos_idx, self.chunk, self.n = self_idx, pos_idx, chunk, anchors.shape[0]
 
     def __iter__(self):
+        if self.kept is not None:
+            yield 0, self.n, self.kept
+            return
+        c_norms = [c.pow(2).sum(-1) for c in self.c_parts]
+        pos_sq = None
+        if self.pos_idx is not None:  # exact |a - c|^2 of the positive pairs
+            pos_sq = [
+                (a - c[self.pos_idx]).pow(2).sum(-1)
+                for a, c in zip(self.a_parts, self.c_parts, strict=True)
+            ]
         for start in range(0, self.n, self.chunk):
             stop = min(start + self.chunk, self.n)
-            rows = torch.arange(stop - start, device=self.c_norms[0].device)
+            rows = torch.arange(stop - start, device=c_norms[0].device)
             pos = None if self.pos_idx is None else self.pos_idx[start:stop]
             sq = []
-            for p, (a, c, cn) in enumerate(
-                zip(self.a_parts, self.c_parts, self.c_norms, strict=True)
-            ):
+            for p, (a, c, cn) in enumerate(zip(self.a_parts, self.c_parts, c_norms, strict=True)):
                 a = a[start:stop]
                 block = torch.addmm(cn.unsqueeze(0), a, c.T, alpha=-2.0)
                 block.add_(a.pow(2).sum(-1, keepdim=True)).clamp_min_(0.0)
                 if pos is not None:
-                    block[rows, pos] = self.pos_sq[p][start:stop]
+                    block[rows, pos] = pos_sq[p][start:stop]
                 sq.append(block)
-            yield start, stop, rows, pos, sq
+            self_idx = None if self.self_idx is None else self.self_idx[start:stop]
+            yield start, stop, _Block(self.kernel, sq, rows, self_idx, pos)
 
 
 def kernel_logsumexp(
