@@ -156,7 +156,7 @@ def chunked_child(two_n: int, dim: int, chunk: int) -> None:
                 "seconds": seconds,
                 "peak_mib": peak_kib / 1024,
                 "before_mib": base / 1024,
-                "loss": float(loss),
+                "loss": float(loss.detach()),
                 "finite": finite,
             }
         )

@@ -29,6 +29,8 @@ from torch.autograd.function import once_differentiable
 from kinfonce.kernels import MixtureKernel
 
 _TINY = torch.finfo(torch.float32).tiny
+#: Largest block, in anchor-candidate pairs, when no chunk size is given (512 MiB per float32 matrix).
+AUTO_BLOCK_PAIRS = 2**27
 
 
 def _powered(sq: Tensor, gamma: float) -> Tensor:
@@ -194,18 +196,20 @@ def kernel_logsumexp(
         kernel: The (mixture) kernel.
         self_idx: Optional (Na,) long tensor: the candidate excluded from row i's sum.
         pos_idx: Optional (Na,) long tensor: the candidate whose log-kernel is returned.
-        chunk_size: Rows per block (None: all rows at once). Values and gradients do not depend on
-            it; peak memory is O(chunk_size * Nc).
+        chunk_size: Rows per block. Values and gradients do not depend on it; peak memory is
+            O(chunk_size * Nc). None: all rows in one block up to ``AUTO_BLOCK_PAIRS`` pairs, and
+            blocks of that many pairs beyond.
 
     Returns:
         ``(lse, lpos)``: (Na,) log-sum-exp over the candidates, and (Na,) log-kernel of the
         positive (empty when ``pos_idx`` is None). Both are differentiable w.r.t. ``anchors`` and
         ``cands``. Half-precision inputs are computed in float32.
     """
-    chunk = anchors.shape[0] if chunk_size is None else chunk_size
+    if chunk_size is None:
+        chunk_size = max(1, AUTO_BLOCK_PAIRS // max(1, cands.shape[0]))
     dtype = anchors.dtype
     if dtype in (torch.float16, torch.bfloat16):
         anchors, cands = anchors.float(), cands.float()
     with torch.autocast(device_type=anchors.device.type, enabled=False):
-        lse, lpos = _KernelLogSumExp.apply(anchors, cands, self_idx, pos_idx, kernel, max(chunk, 1))
+        lse, lpos = _KernelLogSumExp.apply(anchors, cands, self_idx, pos_idx, kernel, chunk_size)
     return lse, lpos

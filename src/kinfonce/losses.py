@@ -105,6 +105,7 @@ class KernelInfoNCE(nn.Module):
         normalize: Project embeddings (each part, for a concatenation kernel) to the unit sphere.
         bipartite: Use the CLIP form.
         chunk_size: Anchor rows per block; same values and gradients, O(N * chunk_size) memory.
+            None: one block up to 2^27 anchor-candidate pairs (2N = 11,585), blocks beyond.
         gather_distributed: Gather the in-batch candidates of all ranks (with gradient) under
             torch.distributed. The queue form gathers nothing: its negatives are the queue.
 

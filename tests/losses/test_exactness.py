@@ -172,3 +172,16 @@ def test_single_kernel_equals_exp_kernel_argument():
     a = KernelInfoNCE(gamma=1.0, temperature=0.3)(z0, z1)
     b = KernelInfoNCE(kernel=ExpKernel(1.0, 0.3))(z0, z1)
     assert float(a) == float(b)
+
+
+def test_automatic_blocks_beyond_the_pair_limit(monkeypatch):
+    """chunk_size=None splits into blocks once the pair count passes AUTO_BLOCK_PAIRS."""
+    import kinfonce.kernel_lse as kernel_lse
+
+    z0, z1 = views(20, seed=5)
+    v0, g0 = _value_and_grads(KernelInfoNCE(gamma=1.0, temperature=0.2), z0, z1)
+    monkeypatch.setattr(kernel_lse, "AUTO_BLOCK_PAIRS", 3 * 40)  # 3 rows of 40 candidates
+    v1, g1 = _value_and_grads(KernelInfoNCE(gamma=1.0, temperature=0.2), z0, z1)
+    torch.testing.assert_close(v1, v0, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
