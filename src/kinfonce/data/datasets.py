@@ -1,0 +1,168 @@
+"""Data sets by name: ``load_dataset("cifar10")`` gives uint8 train/val/test splits and statistics."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from kinfonce.data.cache import CachedImages, cache_key, cache_root, load_cached, save_cached
+from kinfonce.data.digits import load_digits_splits
+from kinfonce.data.imagefolder import load_split_tree
+from kinfonce.data.splits import DatasetSplits, LabeledImages, channel_stats, split_off_validation
+from kinfonce.data.tinyimagenet import find_tinyimagenet_root, load_tinyimagenet_splits
+from kinfonce.data.torchvision_sets import TORCHVISION_LAYOUTS, load_torchvision_splits
+from kinfonce.data.tree import ImageTree
+
+__all__ = ["DATASETS", "load_dataset"]
+
+IMAGEFOLDER_PREFIX = "imagefolder:"
+
+DATASETS: dict[str, str] = {
+    "digits": "scikit-learn's 8x8 digits as 16x16 gray images, embedded (no download)",
+    "cifar10": "CIFAR-10 through torchvision (32x32 RGB, 10 classes)",
+    "cifar100": "CIFAR-100 through torchvision (32x32 RGB, 100 classes)",
+    "stl10": "STL-10 labelled splits through torchvision (96x96 RGB, 10 classes)",
+    "tinyimagenet": "Tiny ImageNet from its standard layout (64x64 RGB, 200 classes)",
+    f"{IMAGEFOLDER_PREFIX}PATH": "a directory or .zip with train/<class>/* and test/<class>/*",
+}
+"""Known names and what each gives."""
+
+
+def _unknown(name: object) -> ValueError:
+    return ValueError(f"unknown data set name {name!r}; known names: {', '.join(DATASETS)}")
+
+
+def _decoded_with_cache(
+    name: str,
+    identity: list,
+    cache_dir: Path,
+    decode: Callable[[], CachedImages],
+) -> CachedImages:
+    """The cached entry for ``identity``, else ``decode()`` (a ``CachedImages``) saved to it."""
+    key = cache_key(name, identity)
+    cached = load_cached(cache_dir, name, key)
+    if cached is None:
+        save_cached(cache_dir, name, key, decode())  # decoding warned about skipped files
+        cached = load_cached(cache_dir, name, key)
+        if cached is None:
+            raise RuntimeError(f"cache entry for {name} under {cache_dir} unreadable after writing")
+    elif cached.meta.get("skipped", 0):
+        warnings.warn(
+            f"{name}: {cached.meta['skipped']} undecodable image file(s) were skipped when it was "
+            f"decoded (listed in meta.json of its entry under {cache_dir})",
+            stacklevel=3,
+        )
+    return cached
+
+
+def _imagefolder(path: Path, cache_dir: Path) -> CachedImages:
+    tree = ImageTree(path)
+
+    def decode() -> CachedImages:
+        splits, classes, skipped = load_split_tree(tree)
+        meta = {"source": str(path), "skipped": len(skipped), "skipped_files": skipped}
+        return CachedImages(splits["train"], splits["test"], classes, meta)
+
+    return _decoded_with_cache(f"imagefolder-{path.stem}", tree.identity(), cache_dir, decode)
+
+
+def _tinyimagenet(root: Path, cache_dir: Path, download: bool) -> CachedImages:
+    tree_root = find_tinyimagenet_root(root, download)
+    tree = ImageTree(tree_root)
+
+    def decode() -> CachedImages:
+        splits, classes, skipped = load_tinyimagenet_splits(tree_root)
+        meta = {"source": str(tree_root), "skipped": len(skipped), "skipped_files": skipped}
+        return CachedImages(splits["train"], splits["test"], classes, meta)
+
+    return _decoded_with_cache("tinyimagenet", tree.identity(), cache_dir, decode)
+
+
+def _load_source(
+    name: str, root: Path | None, cache_dir: Path, download: bool
+) -> tuple[LabeledImages, LabeledImages, list[str], int]:
+    """(train, test, class names, skipped file count) of the named source."""
+    if name == "digits":
+        if root is not None:
+            raise ValueError("root must be None for 'digits' (it is embedded in scikit-learn)")
+        train, test, classes = load_digits_splits()
+        return train, test, classes, 0
+    if name.startswith(IMAGEFOLDER_PREFIX):
+        if download:
+            raise ValueError("download=True is not possible for imagefolder:PATH (a local tree)")
+        path = Path(name[len(IMAGEFOLDER_PREFIX) :]).expanduser()
+        if not str(path) or str(path) == ".":
+            raise ValueError("imagefolder needs a path: 'imagefolder:PATH' (a directory or .zip)")
+        path = root / path if root is not None and not path.is_absolute() else path
+        if not path.exists():
+            raise FileNotFoundError(
+                f"imagefolder path {path} does not exist: give a directory or .zip holding "
+                "train/<class>/* and test/<class>/*"
+            )
+        data = _imagefolder(path, cache_dir)
+        return data.train, data.test, data.class_names, int(data.meta.get("skipped", 0))
+    default_root = cache_dir / "datasets" / name
+    if name in TORCHVISION_LAYOUTS:
+        train, test, classes = load_torchvision_splits(name, root or default_root, download)
+        return train, test, classes, 0
+    if name == "tinyimagenet":
+        data = _tinyimagenet(root or default_root, cache_dir, download)
+        return data.train, data.test, data.class_names, int(data.meta.get("skipped", 0))
+    raise _unknown(name)
+
+
+def load_dataset(
+    name: str,
+    *,
+    root: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> DatasetSplits:
+    """Load a data set by name as uint8 tensors with train/val/test splits.
+
+    Args:
+        name: one of ``DATASETS``: "digits", "cifar10", "cifar100", "stl10", "tinyimagenet", or
+            "imagefolder:PATH" (PATH a directory or .zip with train/ and test/ inside; relative
+            to ``root`` when both are given).
+        root: where the files are (default ``<cache>/datasets/<name>``); unused by digits.
+        cache_dir: cache directory (default ``$KINFONCE_CACHE`` or ``~/.cache/kinfonce``);
+            decoded image trees are kept there.
+        download: fetch torchvision data sets and Tiny ImageNet into ``root`` if absent.
+        val_fraction: fraction of the training set held out (stratified) as the validation split.
+        seed: seed of the validation split.
+
+    Returns:
+        ``DatasetSplits``; ``mean``/``std`` are per channel over the whole training set.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones), bad ``val_fraction``, train
+            and test class sets that differ.
+        FileNotFoundError: the data are absent; the message says how to obtain them.
+    """
+    if not isinstance(name, str):
+        raise _unknown(name)
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    root_path = Path(root).expanduser() if root is not None else None
+    train_full, test, classes, skipped = _load_source(
+        name, root_path, cache_root(cache_dir), download
+    )
+    train, val = split_off_validation(train_full, val_fraction, seed)
+    mean, std = channel_stats(train_full.images)
+    return DatasetSplits(
+        train=train,
+        val=val,
+        test=test,
+        class_names=classes,
+        num_classes=len(classes),
+        image_size=int(train.images.shape[-1]),
+        channels=int(train.images.shape[1]),
+        mean=mean,
+        std=std,
+        name=name,
+        skipped_files=skipped,
+    )

@@ -1,0 +1,107 @@
+"""Class-per-folder image trees (``<split>/<class>/<image>``), in a directory or a zip.
+
+Why not ``torchvision.datasets.ImageFolder``: it decodes lazily, one image per ``__getitem__``,
+from a directory only; here every image is decoded once (from a directory or a zip's members)
+into one uint8 array that the cache then keeps on disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import PurePosixPath
+
+import numpy as np
+import torch
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from kinfonce.data import decode
+from kinfonce.data.splits import LabeledImages
+from kinfonce.data.tree import ImageTree
+
+__all__ = ["decode_labelled_splits", "load_split_tree"]
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _find_split_root(names: Sequence[str], splits: Sequence[str]) -> str:
+    """The prefix under which ``splits`` are folders: "" or a single top-level folder."""
+    tops = {PurePosixPath(n).parts[0] for n in names if len(PurePosixPath(n).parts) > 1}
+    if all(s in tops for s in splits):
+        return ""
+    if len(tops) == 1:
+        top = next(iter(tops))
+        inner = {PurePosixPath(n).parts[1] for n in names if len(PurePosixPath(n).parts) > 2}
+        if all(s in inner for s in splits):
+            return top + "/"
+    return ""
+
+
+def load_split_tree(
+    tree: ImageTree, splits: Sequence[str] = ("train", "test")
+) -> tuple[dict[str, LabeledImages], list[str], list[str]]:
+    """Decode ``<split>/<class>/<image>`` for each split of a tree.
+
+    Returns:
+        (images per split, class names sorted, skipped-file lines).
+
+    Raises:
+        FileNotFoundError: a split folder is missing or holds no image.
+        ValueError: the splits' class sets differ (the message names the differences).
+    """
+    names = [n for n in tree.names() if _is_image(n)]
+    prefix = _find_split_root(names, splits)
+    members: dict[str, list[tuple[str, str]]] = {s: [] for s in splits}
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        parts = PurePosixPath(name[len(prefix) :]).parts
+        if len(parts) >= 3 and parts[0] in members:
+            members[parts[0]].append((parts[1], name))
+    for split, found in members.items():
+        if not found:
+            raise FileNotFoundError(
+                f"no images under {split}/<class>/ in {tree.path}: expected layout "
+                f"{'/'.join(splits)} folders, each with one sub-folder of images per class"
+            )
+    classes = {split: sorted({cls for cls, _ in found}) for split, found in members.items()}
+    reference = classes[splits[0]]
+    for split in splits[1:]:
+        if classes[split] != reference:
+            only_ref = sorted(set(reference) - set(classes[split]))
+            only_other = sorted(set(classes[split]) - set(reference))
+            raise ValueError(
+                f"class folders differ between {splits[0]}/ and {split}/ in {tree.path}: "
+                f"only in {splits[0]}: {only_ref}; only in {split}: {only_other}"
+            )
+    index = {cls: i for i, cls in enumerate(reference)}
+    labelled = {
+        split: [(name, index[cls]) for cls, name in found] for split, found in members.items()
+    }
+    result, skipped = decode_labelled_splits(tree, labelled)
+    return result, reference, skipped
+
+
+def decode_labelled_splits(
+    tree: ImageTree, members: dict[str, list[tuple[str, int]]]
+) -> tuple[dict[str, LabeledImages], list[str]]:
+    """Decode each split's (member, label) pairs, all at the first decoded image's size.
+
+    Returns:
+        (images per split, skipped-file lines of all splits).
+    """
+    result: dict[str, LabeledImages] = {}
+    skipped: list[str] = []
+    size = None
+    for split, pairs in members.items():
+        labels = np.asarray([label for _, label in pairs], dtype=np.int64)
+        decoded = decode.decode_images(
+            tree, [n for n, _ in pairs], size=size, desc=f"decoding {split}"
+        )
+        size = decoded.images.shape[-1]
+        skipped += decoded.skipped
+        result[split] = LabeledImages(
+            torch.from_numpy(decoded.images), torch.from_numpy(labels[decoded.kept])
+        )
+    return result, skipped

@@ -1,0 +1,132 @@
+"""Containers for labelled uint8 image sets and their train/val/test splits."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+__all__ = ["DatasetSplits", "LabeledImages", "channel_stats", "split_off_validation"]
+
+
+@dataclass(frozen=True)
+class LabeledImages:
+    """Images with class labels.
+
+    Attributes:
+        images: uint8 tensor (N, C, H, W).
+        labels: int64 tensor (N,), class indices.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(
+                f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
+            )
+        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
+            raise ValueError(
+                f"labels must be int64 (N,) with N={self.images.shape[0]}, "
+                f"got {self.labels.dtype} {tuple(self.labels.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __repr__(self) -> str:
+        return (
+            f"LabeledImages(images={tuple(self.images.shape)} uint8, labels=({len(self)},) int64)"
+        )
+
+    def subset(self, index: torch.Tensor) -> LabeledImages:
+        """The images and labels at ``index`` (int64 (M,)), copied into memory."""
+        return LabeledImages(self.images[index].contiguous(), self.labels[index].contiguous())
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    """A data set ready for pretraining and evaluation.
+
+    Attributes:
+        train: training images, without the validation ones.
+        val: a fixed, seeded fraction of the original training set (online probe, tuning).
+        test: the held-out test set.
+        class_names: name of each class index.
+        num_classes: ``len(class_names)``.
+        image_size: side of the square images.
+        channels: 1 (gray) or 3 (RGB).
+        mean: per-channel mean of the [0, 1] scaled training images (train and val together).
+        std: per-channel standard deviation of the same.
+        name: the data set's name as given to ``load_dataset``.
+        skipped_files: image files that could not be decoded and were left out.
+    """
+
+    train: LabeledImages
+    val: LabeledImages
+    test: LabeledImages
+    class_names: list[str]
+    num_classes: int
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str = ""
+    skipped_files: int = field(default=0)
+
+
+def split_off_validation(
+    data: LabeledImages, val_fraction: float, seed: int
+) -> tuple[LabeledImages, LabeledImages]:
+    """Split ``data`` into (train, val): val is ``val_fraction`` of it, drawn with ``seed``.
+
+    Stratified by label whenever every class can give images to both sides.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    if val_fraction == 0.0:
+        return data, data.subset(torch.zeros(0, dtype=torch.int64))
+    counts = torch.bincount(data.labels)
+    classes = int((counts > 0).sum())
+    n_val = math.ceil(val_fraction * len(data))
+    can_stratify = counts[counts > 0].min() >= 2 and classes <= n_val <= len(data) - classes
+    train_idx, val_idx = train_test_split(
+        np.arange(len(data)),
+        test_size=n_val,
+        random_state=seed,
+        stratify=data.labels.numpy() if can_stratify else None,
+    )
+    return (
+        data.subset(torch.from_numpy(np.sort(train_idx))),
+        data.subset(torch.from_numpy(np.sort(val_idx))),
+    )
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[tuple[float, ...], ...]:
+    """Per-channel mean and std of uint8 images (N, C, H, W) scaled to [0, 1].
+
+    Computed exactly from per-channel histograms of the 256 byte values (several times faster
+    than summing floats over the images).
+
+    Returns:
+        (mean, std), each a tuple of C floats.
+    """
+    channels = images.shape[1]
+    counts = torch.zeros(channels, 256, dtype=torch.int64)
+    for start in range(0, images.shape[0], chunk):
+        block = images[start : start + chunk]
+        for c in range(channels):
+            counts[c] += torch.bincount(block[:, c].reshape(-1), minlength=256)
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    total = counts.sum(dim=1).to(torch.float64)
+    if images.shape[0] == 0:
+        raise ValueError("cannot compute normalisation statistics of an empty training set")
+    mean = (counts * values).sum(dim=1) / total
+    std = ((counts * (values - mean[:, None]).square()).sum(dim=1) / total).sqrt()
+    if (std == 0).any():
+        raise ValueError("cannot compute normalisation statistics: a channel is constant")
+    return tuple(mean.tolist()), tuple(std.tolist())

@@ -1,0 +1,72 @@
+"""Pretraining methods by name, and loading a pretrained encoder from a checkpoint."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kinfonce.methods.base import CHECKPOINT_KEY, PretrainMethod
+from kinfonce.methods.moco import MoCo
+from kinfonce.methods.simclr import SimCLR
+
+#: Method name -> LightningModule class.
+METHODS: dict[str, type[PretrainMethod]] = {"simclr": SimCLR, "moco": MoCo}
+
+__all__ = ["METHODS", "MoCo", "PretrainMethod", "SimCLR", "load_checkpoint", "load_encoder"]
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a kinfonce checkpoint safely (``torch.load(weights_only=True)``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is corrupt, holds pickled code, or is no kinfonce checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as err:
+        raise ValueError(
+            f"checkpoint {str(path)!r} cannot be read safely (corrupt, or not a plain "
+            f"state dict): {str(err).splitlines()[0]}"
+        ) from None
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
+        raise ValueError(
+            f"{str(path)!r} is not a kinfonce pretraining checkpoint (no {CHECKPOINT_KEY!r} entry)"
+        )
+    return checkpoint
+
+
+def load_encoder(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The pretrained backbone of a checkpoint written by ``kinfonce pretrain``.
+
+    Args:
+        path: a ``.ckpt`` file from ``RUN_DIR/checkpoints``.
+
+    Returns:
+        (backbone in eval mode mapping (B, C, H, W) float to (B, F), config dict); the
+        config dict also holds ``"data"``, the data description the model was built for.
+    """
+    from kinfonce.config import config_from_mapping
+    from kinfonce.models import build_backbone
+
+    checkpoint = load_checkpoint(path)
+    stored = checkpoint[CHECKPOINT_KEY]
+    config = config_from_mapping(stored["config"])
+    data = stored["data"]
+    backbone = build_backbone(
+        config.backbone, in_channels=data["channels"], image_size=data["image_size"]
+    )
+    prefix = "backbone."
+    state = {
+        k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
+    }
+    backbone.load_state_dict(state)
+    return backbone.eval(), {**config.to_dict(), "data": data}

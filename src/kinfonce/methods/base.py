@@ -1,0 +1,211 @@
+"""The LightningModule every pretraining method builds on.
+
+It owns what the methods share (in the manner of solo-learn's base method): the
+backbone and projection head (Appendix B), the loss built by preset name, the views
+made on the training device, the optimiser with its per-step warm-up/cosine schedule,
+and the online linear probe. The probe is a linear classifier trained on detached
+backbone features of the first view with the training labels; its accuracy on the
+labelled validation split is logged every epoch as ``probe_top1`` (the metric the
+paper's tuner maximises, Appendix B). Subclasses implement :meth:`contrastive_step`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kinfonce.config import PretrainConfig
+from kinfonce.data.augment import EvalTransform, SimCLRViews
+from kinfonce.losses import make_loss, preset_params
+from kinfonce.models import ProjectionHead, build_backbone
+from kinfonce.optim import build_optimizer, parameter_groups, warmup_cosine
+
+#: Key under which a checkpoint stores the config and data description.
+CHECKPOINT_KEY = "kinfonce"
+
+#: Fields of the data description a method needs (from ``DatasetSplits``).
+DATA_FIELDS = ("image_size", "channels", "num_classes", "mean", "std")
+
+#: Config fields that are loss parameters.
+LOSS_FIELDS = ("temperature", "temperature1", "temperature2", "lam", "gamma")
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A 32-bit seed for (run seed, training step, rank), independent across the three."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+class PretrainMethod(L.LightningModule):
+    """Base of the pretraining methods.
+
+    Args:
+        config: the resolved run configuration.
+        data: the data description, keys :data:`DATA_FIELDS` (plain values).
+
+    Batches are ``(images, labels)`` with images uint8 (B, C, H, W) and labels int64 (B,).
+    """
+
+    #: Loss parameters a method sets when the config leaves them at None.
+    loss_defaults: ClassVar[Mapping[str, float]] = {}
+
+    def __init__(self, config: PretrainConfig, data: dict[str, Any]):
+        super().__init__()
+        missing = [key for key in DATA_FIELDS if key not in data]
+        if missing:
+            raise ValueError(f"data description lacks {missing}; needs {list(DATA_FIELDS)}")
+        self.config = config
+        self.data_info = {key: data[key] for key in DATA_FIELDS}
+        self.criterion = self.build_loss(config)
+        out_dim = config.proj_out_dim or 128 * self.criterion.out_dim_multiple
+        if out_dim % self.criterion.out_dim_multiple:
+            raise ValueError(
+                f"proj_out_dim must be a multiple of {self.criterion.out_dim_multiple} for the "
+                f"{config.loss!r} loss, got {out_dim}"
+            )
+        self.backbone = build_backbone(
+            config.backbone, in_channels=data["channels"], image_size=data["image_size"]
+        )
+        self.head = ProjectionHead(self.backbone.feature_dim, config.proj_hidden_dim, out_dim)
+        self.probe = nn.Linear(self.backbone.feature_dim, data["num_classes"])
+        self.views = SimCLRViews(
+            data["image_size"],
+            data["mean"],
+            data["std"],
+            jitter_strength=config.jitter_strength,
+            blur=config.blur,
+            crop_scale=(config.crop_scale_min, 1.0),
+            flip_p=config.flip_p,
+        )
+        self.eval_transform = EvalTransform(data["mean"], data["std"])
+
+    @classmethod
+    def loss_params(cls, config: PretrainConfig) -> dict[str, float]:
+        """Parameters for ``make_loss``: the config's, else the method's defaults.
+
+        A parameter set in the config that the preset does not take is passed on, so
+        that ``make_loss`` rejects it instead of it being silently ignored.
+        """
+        accepted = set(preset_params(config.loss))
+        params = {}
+        for name in LOSS_FIELDS:
+            value = getattr(config, name)
+            if value is None and name in accepted:
+                value = cls.loss_defaults.get(name)
+            if value is not None:
+                params[name] = value
+        return params
+
+    @classmethod
+    def build_loss(cls, config: PretrainConfig, *, gather_distributed: bool = False) -> nn.Module:
+        """The loss module of the config's preset."""
+        return make_loss(
+            config.loss, **cls.loss_params(config), gather_distributed=gather_distributed
+        )
+
+    def setup(self, stage: str) -> None:
+        """Rebuild the loss to gather negatives across processes when there are several."""
+        if self.trainer.world_size > 1:
+            self.criterion = self.build_loss(self.config, gather_distributed=True)
+
+    def contrastive_step(
+        self, view0: torch.Tensor, view1: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss of one batch of view pairs.
+
+        Args:
+            view0, view1: (B, C, H, W) float views of the same images.
+
+        Returns:
+            (scalar loss, (B, F) backbone features of ``view0`` for the probe).
+        """
+        raise NotImplementedError
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        images, labels = batch
+        # The views draw from torch's CPU generator, seeded here per (step, rank): a
+        # resumed run draws the same views as an uninterrupted one, whatever else used
+        # the generator in between (data-loader set-up does).
+        seed = step_seed(self.config.seed, self.global_step, self.global_rank)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            view0, view1 = self.views(images), self.views(images)
+        loss, features = self.contrastive_step(view0, view1)
+        if not torch.isfinite(loss):
+            raise RuntimeError(
+                f"the {self.config.loss!r} loss is not finite at epoch {self.current_epoch}, "
+                f"step {batch_idx}; lower --lr or raise the temperature"
+            )
+        probe_loss = F.cross_entropy(self.probe(features.detach()), labels)
+        size = len(labels)
+        self.log(
+            "train_loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=size,
+        )
+        self.log(
+            "probe_train_loss",
+            probe_loss,
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=size,
+        )
+        return loss + probe_loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        images, labels = batch
+        logits = self.probe(self.backbone(self.eval_transform(images)))
+        accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        self.log(
+            "probe_top1",
+            accuracy,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=len(labels),
+        )
+
+    def trained_modules(self) -> nn.Module:
+        """The modules the contrastive loss trains (the probe is added separately)."""
+        return nn.ModuleList([self.backbone, self.head])
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.config
+        groups = parameter_groups(self.trained_modules(), cfg.weight_decay)
+        groups.append(
+            {
+                "params": list(self.probe.parameters()),
+                "weight_decay": 0.0,
+                "lars_adapt": False,
+                "lr": cfg.probe_lr,
+            }
+        )
+        optimizer = build_optimizer(
+            cfg.optimizer,
+            groups,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            trust_coefficient=cfg.trust_coefficient,
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = min(round(cfg.warmup_epochs * total / max(1, cfg.epochs)), total - 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain types only, so that checkpoints load with torch.load(weights_only=True).
+        checkpoint[CHECKPOINT_KEY] = {
+            "config": self.config.to_dict(),
+            "data": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_info.items()},
+        }

@@ -1,0 +1,156 @@
+"""Encoders: torchvision ResNet backbones and the projection head (paper Appendix B).
+
+Backbones are chosen by name from :data:`BACKBONES`. Each is a torchvision ResNet
+(``BasicBlock``/``Bottleneck`` from ``torchvision.models.resnet``) with
+
+* the CIFAR stem (3x3 convolution, stride 1, no max-pool) for images of 64 px or
+  less, and the standard ImageNet stem (7x7, stride 2, max-pool) otherwise;
+* a configurable number of input channels (1 for grey-scale digits);
+* an optional width multiplier (``resnet18-w0.25`` has stages of 16, 32, 64, 128
+  channels) for CPU-scale runs. torchvision's constructor fixes the stage widths at
+  64..512, so the stages are assembled here from its public block classes; at width
+  1 the module tree and parameter count equal ``torchvision.models.resnet18`` without
+  its classifier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+#: Images at most this many pixels wide get the CIFAR stem.
+CIFAR_STEM_MAX_SIZE = 64
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Shape of a ResNet: block type, blocks per stage and width multiplier."""
+
+    block: type[BasicBlock] | type[Bottleneck]
+    layers: tuple[int, int, int, int]
+    width: float = 1.0
+
+
+def _specs() -> dict[str, BackboneSpec]:
+    depths = {
+        "resnet18": (BasicBlock, (2, 2, 2, 2)),
+        "resnet34": (BasicBlock, (3, 4, 6, 3)),
+        "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    }
+    specs = {}
+    for name, (block, layers) in depths.items():
+        for width in (1.0, 0.5, 0.25):
+            suffix = "" if width == 1.0 else f"-w{width:g}"
+            specs[name + suffix] = BackboneSpec(block, layers, width)
+    specs["resnet-mini"] = BackboneSpec(BasicBlock, (1, 1, 1, 1), 0.25)
+    return specs
+
+
+#: Backbone name -> shape. ``resnet-mini`` is one BasicBlock per stage at width 0.25.
+BACKBONES: dict[str, BackboneSpec] = _specs()
+
+
+class ResNetBackbone(nn.Module):
+    """ResNet feature extractor without the classifier.
+
+    Args:
+        spec: block type, stage depths and width multiplier.
+        in_channels: channels of the input images.
+        cifar_stem: 3x3 stride-1 stem without max-pool when True, else the 7x7 stem.
+
+    Shape:
+        input (B, in_channels, H, W) float -> output (B, ``feature_dim``).
+    """
+
+    def __init__(self, spec: BackboneSpec, in_channels: int = 3, cifar_stem: bool = True):
+        super().__init__()
+        widths = [max(1, round(w * spec.width)) for w in (64, 128, 256, 512)]
+        self.inplanes = widths[0]
+        if cifar_stem:
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._stage(spec.block, widths[0], spec.layers[0], stride=1)
+        self.layer2 = self._stage(spec.block, widths[1], spec.layers[1], stride=2)
+        self.layer3 = self._stage(spec.block, widths[2], spec.layers[2], stride=2)
+        self.layer4 = self._stage(spec.block, widths[3], spec.layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = widths[3] * spec.block.expansion
+        self._init_weights()
+
+    def _stage(self, block, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        out_planes = planes * block.expansion
+        downsample = None
+        if stride != 1 or self.inplanes != out_planes:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, out_planes, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_planes),
+            )
+        # Bottleneck's inner width is planes * base_width / 64; keep base_width = 64.
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = out_planes
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def _init_weights(self) -> None:
+        # The same initialisation as torchvision's ResNet constructor.
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+def build_backbone(name: str, *, in_channels: int = 3, image_size: int = 32) -> ResNetBackbone:
+    """Build a backbone by name; the stem follows the image size.
+
+    Args:
+        name: a key of :data:`BACKBONES`.
+        in_channels: channels of the input images.
+        image_size: side of the (square) training images in pixels; <= 64 selects
+            the CIFAR stem.
+
+    Raises:
+        ValueError: unknown name, or non-positive channels / size.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {name!r}")
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    return ResNetBackbone(
+        BACKBONES[name], in_channels, cifar_stem=image_size <= CIFAR_STEM_MAX_SIZE
+    )
+
+
+class ProjectionHead(nn.Sequential):
+    """Appendix B projection head: Linear -> BatchNorm1d -> ReLU -> Linear.
+
+    Shape: (B, in_dim) -> (B, out_dim). The paper uses hidden 2048 and output 128
+    (256 for the concatenation kernel, whose loss splits the embedding in halves).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128):
+        for arg, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
+            if value < 1:
+                raise ValueError(f"{arg} must be >= 1, got {value}")
+        super().__init__(
+            nn.Linear(in_dim, hidden_dim, bias=False),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, out_dim),
+        )

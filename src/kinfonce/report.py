@@ -1,0 +1,381 @@
+"""Compare pretraining runs: a markdown table and one figure of their training curves.
+
+A run directory is what ``kinfonce pretrain`` writes: ``config.yaml`` (the effective
+config), ``metrics.json`` (final metrics) and ``logs/`` with a Lightning CSVLogger
+``metrics.csv`` (per-epoch ``train_loss`` and ``probe_top1``).
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: Figure panels: (title, CSV column of ``kinfonce pretrain``'s log).
+CURVE_PANELS = (
+    ("training loss", "train_loss"),
+    ("online probe top-1", "probe_top1"),
+)
+#: Loss-preset parameters shown in the table, in this order.
+LOSS_PARAMETERS = ("gamma", "temperature", "temperature1", "temperature2", "lam")
+TABLE_COLUMNS = (
+    "run",
+    "method",
+    "loss",
+    "loss parameters",
+    "backbone",
+    "data set",
+    "epochs",
+    "batch size",
+    "linear top-1",
+    "kNN top-1",
+    "wall time",
+)
+
+
+@dataclass
+class RunSummary:
+    """What a run directory holds.
+
+    Attributes:
+        path: the run directory.
+        config: the parsed ``config.yaml``.
+        metrics: the parsed ``metrics.json``.
+        curves: panel title -> (epochs, values), from the CSV logs (may be empty).
+    """
+
+    path: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    curves: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+
+
+def _read_mapping(path: Path, parse) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {path.parent} a kinfonce pretrain run?")
+    try:
+        data = parse(path.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not readable: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def find_metrics_csv(run_dir: Path) -> Path | None:
+    """The newest CSVLogger ``metrics.csv`` under ``run_dir/logs``, or None."""
+    found = sorted((run_dir / "logs").rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def read_training_curves(csv_path: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Per-epoch curves of a CSVLogger file, keyed by the titles of :data:`CURVE_PANELS`.
+
+    Epochs are counted from 1 (Lightning logs them from 0). Rows with an empty cell are
+    skipped; several values of one epoch (per-step logging) are averaged.
+    """
+    with csv_path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    curves = {}
+    for title, column in CURVE_PANELS:
+        per_epoch: dict[int, list[float]] = defaultdict(list)
+        for row in rows:
+            if row.get(column) not in (None, "") and row.get("epoch") not in (None, ""):
+                per_epoch[int(float(row["epoch"])) + 1].append(float(row[column]))
+        epochs = sorted(per_epoch)
+        if epochs:
+            curves[title] = (epochs, [sum(per_epoch[e]) / len(per_epoch[e]) for e in epochs])
+    return curves
+
+
+def load_run(run_dir: str | Path) -> RunSummary:
+    """Read a run directory written by ``kinfonce pretrain``.
+
+    Raises:
+        FileNotFoundError: the directory, its config.yaml or its metrics.json is missing.
+        ValueError: one of them is not a readable mapping.
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run directory {path} does not exist")
+    config = _read_mapping(path / "config.yaml", yaml.safe_load)
+    metrics = _read_mapping(path / "metrics.json", json.loads)
+    csv_path = find_metrics_csv(path)
+    curves = read_training_curves(csv_path) if csv_path else {}
+    return RunSummary(path=path, config=config, metrics=metrics, curves=curves)
+
+
+def effective_loss_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """The loss parameters a run used: its config's, else its method's or preset's defaults.
+
+    A config that ``kinfonce.config`` no longer accepts falls back to the values it stores.
+    """
+    from kinfonce.config import config_from_mapping
+    from kinfonce.losses import LOSS_PRESETS
+    from kinfonce.methods import METHODS
+
+    stored = {k: config[k] for k in LOSS_PARAMETERS if config.get(k) is not None}
+    try:
+        cfg = config_from_mapping(config)
+        preset, method = LOSS_PRESETS[cfg.loss], METHODS[cfg.method]
+    except (ValueError, KeyError):
+        return stored
+    defaults = {
+        p.name: p.default
+        for p in inspect.signature(preset).parameters.values()
+        if p.name in LOSS_PARAMETERS and p.default is not inspect.Parameter.empty
+    }
+    return {**defaults, **method.loss_params(cfg)}
+
+
+def _format_parameters(params: dict[str, Any]) -> str:
+    ordered = [(k, params[k]) for k in LOSS_PARAMETERS if k in params]
+    return ", ".join(f"{k}={v:g}" if _is_number(v) else f"{k}={v}" for k, v in ordered) or "-"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def format_percent(value: Any) -> str:
+    """A fraction in [0, 1] as a percentage with one decimal, '-' when missing or not finite."""
+    if not _is_number(value) or not math.isfinite(value):
+        return "-"
+    return f"{100 * value:.1f}%"
+
+
+def format_duration(seconds: Any) -> str:
+    """Seconds as '42 s', '3 min 05 s' or '2 h 07 min'; '-' when missing."""
+    if not _is_number(seconds) or not math.isfinite(seconds) or seconds < 0:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def run_names(runs: list[RunSummary]) -> list[str]:
+    """Short distinct names: the directory name, with its parent where names repeat."""
+    names = [run.path.name or str(run.path) for run in runs]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{run.path.parent.name}/{run.path.name}" for run in runs]
+
+
+def summary_row(run: RunSummary, name: str) -> dict[str, str]:
+    """One table row (keys :data:`TABLE_COLUMNS`) describing a run."""
+    cfg, met = run.config, run.metrics
+
+    def text(key: str) -> str:
+        return "-" if cfg.get(key) is None else str(cfg[key])
+
+    return {
+        "run": name,
+        "method": text("method"),
+        "loss": text("loss"),
+        "loss parameters": _format_parameters(effective_loss_parameters(cfg)),
+        "backbone": text("backbone"),
+        "data set": text("dataset"),
+        "epochs": text("epochs"),
+        "batch size": text("batch_size"),
+        "linear top-1": format_percent(met.get("linear_top1")),
+        "kNN top-1": format_percent(met.get("knn_top1")),
+        "wall time": format_duration(met.get("wall_time_s")),
+    }
+
+
+def markdown_table(runs: list[RunSummary]) -> str:
+    """A GitHub-flavoured markdown table comparing ``runs``, one row each."""
+    rows = [summary_row(run, name) for run, name in zip(runs, run_names(runs), strict=True)]
+    lines = [
+        "| " + " | ".join(TABLE_COLUMNS) + " |",
+        "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|",
+    ]
+    lines += [
+        "| " + " | ".join(row[c].replace("|", "/") for c in TABLE_COLUMNS) + " |" for row in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_training_curves(runs: list[RunSummary], path: str | Path) -> Path:
+    """Draw the curves of :data:`CURVE_PANELS` side by side, one line per run, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(5.5 * len(CURVE_PANELS), 4))
+    for ax, (title, _) in zip(axes, CURVE_PANELS, strict=True):
+        for run, name in zip(runs, run_names(runs), strict=True):
+            if title in run.curves:
+                epochs, values = run.curves[title]
+                ax.plot(epochs, values, marker="o", markersize=3, label=name)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[str, Path, Path]:
+    """Load runs, write ``report.md`` and ``curves.png`` into ``out_dir``.
+
+    Returns:
+        (markdown text, markdown path, figure path).
+    """
+    if not run_dirs:
+        raise ValueError("run_dirs must name at least one run directory")
+    runs = [load_run(d) for d in run_dirs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figure = plot_training_curves(runs, out / "curves.png")
+    text = markdown_table(runs)
+    md_path = out / "report.md"
+    md_path.write_text(f"# kinfonce runs\n\n{text}\n![training curves]({figure.name})\n")
+    return text, md_path, figure
+
+
+def embed_2d(features, *, seed: int = 0) -> tuple[Any, str]:
+    """2-D embedding of (M, F) features: UMAP when ``umap-learn`` is installed, else t-SNE.
+
+    t-SNE runs with one OpenMP thread: on a busy 2-core machine its threaded loops spent
+    most of their time waiting (1000 points: 104 s with two threads, 22 s with one).
+
+    Returns:
+        ((M, 2) numpy array, name of the method used).
+    """
+    import numpy as np
+
+    x = np.asarray(features, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] < 3:
+        raise ValueError(f"features must be (M, F) with M >= 3, got shape {x.shape}")
+    try:
+        import umap
+    except ImportError:
+        from sklearn.manifold import TSNE
+
+        perplexity = min(30.0, (x.shape[0] - 1) / 3)
+        from threadpoolctl import threadpool_limits
+
+        tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+        with threadpool_limits(limits=1, user_api="openmp"):
+            return tsne.fit_transform(x), "t-SNE"
+    return umap.UMAP(n_components=2, random_state=seed).fit_transform(x), "UMAP"
+
+
+def plot_feature_map(
+    features,
+    labels,
+    class_names: list[str],
+    path: str | Path,
+    *,
+    max_points: int = 1000,
+    seed: int = 0,
+    title: str = "test features",
+) -> Path:
+    """Draw a 2-D map (t-SNE or UMAP) of a random subsample of features, coloured by class.
+
+    Args:
+        features: (M, F) features. labels: (M,) class indices into ``class_names``.
+        path: PNG file to write.
+        max_points: subsample size (t-SNE is quadratic-ish in M).
+        seed: seeds the subsample and the embedding.
+    """
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, y = np.asarray(features), np.asarray(labels)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"features and labels must have the same length, got {x.shape[0]}, {y.shape[0]}"
+        )
+    if max_points < 3:
+        raise ValueError(f"max_points must be >= 3, got {max_points}")
+    keep = np.random.default_rng(seed).permutation(x.shape[0])[:max_points]
+    points, method = embed_2d(x[keep], seed=seed)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    for cls, name in enumerate(class_names):
+        mask = y[keep] == cls
+        if mask.any():
+            ax.scatter(*points[mask].T, s=6, color=cmap(cls % cmap.N), label=name)
+    ax.set_title(f"{title}: {method} of {len(keep)} points")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if len(class_names) <= 20:
+        ax.legend(fontsize="small", markerscale=2, loc="best")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def format_eval_table(metrics: dict[str, Any]) -> str:
+    """A plain-text table of the linear and kNN accuracies present in ``metrics``."""
+    lines = [f"{'protocol':<10}{'top-1':>9}{'top-5':>9}"]
+    for label, prefix in (("linear", "linear_"), ("kNN", "knn_")):
+        if prefix + "top1" in metrics:
+            top1, top5 = (format_percent(metrics[prefix + k]) for k in ("top1", "top5"))
+            lines.append(f"{label:<10}{top1:>9}{top5:>9}")
+    return "\n".join(lines)
+
+
+def write_eval_outputs(
+    metrics: dict[str, Any],
+    splits: Any,
+    out_dir: str | Path,
+    *,
+    checkpoint: str | Path,
+    map_points: int = 1000,
+) -> dict[str, Path]:
+    """Write the results of :func:`kinfonce.evaluate.evaluate_checkpoint`.
+
+    Writes ``metrics.json`` (every metric and setting, without the features) and, unless
+    ``map_points`` is 0, ``feature_map.png``: a 2-D map of up to ``map_points`` test
+    features coloured by class.
+
+    Returns:
+        Name ("metrics", "feature_map") -> path written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    if map_points:
+        written["feature_map"] = plot_feature_map(
+            metrics["test_features"],
+            splits.test.labels,
+            splits.class_names,
+            out / "feature_map.png",
+            max_points=map_points,
+            seed=metrics["seed"],
+            title=f"{splits.name} test features",
+        )
+    record = {k: v for k, v in metrics.items() if k != "test_features"}
+    record.update(checkpoint=str(checkpoint), test_images=len(splits.test.labels))
+    written["metrics"] = out / "metrics.json"
+    written["metrics"].write_text(json.dumps(record, indent=2) + "\n")
+    return written

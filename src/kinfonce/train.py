@@ -1,0 +1,422 @@
+"""``kinfonce pretrain``: set up and run a pretraining job, then evaluate it.
+
+One function, :func:`run_pretrain`, takes a :class:`~kinfonce.config.PretrainConfig`
+through the whole job: checks, data, the method's LightningModule, a Lightning
+Trainer (progress bar, CSV and TensorBoard logs, a checkpoint every epoch, a
+checkpoint on Ctrl-C or a crash), the final evaluation of the frozen backbone beside
+two baselines measured in the same run, and the run directory::
+
+    RUN_DIR/config.yaml   RUN_DIR/metrics.json   RUN_DIR/curves.png
+    RUN_DIR/checkpoints/{last,best,interrupted}.ckpt   RUN_DIR/logs/
+
+Resuming (``resume=``) continues from a checkpoint of the same configuration. Views
+are seeded per epoch and the sampler per epoch, so a run resumed at an epoch boundary
+ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from kinfonce.config import PretrainConfig, config_differences, config_from_mapping, dump_config
+from kinfonce.data import DatasetSplits, LabeledImages, load_dataset
+from kinfonce.losses import LOSS_PRESETS
+from kinfonce.methods import METHODS, PretrainMethod, load_checkpoint
+from kinfonce.methods.base import CHECKPOINT_KEY, DATA_FIELDS
+from kinfonce.models import BACKBONES, build_backbone
+from kinfonce.optim import OPTIMIZERS
+
+#: Environment variable that hands the run directory to DDP worker processes, which
+#: Lightning starts by re-running the same command.
+RUN_DIR_ENV = "KINFONCE_RUN_DIR"
+
+
+class PretrainData(L.LightningDataModule):
+    """Training batches (shuffled per epoch with the run's seed) and the validation split.
+
+    Each process gets ``batch_size / world_size`` images per step from a
+    ``DistributedSampler`` (also on one process, for its seeded per-epoch order);
+    incomplete last batches are dropped, because contrastive batches and batch norm
+    need full batches.
+    """
+
+    def __init__(self, splits: DatasetSplits, batch_size: int, seed: int):
+        super().__init__()
+        self.splits, self.batch_size, self.seed = splits, batch_size, seed
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        train = self.splits.train
+        sampler = DistributedSampler(
+            TensorDataset(train.labels),
+            num_replicas=world,
+            rank=rank,
+            shuffle=True,
+            seed=self.seed,
+            drop_last=True,
+        )
+        dataset = TensorDataset(train.images, train.labels)
+        return DataLoader(
+            dataset, batch_size=self.batch_size // world, sampler=sampler, drop_last=True
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        val = self.splits.val
+        return DataLoader(TensorDataset(val.images, val.labels), batch_size=512)
+
+
+def check_choices(config: PretrainConfig) -> None:
+    """Raise a ValueError listing the valid names for an unknown choice."""
+    for field, value, valid in (
+        ("method", config.method, METHODS),
+        ("backbone", config.backbone, BACKBONES),
+        ("loss", config.loss, LOSS_PRESETS),
+        ("optimizer", config.optimizer, OPTIMIZERS),
+    ):
+        if value not in valid:
+            raise ValueError(f"{field} must be one of {sorted(valid)}, got {value!r}")
+    for field in ("epochs", "batch_size", "proj_hidden_dim", "eval_linear_epochs", "num_nodes"):
+        if getattr(config, field) < 1:
+            raise ValueError(f"{field} must be >= 1, got {getattr(config, field)}")
+    if not 0.0 < config.val_fraction < 1.0:
+        raise ValueError(
+            f"val_fraction must be in (0, 1): the online probe needs a validation split, "
+            f"got {config.val_fraction}"
+        )
+
+
+def check_batch_size(batch_size: int, train_size: int, world_size: int) -> None:
+    """Explain a batch size the data or the devices cannot provide."""
+    if batch_size > train_size:
+        raise ValueError(
+            f"batch_size {batch_size} is larger than the training set ({train_size} images "
+            f"after the validation split); pass a --batch-size of at most {train_size}"
+        )
+    if batch_size % world_size:
+        raise ValueError(
+            f"batch_size {batch_size} does not divide across {world_size} processes; use a "
+            f"multiple of {world_size}"
+        )
+    if batch_size // world_size < 2:
+        raise ValueError(
+            f"batch_size {batch_size} gives {batch_size // world_size} image(s) per process; "
+            "contrastive batches and batch norm need at least 2"
+        )
+
+
+def take_subset(images: LabeledImages, size: int | None, seed: int) -> LabeledImages:
+    """A seeded random subset of ``size`` images (all of them when ``size`` is None)."""
+    if size is None or size >= len(images):
+        return images
+    if size < 1:
+        raise ValueError(f"train_subset must be >= 1, got {size}")
+    generator = torch.Generator().manual_seed(seed)
+    return images.subset(torch.randperm(len(images), generator=generator)[:size].sort().values)
+
+
+def data_description(splits: DatasetSplits) -> dict[str, Any]:
+    """The plain-valued facts about a data set that a method is built from."""
+    return {key: getattr(splits, key) for key in DATA_FIELDS}
+
+
+def resolve_run_dir(config: PretrainConfig) -> Path:
+    """The run directory: ``output_dir``, else a new time-stamped one shared with DDP workers."""
+    if config.output_dir:
+        return Path(config.output_dir)
+    if RUN_DIR_ENV not in os.environ:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = f"{config.dataset.split(':')[0]}-{config.method}-{config.loss}-{stamp}"
+        os.environ[RUN_DIR_ENV] = str(Path("runs") / "pretrain" / name)
+    return Path(os.environ[RUN_DIR_ENV])
+
+
+def resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: ``resume`` itself, or the newest of the run's
+    ``interrupted.ckpt`` and ``last.ckpt`` when ``resume == "last"``.
+    """
+    if resume is None:
+        return None
+    if resume != "last":
+        return Path(resume)
+    candidates = [run_dir / "checkpoints" / n for n in ("interrupted.ckpt", "last.ckpt")]
+    existing = [path for path in candidates if path.is_file()]
+    if not existing:
+        raise FileNotFoundError(
+            f"nothing to resume in {str(run_dir)!r}: no checkpoints/last.ckpt; pass the "
+            "--output-dir of an earlier run"
+        )
+    return max(existing, key=lambda path: path.stat().st_mtime)
+
+
+def check_resumable(checkpoint_path: Path, config: PretrainConfig) -> None:
+    """Refuse a checkpoint written with another configuration, naming the differences."""
+    saved = load_checkpoint(checkpoint_path)[CHECKPOINT_KEY]["config"]
+    saved = config_from_mapping(saved).resolved().to_dict()
+    differences = config_differences(saved, config.to_dict())
+    if differences:
+        raise ValueError(
+            f"cannot resume from {str(checkpoint_path)!r}: it was written with another "
+            f"configuration ({'; '.join(differences)}). Pass the same settings, e.g. "
+            "--config RUN_DIR/config.yaml"
+        )
+
+
+def make_trainer(
+    config: PretrainConfig, run_dir: Path, callbacks: Sequence[L.Callback] = ()
+) -> L.Trainer:
+    """A Trainer with progress bar, CSV + TensorBoard logs and per-epoch checkpoints."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    checkpoints = run_dir / "checkpoints"
+    devices: str | int = int(config.devices) if config.devices.isdigit() else config.devices
+    return L.Trainer(
+        max_epochs=config.epochs,
+        accelerator=config.accelerator,
+        devices=devices,
+        num_nodes=config.num_nodes,
+        strategy=config.strategy,
+        precision=config.precision,
+        sync_batchnorm=config.sync_batchnorm,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        enable_progress_bar=config.progress,
+        enable_model_summary=config.progress,
+        logger=[
+            CSVLogger(run_dir, name="logs", version=""),
+            TensorBoardLogger(run_dir, name="logs", version="tensorboard"),
+        ],
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=checkpoints,
+                filename="best",
+                monitor="probe_top1",
+                mode="max",
+                every_n_epochs=1,
+                enable_version_counter=False,
+            ),
+            # Lightning's save_last rewrites last.ckpt only in epochs that also save a best
+            # checkpoint; this unmonitored one keeps it at the newest epoch.
+            ModelCheckpoint(
+                dirpath=checkpoints, filename="last", every_n_epochs=1, enable_version_counter=False
+            ),
+            OnExceptionCheckpoint(dirpath=checkpoints, filename="interrupted"),
+            *callbacks,
+        ],
+    )
+
+
+def evaluate_baselines(
+    module: PretrainMethod, splits: DatasetSplits, config: PretrainConfig, device: str
+) -> dict[str, float]:
+    """Final evaluation of the pretrained backbone, a random-weight copy and raw pixels.
+
+    All three go through :func:`kinfonce.evaluate.evaluate_encoder` with the same
+    settings; the random backbone is drawn with the run's seed.
+    """
+    from kinfonce.evaluate import evaluate_encoder
+
+    settings = dict(
+        protocol="both",
+        linear_epochs=config.eval_linear_epochs,
+        seed=config.seed,
+        device=device,
+        knn_k=config.eval_knn_k,
+        progress=config.progress,
+    )
+    metrics = {}
+    encoders = {"": module.backbone}
+    if config.baselines:
+        torch.manual_seed(config.seed)
+        encoders["random_encoder_"] = build_backbone(
+            config.backbone, in_channels=splits.channels, image_size=splits.image_size
+        ).to(device)
+        encoders["raw_pixels_"] = torch.nn.Flatten()
+    for prefix, encoder in encoders.items():
+        result = evaluate_encoder(encoder, splits, **settings)
+        for key in ("linear_top1", "linear_top5", "knn_top1", "knn_top5"):
+            metrics[prefix + key] = result[key]
+    return metrics
+
+
+def plot_curves(metrics_csv: Path, path: Path) -> None:
+    """Loss and probe-accuracy curves per epoch from the CSV log, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_csv_log(metrics_csv)
+    series: dict[str, dict[int, float]] = {"train_loss": {}, "probe_top1": {}}
+    for row in rows:
+        for key, values in series.items():
+            if row.get(key):
+                values[int(row["epoch"])] = float(row[key])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, (key, values) in zip(axes, series.items(), strict=True):
+        epochs = sorted(values)
+        ax.plot([e + 1 for e in epochs], [values[e] for e in epochs], marker="o", markersize=3)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("contrastive loss (training)")
+    axes[1].set_title("online probe accuracy (validation)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def read_csv_log(path: Path) -> list[dict[str, str]]:
+    """Rows of a Lightning CSV log (empty when there is none)."""
+    import csv
+
+    if not path.is_file():
+        return []
+    with path.open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def merge_csv_log(path: Path, earlier: list[dict[str, str]]) -> None:
+    """Put the rows of the epochs before a resume back in front of the resumed run's rows.
+
+    Lightning's CSVLogger starts a fresh file when it opens a directory that has one.
+    """
+    import csv
+
+    later = read_csv_log(path)
+    if not earlier or not later:
+        return
+    first_new_epoch = min(int(row["epoch"]) for row in later)
+    rows = [row for row in earlier if int(row["epoch"]) < first_new_epoch] + later
+    fields = sorted({key for row in rows for key in row})
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_summary(metrics: dict[str, Any]) -> str:
+    """A small table: pretrained encoder vs the two baselines."""
+    rows = [("pretrained encoder", "")]
+    if "random_encoder_linear_top1" in metrics:
+        rows += [("random-weight encoder", "random_encoder_"), ("raw pixels", "raw_pixels_")]
+    lines = [f"{'features':<24}{'linear top-1':>14}{'kNN top-1':>12}"]
+    for label, prefix in rows:
+        lines.append(
+            f"{label:<24}{metrics[prefix + 'linear_top1']:>14.4f}{metrics[prefix + 'knn_top1']:>12.4f}"
+        )
+    best = max(rows, key=lambda row: metrics[row[1] + "linear_top1"])[0]
+    lines.append(f"highest linear-probe accuracy: {best}")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def quiet_resume_warnings() -> Iterator[None]:
+    """Silence Lightning's warnings about what a resume is expected to find.
+
+    It warns that the log and checkpoint directories are not empty (the CSV history is
+    merged back by :func:`merge_csv_log`), and, because of the OnExceptionCheckpoint,
+    reads ``ckpt_path=None`` as "last" and warns that there is none (the run directory
+    is checked before, so nothing is resumed by accident).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*(directory|ckpt_path=).*")
+        yield
+
+
+def run_pretrain(
+    config: PretrainConfig,
+    *,
+    resume: str | None = None,
+    callbacks: Sequence[L.Callback] = (),
+) -> dict[str, Any]:
+    """Pretrain, evaluate and write the run directory.
+
+    Args:
+        config: the configuration (data-set defaults are filled in here).
+        resume: None, ``"last"`` (the run's newest checkpoint) or a checkpoint path.
+        callbacks: extra Lightning callbacks, e.g. early stopping.
+
+    Returns:
+        The metrics written to ``metrics.json`` (empty on DDP ranks other than 0).
+
+    Raises:
+        ValueError: unknown names, impossible batch sizes, a checkpoint of another
+            configuration, a run directory that already holds a run.
+    """
+    started, cpu_started = time.perf_counter(), time.process_time()
+    config = config.resolved()
+    check_choices(config)
+    run_dir = resolve_run_dir(config)
+    checkpoint = resume_checkpoint(run_dir, resume)
+    if checkpoint is not None:
+        check_resumable(checkpoint, config)
+    elif any((run_dir / "checkpoints" / n).exists() for n in ("last.ckpt", "interrupted.ckpt")):
+        raise ValueError(
+            f"{str(run_dir)!r} already holds a run; pass --resume to continue it or choose "
+            "another --output-dir"
+        )
+    L.seed_everything(config.seed, verbose=False)
+    splits = load_dataset(
+        config.dataset,
+        root=config.data_root,
+        download=config.download,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+    )
+    splits = _replace_train(splits, take_subset(splits.train, config.train_subset, config.seed))
+    csv_log = run_dir / "logs" / "metrics.csv"
+    earlier_log = read_csv_log(csv_log) if checkpoint is not None else []
+    with quiet_resume_warnings():
+        trainer = make_trainer(config, run_dir, callbacks)
+    check_batch_size(config.batch_size, len(splits.train), trainer.world_size)
+    module = METHODS[config.method](config, data_description(splits))
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(config))
+    fit_started = time.perf_counter()
+    with quiet_resume_warnings():
+        trainer.fit(
+            module,
+            datamodule=PretrainData(splits, config.batch_size, config.seed),
+            ckpt_path=checkpoint,
+            weights_only=True,
+        )
+    pretrain_time = time.perf_counter() - fit_started
+    if not trainer.is_global_zero:
+        return {}
+    merge_csv_log(csv_log, earlier_log)
+    metrics = evaluate_baselines(module, splits, config, str(module.device))
+    logged = trainer.callback_metrics
+    for key in ("train_loss", "probe_top1"):
+        if key in logged:
+            metrics[f"final_{key}"] = float(logged[key])
+    metrics.update(
+        epochs=config.epochs,
+        train_images=len(splits.train),
+        pretrain_time_s=pretrain_time,
+        wall_time_s=time.perf_counter() - started,
+        # CPU time of all threads: on a busy machine, a better gauge of the work than wall time.
+        cpu_time_s=time.process_time() - cpu_started,
+        run_dir=str(run_dir),
+    )
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_curves(csv_log, run_dir / "curves.png")
+    return metrics
+
+
+def _replace_train(splits: DatasetSplits, train: LabeledImages) -> DatasetSplits:
+    return dataclasses.replace(splits, train=train)

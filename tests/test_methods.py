@@ -1,0 +1,175 @@
+"""Methods, config handling and checkpoint loading (no full training runs here)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+import yaml
+
+from kinfonce.config import (
+    PretrainConfig,
+    add_config_flags,
+    build_config,
+    config_differences,
+    config_from_mapping,
+    dump_config,
+    flags_to_mapping,
+    load_config_file,
+)
+from kinfonce.methods import METHODS, MoCo, SimCLR, load_checkpoint, load_encoder
+from kinfonce.methods.base import CHECKPOINT_KEY
+from kinfonce.train import check_batch_size, check_choices
+
+DATA = {"image_size": 16, "channels": 1, "num_classes": 10, "mean": (0.3,), "std": (0.4,)}
+
+
+def small(**overrides) -> PretrainConfig:
+    base = dict(proj_hidden_dim=32, queue_size=16, backbone="resnet-mini")
+    return PretrainConfig(**{**base, **overrides}).resolved()
+
+
+def test_registry_and_loss_defaults():
+    assert set(METHODS) == {"simclr", "moco"}
+    assert SimCLR.loss_params(small(loss="simple-sum")) == {}
+    assert MoCo.loss_params(small(method="moco", loss="simple-sum")) == {
+        "temperature1": 0.1, "temperature2": 0.1, "lam": 0.8,
+    }  # fmt: skip
+    assert MoCo.loss_params(small(method="moco", loss="laplacian")) == {"temperature": 0.1}
+    assert MoCo.loss_params(small(method="moco", loss="laplacian", temperature=0.3)) == {
+        "temperature": 0.3
+    }
+
+
+def test_parameter_the_preset_does_not_take_is_an_error():
+    with pytest.raises(ValueError, match="lam"):
+        SimCLR(small(loss="gaussian", lam=0.5), DATA)
+
+
+def test_concat_preset_doubles_embedding_and_checks_width():
+    assert SimCLR(small(loss="concat-sum"), DATA).head[-1].out_features == 256
+    with pytest.raises(ValueError, match="proj_out_dim must be a multiple of 2"):
+        SimCLR(small(loss="concat-sum", proj_out_dim=127), DATA)
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_contrastive_step_gives_loss_and_probe_features(method):
+    torch.manual_seed(0)
+    module = METHODS[method](small(method=method), DATA)
+    images = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
+    loss, features = module.contrastive_step(module.views(images), module.views(images))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert features.shape == (8, module.backbone.feature_dim)
+    loss.backward()
+    assert module.backbone.conv1.weight.grad is not None
+    if method == "moco":
+        assert module.key_backbone.conv1.weight.grad is None  # keys take no gradient
+        assert int(module.queue_pointer) == 8  # the keys were enqueued
+
+
+def test_moco_queue_wraps_around():
+    module = MoCo(small(method="moco", queue_size=5), DATA)
+    keys = torch.arange(3 * 128, dtype=torch.float32).reshape(3, 128)
+    module._enqueue(keys)
+    module._enqueue(keys + 1000)
+    assert int(module.queue_pointer) == 1
+    torch.testing.assert_close(module.queue[0], keys[2] + 1000)
+    torch.testing.assert_close(module.queue[3], keys[0] + 1000)
+
+
+def test_moco_momentum_update_is_an_ema():
+    module = MoCo(small(method="moco", moco_momentum=0.9), DATA)
+    with torch.no_grad():
+        module.backbone.conv1.weight.add_(1.0)
+    before = module.key_backbone.conv1.weight.clone()
+    module._momentum_update()
+    torch.testing.assert_close(module.key_backbone.conv1.weight, before + 0.1)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "valid"),
+    [("method", "byol", "moco"), ("backbone", "vit", "resnet18"),
+     ("loss", "triplet", "simple-sum"), ("optimizer", "rmsprop", "lars")],
+)  # fmt: skip
+def test_unknown_choices_list_valid_names(field, value, valid):
+    with pytest.raises(ValueError, match=f"{field} must be one of .*{valid}"):
+        check_choices(small(**{field: value}))
+
+
+def test_batch_size_checks_explain():
+    with pytest.raises(ValueError, match="larger than the training set"):
+        check_batch_size(512, 300, 1)
+    with pytest.raises(ValueError, match="does not divide across 3 processes"):
+        check_batch_size(256, 1000, 3)
+    check_batch_size(256, 1000, 2)
+
+
+def test_config_layers_and_unknown_keys(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 0.3\nloss: laplacian\ntemperature: 0.2\n")
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    args = parser.parse_args(["--lr", "0.7", "--no-progress", "--temperature", "none"])
+    config = build_config(path, flags_to_mapping(args))
+    assert (config.lr, config.loss, config.temperature, config.progress) == (
+        0.7,
+        "laplacian",
+        None,
+        False,
+    )
+    assert config_from_mapping(yaml.safe_load(dump_config(config))) == config
+    path.write_text("learning_rate: 0.3\n")
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['learning_rate'\]"):
+        load_config_file(path)
+    with pytest.raises(ValueError, match="'epochs' must be an integer"):
+        config_from_mapping({"epochs": 2.5})
+    with pytest.raises(ValueError, match="'batch_size' must be int"):
+        config_from_mapping({"batch_size": "many"})
+
+
+def test_every_field_has_a_flag_with_help():
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    actions = {a.dest: a for a in parser._actions}
+    for name in PretrainConfig.__dataclass_fields__:
+        assert name in actions and actions[name].help
+
+
+def test_config_differences_ignore_runtime_fields():
+    a, b = small().to_dict(), small(devices="2", lr=0.5, epochs=7).to_dict()
+    assert config_differences(a, b) == [
+        "epochs: checkpoint has 15, now 7", "lr: checkpoint has 1.0, now 0.5",
+    ]  # fmt: skip
+
+
+def test_digits_defaults_differ_from_simclr_augmentation():
+    digits, cifar = small(), PretrainConfig(dataset="cifar10").resolved()
+    assert digits.flip_p == 0.0 and cifar.flip_p == 0.5 and cifar.crop_scale_min == 0.08
+
+
+def test_load_encoder_round_trip_and_refusals(tmp_path):
+    module = SimCLR(small(), DATA)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    path = tmp_path / "good.ckpt"
+    torch.save(checkpoint, path)
+    backbone, config = load_encoder(path)
+    images = torch.randn(2, 1, 16, 16)
+    torch.testing.assert_close(backbone(images), module.backbone.eval()(images))
+    assert config["backbone"] == "resnet-mini" and config["data"]["num_classes"] == 10
+
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(ValueError, match="not a kinfonce pretraining checkpoint"):
+        load_checkpoint(foreign)
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot be read safely"):
+        load_encoder(corrupt)
+    pickled = tmp_path / "pickled.ckpt"
+    torch.save({CHECKPOINT_KEY: {}, "payload": argparse.Namespace(x=1)}, pickled)
+    with pytest.raises(ValueError, match="cannot be read safely"):
+        load_encoder(pickled)
+    with pytest.raises(FileNotFoundError):
+        load_encoder(tmp_path / "missing.ckpt")

@@ -1,0 +1,153 @@
+"""End-to-end tests of ``kinfonce pretrain`` on a few hundred digits (tiny backbone, CPU)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from kinfonce.cli import main
+from kinfonce.config import PretrainConfig
+from kinfonce.methods import load_checkpoint, load_encoder
+from kinfonce.train import run_pretrain
+
+METRIC_KEYS = ("linear_top1", "knn_top1", "random_encoder_linear_top1", "raw_pixels_linear_top1")
+
+
+def tiny_config(tmp_path, **overrides) -> PretrainConfig:
+    settings = dict(
+        dataset="digits",
+        train_subset=256,
+        backbone="resnet-mini",
+        proj_hidden_dim=64,
+        batch_size=64,
+        epochs=1,
+        warmup_epochs=0,
+        queue_size=128,
+        eval_linear_epochs=2,
+        eval_knn_k=10,
+        baselines=False,
+        progress=False,
+        output_dir=str(tmp_path / "run"),
+    )
+    settings.update(overrides)
+    return PretrainConfig(**settings)
+
+
+def state_of(path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["state_dict"]
+
+
+@pytest.mark.parametrize(
+    ("method", "loss", "out_dim"),
+    [("simclr", "gaussian", 128), ("simclr", "concat-sum", 256), ("moco", "simple-sum", 128)],
+)
+def test_pretrain_end_to_end(tmp_path, method, loss, out_dim):
+    config = tiny_config(tmp_path, method=method, loss=loss, epochs=2)
+    metrics = run_pretrain(config)
+    run = tmp_path / "run"
+    for key in ("linear_top1", "linear_top5", "knn_top1", "knn_top5"):
+        assert 0.0 <= metrics[key] <= 1.0
+    # Ten classes: a frozen encoder of any kind beats chance by far on digits.
+    assert metrics["linear_top1"] > 0.3
+    assert json.loads((run / "metrics.json").read_text()) == pytest.approx(metrics)
+    assert yaml.safe_load((run / "config.yaml").read_text())["loss"] == loss
+    assert (run / "curves.png").stat().st_size > 0
+    rows = list(csv.DictReader((run / "logs" / "metrics.csv").open()))
+    assert {int(r["epoch"]) for r in rows if r["train_loss"]} == {0, 1}
+    assert {int(r["epoch"]) for r in rows if r["probe_top1"]} == {0, 1}
+    assert all(
+        torch.isfinite(torch.tensor(float(r["train_loss"]))) for r in rows if r["train_loss"]
+    )
+
+    state = state_of(run / "checkpoints" / "last.ckpt")  # weights_only=True inside
+    assert state["head.3.weight"].shape[0] == out_dim
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+    assert not (run / "checkpoints" / "interrupted.ckpt").exists()
+    backbone, stored = load_encoder(run / "checkpoints" / "last.ckpt")
+    assert stored["method"] == method and stored["data"]["channels"] == 1
+    torch.manual_seed(0)
+    fresh = tiny_config(tmp_path, method=method, loss=loss)
+    assert any(
+        not torch.equal(p, q)
+        for p, q in zip(
+            backbone.state_dict().values(),
+            load_encoder_random(fresh).state_dict().values(),
+            strict=True,
+        )
+    ), "pretraining left the backbone at its initial weights"
+    if method == "moco":
+        assert not torch.equal(state["key_backbone.conv1.weight"], state["backbone.conv1.weight"])
+
+
+def load_encoder_random(config: PretrainConfig) -> torch.nn.Module:
+    from kinfonce.models import build_backbone
+
+    L.seed_everything(config.seed, verbose=False)
+    return build_backbone(config.backbone, in_channels=1, image_size=16)
+
+
+def test_cli_pretrain_prints_baselines(tmp_path, capsys):
+    code = main(
+        ["pretrain", "--train-subset", "200", "--batch-size", "50", "--epochs", "1",
+         "--proj-hidden-dim", "32", "--eval-linear-epochs", "2", "--eval-knn-k", "10",
+         "--no-progress", "--output-dir", str(tmp_path / "run")]
+    )  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "random-weight encoder" in out and "raw pixels" in out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in (*METRIC_KEYS, "wall_time_s", "epochs"):
+        assert key in metrics
+    for key in METRIC_KEYS:
+        assert 0.0 <= metrics[key] <= 1.0
+
+
+class StopAfterFirstEpoch(L.Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    straight = tiny_config(tmp_path / "a", epochs=2)
+    run_pretrain(straight)
+    stopped = tiny_config(tmp_path / "b", epochs=2)
+    run_pretrain(stopped, callbacks=[StopAfterFirstEpoch()])
+    assert load_checkpoint(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt")["epoch"] == 0
+    run_pretrain(stopped, resume="last")
+    final_a = state_of(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt")
+    final_b = state_of(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt")
+    assert final_a.keys() == final_b.keys()
+    for key in final_a:
+        torch.testing.assert_close(final_b[key], final_a[key], rtol=1e-5, atol=1e-6, msg=key)
+    # The resumed run refuses a changed configuration and says what differs.
+    with pytest.raises(ValueError, match=r"lr: checkpoint has 1\.0, now 0\.5"):
+        run_pretrain(tiny_config(tmp_path / "b", epochs=2, lr=0.5), resume="last")
+
+
+class InterruptMidEpoch(L.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 3:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path):
+    config = tiny_config(tmp_path)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            run_pretrain(config, callbacks=[InterruptMidEpoch()])
+    finally:
+        signal.signal(signal.SIGINT, previous)  # Lightning ignores SIGINT after an interrupt
+    interrupted = tmp_path / "run" / "checkpoints" / "interrupted.ckpt"
+    assert load_checkpoint(interrupted)["global_step"] == 3
+    with pytest.raises(ValueError, match="already holds a run"):
+        run_pretrain(config)
+    metrics = run_pretrain(config, resume="last")
+    assert 0.0 <= metrics["linear_top1"] <= 1.0
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 4

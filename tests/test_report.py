@@ -1,0 +1,173 @@
+"""Tests for kinfonce.report on generated run directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import yaml
+
+from kinfonce.config import PretrainConfig
+from kinfonce.report import (
+    embed_2d,
+    format_duration,
+    format_percent,
+    load_run,
+    markdown_table,
+    plot_feature_map,
+    read_training_curves,
+    write_report,
+)
+
+
+def make_run(
+    root: Path,
+    name: str,
+    *,
+    loss: str = "simple-sum",
+    linear: float = 0.912,
+    knn: float = 0.875,
+    epochs: int = 3,
+    per_step_loss: bool = False,
+) -> Path:
+    """A run directory shaped like the one ``kinfonce pretrain`` writes."""
+    run = root / name
+    (run / "checkpoints").mkdir(parents=True)
+    config = PretrainConfig(
+        dataset="digits", loss=loss, lam=0.8 if "sum" in loss else None, epochs=epochs,
+        batch_size=128,
+    ).to_dict()  # fmt: skip
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    metrics = {"linear_top1": linear, "knn_top1": knn, "wall_time_s": 125.4, "epochs": epochs}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    log_dir = run / "logs" / "csv" / "version_0"
+    log_dir.mkdir(parents=True)
+    lines = ["epoch,step,train_loss,probe_top1"]
+    for epoch in range(epochs):
+        if per_step_loss:
+            lines += [f"{epoch},{10 * epoch + s},{5.0 - epoch + s},," for s in (0, 2)]
+        else:
+            lines.append(f"{epoch},{10 * epoch},{5.0 - epoch},")
+        lines.append(f"{epoch},{10 * epoch + 9},,{0.5 + 0.1 * epoch}")
+    (log_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+    return run
+
+
+def test_markdown_table_lists_each_run(tmp_path):
+    runs = [
+        load_run(make_run(tmp_path, "a")),
+        load_run(make_run(tmp_path, "b", loss="gaussian", linear=0.5, knn=float("nan"))),
+    ]
+    table = markdown_table(runs)
+    lines = table.strip().splitlines()
+    assert len(lines) == 4
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:3] == ["run", "method", "loss"]
+    first = dict(zip(header, (c.strip() for c in lines[2].strip("|").split("|")), strict=True))
+    assert first == {
+        "run": "a",
+        "method": "simclr",
+        "loss": "simple-sum",
+        "loss parameters": "temperature1=0.5, temperature2=0.5, lam=0.8",
+        "backbone": "resnet-mini",
+        "data set": "digits",
+        "epochs": "3",
+        "batch size": "128",
+        "linear top-1": "91.2%",
+        "kNN top-1": "87.5%",
+        "wall time": "2 min 05 s",
+    }
+    second = lines[3]
+    assert "| gaussian | temperature=0.5 |" in second
+    assert "50.0%" in second and "| - |" in second
+
+
+def test_loss_parameters_of_an_unknown_config_come_from_its_values(tmp_path):
+    run = make_run(tmp_path, "a")
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"method": "byol", "loss": "other", "temperature": 0.2, "epochs": 1})
+    )
+    assert "| byol | other | temperature=0.2 |" in markdown_table([load_run(run)])
+
+
+def test_training_curves_average_per_step_values(tmp_path):
+    run = make_run(tmp_path, "a", per_step_loss=True)
+    curves = read_training_curves(run / "logs" / "csv" / "version_0" / "metrics.csv")
+    assert curves["training loss"] == ([1, 2, 3], [6.0, 5.0, 4.0])
+    epochs, probe = curves["online probe top-1"]
+    assert epochs == [1, 2, 3]
+    assert probe == pytest.approx([0.5, 0.6, 0.7])
+
+
+def test_write_report_makes_markdown_and_png(tmp_path):
+    dirs = [make_run(tmp_path / "x", "run"), make_run(tmp_path / "y", "run", epochs=5)]
+    text, md_path, png_path = write_report(dirs, tmp_path / "out")
+    assert "x/run" in text and "y/run" in text  # repeated names get their parent
+    assert md_path.read_text().count("| simclr |") == 2
+    image = matplotlib.image.imread(png_path)
+    assert image.shape[1] > image.shape[0] > 100  # panels side by side
+
+
+def test_run_without_logs_still_reports(tmp_path):
+    run = make_run(tmp_path, "a")
+    for path in sorted((run / "logs").rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    summary = load_run(run)
+    assert summary.curves == {}
+    _, _, png = write_report([run], tmp_path / "out")
+    assert png.stat().st_size > 0
+
+
+def test_bad_run_directories_raise_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_run(tmp_path / "missing")
+    run = make_run(tmp_path, "a")
+    (run / "metrics.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"metrics\.json"):
+        load_run(run)
+    (run / "metrics.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="mapping"):
+        load_run(run)
+    (run / "config.yaml").write_text("a: [unclosed")
+    with pytest.raises(ValueError, match=r"config\.yaml"):
+        load_run(run)
+    with pytest.raises(ValueError, match="run_dirs"):
+        write_report([], tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(None, "-"), (42.2, "42 s"), (185, "3 min 05 s"), (7620, "2 h 07 min"), (float("inf"), "-")],
+)
+def test_format_duration(seconds, text):
+    assert format_duration(seconds) == text
+
+
+def test_format_percent():
+    assert format_percent(0.9876) == "98.8%"
+    assert format_percent(None) == "-"
+    assert format_percent(True) == "-"
+
+
+def test_feature_map_separates_clusters_and_subsamples(tmp_path):
+    gen = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 20)
+    features = 10.0 * np.eye(3, 16)[labels] + gen.normal(size=(60, 16))
+    points, method = embed_2d(features)
+    assert points.shape == (60, 2) and method in ("t-SNE", "UMAP")
+    centres = np.stack([points[labels == c].mean(0) for c in range(3)])
+    spread = max(points[labels == c].std(0).max() for c in range(3))
+    gaps = np.linalg.norm(centres[:, None] - centres[None], axis=-1)[np.triu_indices(3, 1)]
+    assert gaps.min() > 2 * spread
+    png = plot_feature_map(features, labels, ["a", "b", "c"], tmp_path / "map.png", max_points=30)
+    assert matplotlib.image.imread(png).shape[0] > 100
+
+
+def test_feature_map_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="same length"):
+        plot_feature_map(np.zeros((5, 2)), np.zeros(4), ["a"], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="max_points"):
+        plot_feature_map(np.zeros((5, 2)), np.zeros(5), ["a"], tmp_path / "x.png", max_points=1)
