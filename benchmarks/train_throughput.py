@@ -7,7 +7,7 @@ separately within the same steps, so the fraction is measured, not estimated.
 Random uint8 images stand in for data (the cost does not depend on pixel values).
 
 Usage:
-    python benchmarks/train_throughput.py [--batch-size 128] [--steps 5]
+    python benchmarks/train_throughput.py [--batch-size 128] [--steps 5] [--threads N]
 """
 
 from __future__ import annotations
@@ -67,7 +67,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case (median)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"batch {args.batch_size}, median of {args.steps} steps")  # fmt: skip
     rows = [measure(*case, args.batch_size, args.steps) for case in CASES]

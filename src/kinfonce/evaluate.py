@@ -89,7 +89,8 @@ def describe_expected_input(encoder: nn.Module) -> str:
     """Describe the input that the first convolution or linear layer of ``encoder`` takes."""
     for module in encoder.modules():
         if isinstance(module, nn.Conv2d):
-            return f"images with {module.in_channels} channels"
+            plural = "" if module.in_channels == 1 else "s"
+            return f"images with {module.in_channels} channel{plural}"
         if isinstance(module, nn.Linear):
             return f"inputs with {module.in_features} values per sample (C * H * W)"
     return "an input shape it does not declare"

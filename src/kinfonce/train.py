@@ -9,9 +9,9 @@ two baselines measured in the same run, and the run directory::
     RUN_DIR/config.yaml   RUN_DIR/metrics.json   RUN_DIR/curves.png
     RUN_DIR/checkpoints/{last,best,interrupted}.ckpt   RUN_DIR/logs/
 
-Resuming (``resume=``) continues from a checkpoint of the same configuration. Views
-are seeded per epoch and the sampler per epoch, so a run resumed at an epoch boundary
-ends with the same weights as an uninterrupted one.
+Resuming (``resume=``) continues from a checkpoint of the same configuration. The
+sampler is seeded per epoch and the views per step, so a run resumed at an epoch
+boundary ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -59,15 +59,15 @@ class PretrainData(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         world, rank = self.trainer.world_size, self.trainer.global_rank
         train = self.splits.train
+        dataset = TensorDataset(train.images, train.labels)
         sampler = DistributedSampler(
-            TensorDataset(train.labels),
+            dataset,
             num_replicas=world,
             rank=rank,
             shuffle=True,
             seed=self.seed,
             drop_last=True,
         )
-        dataset = TensorDataset(train.images, train.labels)
         return DataLoader(
             dataset, batch_size=self.batch_size // world, sampler=sampler, drop_last=True
         )
@@ -318,8 +318,9 @@ def format_summary(metrics: dict[str, Any]) -> str:
         lines.append(
             f"{label:<24}{metrics[prefix + 'linear_top1']:>14.4f}{metrics[prefix + 'knn_top1']:>12.4f}"
         )
-    best = max(rows, key=lambda row: metrics[row[1] + "linear_top1"])[0]
-    lines.append(f"highest linear-probe accuracy: {best}")
+    if len(rows) > 1:
+        best = max(rows, key=lambda row: metrics[row[1] + "linear_top1"])[0]
+        lines.append(f"highest linear-probe accuracy: {best}")
     return "\n".join(lines)
 
 

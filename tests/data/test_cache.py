@@ -2,6 +2,7 @@
 
 import io
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 
 import kinfonce.data.decode as decode
 from kinfonce.data import load_dataset
-from kinfonce.data.cache import CACHE_ENV, cache_root
+from kinfonce.data.cache import CACHE_ENV, cache_root, load_cached, save_cached
 
 
 def _tree(root: Path) -> Path:
@@ -83,3 +84,26 @@ def test_cache_root_resolution(tmp_path, monkeypatch):
     assert cache_root(tmp_path / "arg") == tmp_path / "arg"
     monkeypatch.delenv(CACHE_ENV)
     assert cache_root() == Path.home() / ".cache" / "kinfonce"
+
+
+def test_a_racing_writer_keeps_the_existing_entry(tmp_path, monkeypatch):
+    tree, cache = _tree(tmp_path / "tree"), tmp_path / "cache"
+    first = load_dataset(f"imagefolder:{tree}", cache_dir=cache)
+    (entry,) = _entries(cache)
+    name, key = entry.name.rsplit("-", 1)
+    data = load_cached(cache, name, key)
+    (entry / "marker").write_text("written by the first process")
+    real_rmtree = shutil.rmtree
+
+    def rmtree_but_not_the_entry(path, ignore_errors=False):
+        # the entry appears between this writer's removal and its rename, as when two ranks race
+        if Path(path) != entry:
+            real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_but_not_the_entry)
+    save_cached(cache, name, key, data)
+    monkeypatch.undo()
+    assert (entry / "marker").is_file() and _entries(cache) == [entry]
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporary left
+    again = load_dataset(f"imagefolder:{tree}", cache_dir=cache)
+    assert torch.equal(again.train.images, first.train.images)

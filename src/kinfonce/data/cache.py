@@ -79,7 +79,11 @@ def load_cached(root: Path, name: str, key: str) -> CachedImages | None:
 
 
 def save_cached(root: Path, name: str, key: str, data: CachedImages) -> Path:
-    """Write ``data`` as a cache entry (atomically: a temporary directory renamed into place)."""
+    """Write ``data`` as a cache entry (atomically: a temporary directory renamed into place).
+
+    Processes decoding the same source at once each write their own temporary directory; the
+    first rename wins and the others keep its entry.
+    """
     entry = _entry_dir(root, name, key)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=root))
@@ -93,7 +97,12 @@ def save_cached(root: Path, name: str, key: str, data: CachedImages) -> Path:
         meta = {**data.meta, "class_names": list(data.class_names), "format": _FORMAT_VERSION}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         shutil.rmtree(entry, ignore_errors=True)
-        os.replace(tmp, entry)
+        try:
+            os.replace(tmp, entry)
+        except OSError:
+            # another process (e.g. a second rank) wrote the same entry meanwhile: keep theirs
+            if not (entry / "meta.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return entry

@@ -175,13 +175,10 @@ class PretrainMethod(L.LightningModule):
             batch_size=len(labels),
         )
 
-    def trained_modules(self) -> nn.Module:
-        """The modules the contrastive loss trains (the probe is added separately)."""
-        return nn.ModuleList([self.backbone, self.head])
-
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.config
-        groups = parameter_groups(self.trained_modules(), cfg.weight_decay)
+        # The contrastive loss trains backbone and head; the probe has its own rate.
+        groups = parameter_groups(nn.ModuleList([self.backbone, self.head]), cfg.weight_decay)
         groups.append(
             {
                 "params": list(self.probe.parameters()),
