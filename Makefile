@@ -19,8 +19,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/kinfonce demo
 
+# Passive OpenMP waiting: the suite's multi-process tests share 2 cores, where spinning
+# threads slow small PyTorch kernels by an order of magnitude (docs/bench/augment.md).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

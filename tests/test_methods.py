@@ -173,3 +173,13 @@ def test_load_encoder_round_trip_and_refusals(tmp_path):
         load_encoder(pickled)
     with pytest.raises(FileNotFoundError):
         load_encoder(tmp_path / "missing.ckpt")
+
+
+def test_print_config_shows_the_effective_config(capsys):
+    from kinfonce.cli import main
+
+    assert main(["pretrain", "--print-config", "--lr", "0.5", "--method", "moco"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["lr"] == 0.5 and printed["method"] == "moco"
+    assert printed["flip_p"] == 0.0  # digits default filled in
+    assert config_from_mapping(printed).lr == 0.5

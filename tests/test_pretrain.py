@@ -43,13 +43,19 @@ def state_of(path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["state_dict"]
 
 
+class InitialWeights(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.backbone = {k: v.clone() for k, v in pl_module.backbone.state_dict().items()}
+
+
 @pytest.mark.parametrize(
     ("method", "loss", "out_dim"),
     [("simclr", "concat-sum", 256), ("moco", "simple-sum", 128)],
 )
 def test_pretrain_end_to_end(tmp_path, method, loss, out_dim):
     config = tiny_config(tmp_path, method=method, loss=loss, epochs=2)
-    metrics = run_pretrain(config)
+    snapshot = InitialWeights()
+    metrics = run_pretrain(config, callbacks=[snapshot])
     run = tmp_path / "run"
     for key in ("linear_top1", "linear_top5", "knn_top1", "knn_top5"):
         assert 0.0 <= metrics[key] <= 1.0
@@ -71,25 +77,11 @@ def test_pretrain_end_to_end(tmp_path, method, loss, out_dim):
     assert not (run / "checkpoints" / "interrupted.ckpt").exists()
     backbone, stored = load_encoder(run / "checkpoints" / "last.ckpt")
     assert stored["method"] == method and stored["data"]["channels"] == 1
-    torch.manual_seed(0)
-    fresh = tiny_config(tmp_path, method=method, loss=loss)
-    assert any(
-        not torch.equal(p, q)
-        for p, q in zip(
-            backbone.state_dict().values(),
-            load_encoder_random(fresh).state_dict().values(),
-            strict=True,
-        )
-    ), "pretraining left the backbone at its initial weights"
+    trained = backbone.state_dict()
+    moved = [not torch.equal(trained[k], v) for k, v in snapshot.backbone.items()]
+    assert sum(moved) > len(moved) // 2, "pretraining left the backbone at its initial weights"
     if method == "moco":
         assert not torch.equal(state["key_backbone.conv1.weight"], state["backbone.conv1.weight"])
-
-
-def load_encoder_random(config: PretrainConfig) -> torch.nn.Module:
-    from kinfonce.models import build_backbone
-
-    L.seed_everything(config.seed, verbose=False)
-    return build_backbone(config.backbone, in_channels=1, image_size=16)
 
 
 def test_cli_pretrain_prints_baselines(tmp_path, capsys):
@@ -121,6 +113,9 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     run_pretrain(stopped, callbacks=[StopAfterFirstEpoch()])
     assert load_checkpoint(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt")["epoch"] == 0
     run_pretrain(stopped, resume="last")
+    # The CSV log keeps the epoch before the resume (Lightning's logger starts afresh).
+    rows = csv.DictReader((tmp_path / "b" / "run" / "logs" / "metrics.csv").open())
+    assert {int(r["epoch"]) for r in rows if r["train_loss"]} == {0, 1}
     final_a = state_of(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt")
     final_b = state_of(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt")
     assert final_a.keys() == final_b.keys()

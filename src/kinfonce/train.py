@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -389,13 +390,21 @@ def run_pretrain(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
     fit_started = time.perf_counter()
-    with quiet_resume_warnings():
-        trainer.fit(
-            module,
-            datamodule=PretrainData(splits, config.batch_size, config.seed),
-            ckpt_path=checkpoint,
-            weights_only=True,
-        )
+    try:
+        with quiet_resume_warnings():
+            trainer.fit(
+                module,
+                datamodule=PretrainData(splits, config.batch_size, config.seed),
+                ckpt_path=checkpoint,
+                weights_only=True,
+            )
+    except SystemExit:  # Lightning exits after saving interrupted.ckpt on Ctrl-C
+        if trainer.is_global_zero:
+            print(
+                f"interrupted; continue with: kinfonce pretrain --output-dir {run_dir} --resume",
+                file=sys.stderr,
+            )
+        raise
     pretrain_time = time.perf_counter() - fit_started
     if not trainer.is_global_zero:
         return {}

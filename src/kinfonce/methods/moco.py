@@ -75,6 +75,6 @@ class MoCo(PretrainMethod):
         queries = self.head(features)
         with torch.no_grad():
             keys = self.key_head(self.key_backbone(view1))
-        loss = self.criterion(queries, keys, queue=self.queue.clone())
+        loss = self.criterion(queries, keys, queue=self.queue.clone().to(queries.dtype))
         self._enqueue(keys)
         return loss, features
