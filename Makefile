@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/kinfonce demo
+	$(BIN)/kinfonce pretrain
 
 # Passive OpenMP waiting: the suite's multi-process tests share 2 cores, where spinning
-# threads slow small PyTorch kernels by an order of magnitude (docs/bench/augment.md).
+# threads slow small PyTorch kernels by an order of magnitude (docs/benchmarks.md).
 test: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q
 

@@ -4,7 +4,7 @@ JPEGs are decoded by ``simplejpeg`` (libjpeg-turbo; measured ~40 us per 32x32 im
 ~100 us for torchvision.io, whose image decoding is deprecated, and several hundred for PIL,
 whose per-file header parsing is Python), other formats by PIL. One process: on the 2 shared
 cores this was measured, a pool of two decoded CIFAR-10's test set four times slower (pool start
-and transfers) than the plain loop (docs/bench/augment.md).
+and transfers) than the plain loop (docs/benchmarks.md).
 """
 
 from __future__ import annotations
