@@ -14,7 +14,7 @@ import yaml
 from kinfonce.cli import main
 from kinfonce.config import PretrainConfig
 from kinfonce.methods import load_checkpoint, load_encoder
-from kinfonce.train import run_pretrain
+from kinfonce.train import RUN_DIR_ENV, resolve_run_dir, run_pretrain
 
 METRIC_KEYS = ("linear_top1", "knn_top1", "random_encoder_linear_top1", "raw_pixels_linear_top1")
 
@@ -147,3 +147,13 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path):
     metrics = run_pretrain(config, resume="last")
     assert 0.0 <= metrics["linear_top1"] <= 1.0
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+
+def test_run_dir_name_is_inherited_only_by_ddp_workers(monkeypatch):
+    """A second run in one process gets its own directory; a DDP worker shares its launcher's."""
+    monkeypatch.setenv(RUN_DIR_ENV, "runs/pretrain/earlier-run")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_run_dir(PretrainConfig()).name != "earlier-run"
+    monkeypatch.setenv(RUN_DIR_ENV, "runs/pretrain/launcher-run")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_run_dir(PretrainConfig()).name == "launcher-run"

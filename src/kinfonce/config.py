@@ -32,9 +32,23 @@ DATASET_AUGMENTATION: dict[str, dict[str, float]] = {
 }
 SIMCLR_AUGMENTATION = {"crop_scale_min": 0.08, "flip_p": 0.5, "jitter_strength": 1.0}
 
-#: Fields that may change when a run is resumed: where and how it runs, not what it computes.
+#: Fields that may change when a run is resumed: where and how it runs, where its data lies,
+#: and how it is evaluated at the end; not what it trains.
 RUNTIME_FIELDS = frozenset(
-    {"accelerator", "devices", "num_nodes", "strategy", "precision", "progress", "output_dir"}
+    {
+        "accelerator",
+        "devices",
+        "num_nodes",
+        "strategy",
+        "precision",
+        "progress",
+        "output_dir",
+        "data_root",
+        "download",
+        "eval_linear_epochs",
+        "eval_knn_k",
+        "baselines",
+    }
 )
 
 

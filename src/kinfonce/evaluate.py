@@ -569,8 +569,9 @@ def evaluate_checkpoint(
     """Evaluate the backbone of a ``kinfonce pretrain`` checkpoint.
 
     Settings left at None come from the checkpoint's config, and on the checkpoint's own
-    data set the same seeded training subset is used, so the figures equal those that
-    ``kinfonce pretrain`` printed for its last checkpoint.
+    data set the same seeded training subset is used, so on the same device and without
+    ``augment`` the figures equal those that ``kinfonce pretrain`` printed for its last
+    checkpoint.
 
     Args:
         checkpoint: a ``.ckpt`` file from ``RUN_DIR/checkpoints``.

@@ -88,7 +88,14 @@ def check_choices(config: PretrainConfig) -> None:
     ):
         if value not in valid:
             raise ValueError(f"{field} must be one of {sorted(valid)}, got {value!r}")
-    for field in ("epochs", "batch_size", "proj_hidden_dim", "eval_linear_epochs", "num_nodes"):
+    for field in (
+        "epochs",
+        "batch_size",
+        "proj_hidden_dim",
+        "eval_linear_epochs",
+        "eval_knn_k",
+        "num_nodes",
+    ):
         if getattr(config, field) < 1:
             raise ValueError(f"{field} must be >= 1, got {getattr(config, field)}")
     if not 0.0 < config.val_fraction < 1.0:
@@ -133,10 +140,14 @@ def data_description(splits: DatasetSplits) -> dict[str, Any]:
 
 
 def resolve_run_dir(config: PretrainConfig) -> Path:
-    """The run directory: ``output_dir``, else a new time-stamped one shared with DDP workers."""
+    """The run directory: ``output_dir``, else a new time-stamped one shared with DDP workers.
+
+    The launching process names it and passes it on to the workers Lightning starts through
+    the environment; only a worker (``LOCAL_RANK`` set) reuses an inherited name.
+    """
     if config.output_dir:
         return Path(config.output_dir)
-    if RUN_DIR_ENV not in os.environ:
+    if RUN_DIR_ENV not in os.environ or "LOCAL_RANK" not in os.environ:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = f"{config.dataset.split(':')[0]}-{config.method}-{config.loss}-{stamp}"
         os.environ[RUN_DIR_ENV] = str(Path("runs") / "pretrain" / name)
@@ -298,11 +309,12 @@ def merge_csv_log(path: Path, earlier: list[dict[str, str]]) -> None:
     import csv
 
     later = read_csv_log(path)
-    if not earlier or not later:
+    if not earlier:
         return
-    first_new_epoch = min(int(row["epoch"]) for row in later)
+    first_new_epoch = min((int(row["epoch"]) for row in later), default=1 << 62)
     rows = [row for row in earlier if int(row["epoch"]) < first_new_epoch] + later
     fields = sorted({key for row in rows for key in row})
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=fields)
         writer.writeheader()
@@ -405,10 +417,12 @@ def run_pretrain(
                 file=sys.stderr,
             )
         raise
+    finally:  # the logger emptied metrics.csv on resume: put the earlier epochs back, always
+        if trainer.is_global_zero:
+            merge_csv_log(csv_log, earlier_log)
     pretrain_time = time.perf_counter() - fit_started
     if not trainer.is_global_zero:
         return {}
-    merge_csv_log(csv_log, earlier_log)
     metrics = evaluate_baselines(module, splits, config, str(module.device))
     logged = trainer.callback_metrics
     for key in ("train_loss", "probe_top1"):

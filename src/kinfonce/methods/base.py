@@ -128,11 +128,13 @@ class PretrainMethod(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         images, labels = batch
-        # The views draw from torch's CPU generator, seeded here per (step, rank): a
-        # resumed run draws the same views as an uninterrupted one, whatever else used
-        # the generator in between (data-loader set-up does).
+        # The views draw from the generator of the module's device, seeded here per (step,
+        # rank) inside a fork that restores it: a resumed run draws the same views as an
+        # uninterrupted one, whatever else used the generator in between (data-loader set-up
+        # does).
         seed = step_seed(self.config.seed, self.global_step, self.global_rank)
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             view0, view1 = self.views(images), self.views(images)
         loss, features = self.contrastive_step(view0, view1)

@@ -61,7 +61,7 @@ class MoCo(PretrainMethod):
 
     @torch.no_grad()
     def _enqueue(self, keys: torch.Tensor) -> None:
-        keys = gather_keys(keys)
+        keys = gather_keys(keys)[-len(self.queue) :]  # more keys than slots: keep the newest
         index = (self.queue_pointer + torch.arange(len(keys), device=keys.device)) % len(self.queue)
         self.queue[index] = keys.to(self.queue.dtype)
         self.queue_pointer.copy_((self.queue_pointer + len(keys)) % len(self.queue))
