@@ -24,7 +24,7 @@ from kinfonce.config import PretrainConfig
 from kinfonce.data import load_dataset
 from kinfonce.data.augment import EvalTransform
 from kinfonce.methods import SimCLR
-from kinfonce.train import PretrainData, data_description, take_subset
+from kinfonce.train import PretrainData, data_description
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -76,9 +76,7 @@ def test_two_processes_match_one_process_on_the_full_batch():
     config = PretrainConfig(
         train_subset=128, batch_size=32, proj_hidden_dim=64, lr=1.0, warmup_epochs=0
     ).resolved()
-    splits = load_dataset("digits")
-    splits = copy.copy(splits)
-    object.__setattr__(splits, "train", take_subset(splits.train, 128, seed=0))
+    splits = load_dataset("digits").with_train_subset(128, seed=0)
     torch.manual_seed(0)
     single = without_batchnorm(SimCLR(config, data_description(splits)))
     single.views = MirrorViews(splits.mean, splits.std)

@@ -15,7 +15,6 @@ end of ``kinfonce pretrain`` and ``kinfonce eval`` call it, so their numbers agr
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -593,7 +592,6 @@ def evaluate_checkpoint(
     """
     from kinfonce.data import load_dataset
     from kinfonce.methods import load_encoder
-    from kinfonce.train import take_subset
 
     encoder, config = load_encoder(checkpoint)
     own_data = dataset is None or dataset == config["dataset"]
@@ -607,9 +605,8 @@ def evaluate_checkpoint(
         seed=config["seed"],
     )
     _check_data_fits_checkpoint(splits, config, str(checkpoint))
-    if own_data and config.get("train_subset"):
-        subset = take_subset(splits.train, config["train_subset"], config["seed"])
-        splits = dataclasses.replace(splits, train=subset)
+    if own_data:  # the training subset pretraining used, hence its probe's figures
+        splits = splits.with_train_subset(config.get("train_subset"), config["seed"])
     settings = dict(
         dataset=name,
         protocol=protocol,

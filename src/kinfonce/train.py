@@ -17,7 +17,6 @@ boundary ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import sys
@@ -32,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from kinfonce.config import PretrainConfig, config_differences, config_from_mapping, dump_config
-from kinfonce.data import DatasetSplits, LabeledImages, load_dataset
+from kinfonce.data import DatasetSplits, load_dataset
 from kinfonce.losses import LOSS_PRESETS
 from kinfonce.methods import METHODS, PretrainMethod, load_checkpoint
 from kinfonce.methods.base import CHECKPOINT_KEY, DATA_FIELDS
@@ -122,16 +121,6 @@ def check_batch_size(batch_size: int, train_size: int, world_size: int) -> None:
             f"batch_size {batch_size} gives {batch_size // world_size} image(s) per process; "
             "contrastive batches and batch norm need at least 2"
         )
-
-
-def take_subset(images: LabeledImages, size: int | None, seed: int) -> LabeledImages:
-    """A seeded random subset of ``size`` images (all of them when ``size`` is None)."""
-    if size is None or size >= len(images):
-        return images
-    if size < 1:
-        raise ValueError(f"train_subset must be >= 1, got {size}")
-    generator = torch.Generator().manual_seed(seed)
-    return images.subset(torch.randperm(len(images), generator=generator)[:size].sort().values)
 
 
 def data_description(splits: DatasetSplits) -> dict[str, Any]:
@@ -391,7 +380,7 @@ def run_pretrain(
         val_fraction=config.val_fraction,
         seed=config.seed,
     )
-    splits = _replace_train(splits, take_subset(splits.train, config.train_subset, config.seed))
+    splits = splits.with_train_subset(config.train_subset, config.seed)
     csv_log = run_dir / "logs" / "metrics.csv"
     earlier_log = read_csv_log(csv_log) if checkpoint is not None else []
     with quiet_resume_warnings():
@@ -440,7 +429,3 @@ def run_pretrain(
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_curves(csv_log, run_dir / "curves.png")
     return metrics
-
-
-def _replace_train(splits: DatasetSplits, train: LabeledImages) -> DatasetSplits:
-    return dataclasses.replace(splits, train=train)

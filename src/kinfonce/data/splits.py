@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -77,6 +78,16 @@ class DatasetSplits:
     std: tuple[float, ...]
     name: str = ""
     skipped_files: int = field(default=0)
+
+    def with_train_subset(self, size: int | None, seed: int) -> DatasetSplits:
+        """These splits with a seeded random subset of ``size`` training images (all when None)."""
+        if size is None or size >= len(self.train):
+            return self
+        if size < 1:
+            raise ValueError(f"train_subset must be >= 1, got {size}")
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self.train), generator=generator)[:size].sort().values
+        return dataclasses.replace(self, train=self.train.subset(order))
 
 
 def split_off_validation(
