@@ -57,6 +57,18 @@ class RunSummary:
     curves: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
 
 
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def _read_mapping(path: Path, parse) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {path.parent} a kinfonce pretrain run?")
@@ -228,12 +240,7 @@ def plot_training_curves(runs: list[RunSummary], path: str | Path) -> Path:
             ax.legend(fontsize="small")
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[str, Path, Path]:
@@ -326,12 +333,7 @@ def plot_feature_map(
     ax.set_yticks([])
     if len(class_names) <= 20:
         ax.legend(fontsize="small", markerscale=2, loc="best")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def format_eval_table(metrics: dict[str, Any]) -> str:
