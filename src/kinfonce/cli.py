@@ -1,7 +1,8 @@
 """The ``kinfonce`` command. Thin: each subcommand parses its flags, then calls a module.
 
 Each subcommand lives in one ``_add_<name>`` function that registers its parser and sets
-``func``; heavy imports happen inside the handlers so that ``kinfonce --help`` is instant.
+``func``; the heavy imports (Lightning, data, evaluation) happen inside the handlers, so that
+``kinfonce --help`` costs only the import of torch that the package itself needs.
 """
 
 from __future__ import annotations

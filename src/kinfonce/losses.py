@@ -362,6 +362,20 @@ LOSS_PRESETS: dict[str, Callable[..., nn.Module]] = {
 
 _COMMON = ("normalize", "chunk_size", "gather_distributed")
 
+#: Every kernel parameter some preset takes, in display order.
+LOSS_PARAMETERS = ("gamma", "temperature", "temperature1", "temperature2", "lam")
+
+
+def preset_defaults(name: str) -> dict[str, float]:
+    """The defaults of a preset's own kernel parameters, e.g. ``{"temperature": 0.5}``."""
+    preset_params(name)  # checks the name
+    params = inspect.signature(LOSS_PRESETS[name]).parameters.values()
+    return {
+        p.name: p.default
+        for p in params
+        if p.name in LOSS_PARAMETERS and p.default is not inspect.Parameter.empty
+    }
+
 
 def preset_params(name: str) -> tuple[str, ...]:
     """Keyword arguments a preset accepts, its own first, then the common ones it takes."""

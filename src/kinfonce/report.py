@@ -8,7 +8,6 @@ config), ``metrics.json`` (final metrics) and ``logs/`` with a Lightning CSVLogg
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import math
 from collections import defaultdict
@@ -18,13 +17,14 @@ from typing import Any
 
 import yaml
 
+from kinfonce.losses import LOSS_PARAMETERS
+
 #: Figure panels: (title, CSV column of ``kinfonce pretrain``'s log).
 CURVE_PANELS = (
     ("training loss", "train_loss"),
     ("online probe top-1", "probe_top1"),
 )
 #: Loss-preset parameters shown in the table, in this order.
-LOSS_PARAMETERS = ("gamma", "temperature", "temperature1", "temperature2", "lam")
 TABLE_COLUMNS = (
     "run",
     "method",
@@ -130,20 +130,15 @@ def effective_loss_parameters(config: dict[str, Any]) -> dict[str, Any]:
     A config that ``kinfonce.config`` no longer accepts falls back to the values it stores.
     """
     from kinfonce.config import config_from_mapping
-    from kinfonce.losses import LOSS_PRESETS
+    from kinfonce.losses import preset_defaults
     from kinfonce.methods import METHODS
 
     stored = {k: config[k] for k in LOSS_PARAMETERS if config.get(k) is not None}
     try:
         cfg = config_from_mapping(config)
-        preset, method = LOSS_PRESETS[cfg.loss], METHODS[cfg.method]
+        defaults, method = preset_defaults(cfg.loss), METHODS[cfg.method]
     except (ValueError, KeyError):
         return stored
-    defaults = {
-        p.name: p.default
-        for p in inspect.signature(preset).parameters.values()
-        if p.name in LOSS_PARAMETERS and p.default is not inspect.Parameter.empty
-    }
     return {**defaults, **method.loss_params(cfg)}
 
 

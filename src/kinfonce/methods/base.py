@@ -22,7 +22,7 @@ from torch import nn
 
 from kinfonce.config import PretrainConfig
 from kinfonce.data.augment import EvalTransform, SimCLRViews
-from kinfonce.losses import make_loss, preset_params
+from kinfonce.losses import LOSS_PARAMETERS, make_loss, preset_params
 from kinfonce.models import ProjectionHead, build_backbone
 from kinfonce.optim import build_optimizer, parameter_groups, warmup_cosine
 
@@ -31,9 +31,6 @@ CHECKPOINT_KEY = "kinfonce"
 
 #: Fields of the data description a method needs (from ``DatasetSplits``).
 DATA_FIELDS = ("image_size", "channels", "num_classes", "mean", "std")
-
-#: Config fields that are loss parameters.
-LOSS_FIELDS = ("temperature", "temperature1", "temperature2", "lam", "gamma")
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -93,7 +90,7 @@ class PretrainMethod(L.LightningModule):
         """
         accepted = set(preset_params(config.loss))
         params = {}
-        for name in LOSS_FIELDS:
+        for name in LOSS_PARAMETERS:
             value = getattr(config, name)
             if value is None and name in accepted:
                 value = cls.loss_defaults.get(name)
