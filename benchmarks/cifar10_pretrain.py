@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from kinfonce.config import PretrainConfig
-from kinfonce.train import format_summary, run_pretrain
+from kinfonce.report import format_summary
+from kinfonce.train import run_pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 ZIP = REPO.parent / "shared" / "data" / "cifar10-jpg.zip"

@@ -1,7 +1,7 @@
 """Cached-feature linear probe vs training the head with the encoder in the loop.
 
 Both paths train the same linear head for the same number of epochs on the same CIFAR-10
-subset with a small ResNet: the fast path (:func:`kinfonce.evaluate.linear_probe`)
+subset with a small ResNet: the fast path (:func:`kinfonce.probes.linear_probe`)
 extracts features once and trains on them; the slow path
 (:func:`kinfonce.evaluate.linear_probe_augmented`) crops, flips and encodes every
 training batch again. Each timing includes that path's feature extraction (the slow path
@@ -27,8 +27,9 @@ import torch
 
 from kinfonce.data import load_dataset
 from kinfonce.data.augment import EvalTransform
-from kinfonce.evaluate import extract_features, linear_probe, linear_probe_augmented
+from kinfonce.evaluate import extract_features, linear_probe_augmented
 from kinfonce.models import build_backbone
+from kinfonce.probes import LinearProbeSettings, linear_probe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpg.zip"
@@ -65,7 +66,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
     encoder = build_backbone(args.backbone, in_channels=3, image_size=splits.image_size)
     transform = EvalTransform(splits.mean, splits.std)
-    probe = dict(num_classes=splits.num_classes, epochs=args.epochs, seed=args.seed)
+    probe = dict(
+        num_classes=splits.num_classes,
+        settings=LinearProbeSettings(epochs=args.epochs, seed=args.seed),
+    )
 
     start = time.perf_counter()
     train_x = extract_features(encoder, train_images, transform)

@@ -115,7 +115,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(config.resolved()), end="")
         return 0
-    from kinfonce.train import format_summary, run_pretrain
+    from kinfonce.report import format_summary
+    from kinfonce.train import run_pretrain
 
     metrics = run_pretrain(config, resume=args.resume)
     if metrics:
@@ -224,9 +225,11 @@ def _run_report(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from kinfonce.errors import KinfonceError
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except KinfonceError as err:  # a user error: one line; any other exception keeps its traceback
         print(f"kinfonce {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from kinfonce.errors import KinfonceError, MissingFileError
+
 
 def _f(default: Any, help: str, group: str) -> Any:
     return field(default=default, metadata={"help": help, "group": group})
@@ -162,19 +164,21 @@ def _coerce(name: str, value: Any) -> Any:
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
-        raise ValueError(f"config field {name!r} must not be empty (expected {base.__name__})")
+        raise KinfonceError(f"config field {name!r} must not be empty (expected {base.__name__})")
     if base is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ValueError(f"config field {name!r} must be true or false, got {value!r}")
+        raise KinfonceError(f"config field {name!r} must be true or false, got {value!r}")
     if base is int and isinstance(value, float) and not value.is_integer():
-        raise ValueError(f"config field {name!r} must be an integer, got {value!r}")
+        raise KinfonceError(f"config field {name!r} must be an integer, got {value!r}")
     try:
         return base(value)
     except (TypeError, ValueError):
-        raise ValueError(f"config field {name!r} must be {base.__name__}, got {value!r}") from None
+        raise KinfonceError(
+            f"config field {name!r} must be {base.__name__}, got {value!r}"
+        ) from None
 
 
 def config_from_mapping(
@@ -183,7 +187,7 @@ def config_from_mapping(
     """Override ``base`` (default: the defaults) with ``values``; unknown keys are errors."""
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; valid keys are: {', '.join(FIELDS)}")
+        raise KinfonceError(f"unknown config key(s) {unknown}; valid keys are: {', '.join(FIELDS)}")
     changes = {name: _coerce(name, value) for name, value in values.items()}
     return dataclasses.replace(base or PretrainConfig(), **changes)
 
@@ -192,13 +196,13 @@ def load_config_file(path: str | Path, base: PretrainConfig | None = None) -> Pr
     """Read a YAML mapping of config fields on top of ``base``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        raise MissingFileError(f"config file {str(path)!r} does not exist")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        raise KinfonceError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     if not isinstance(values, dict):
-        raise ValueError(f"config file {str(path)!r} must hold a mapping of config keys")
+        raise KinfonceError(f"config file {str(path)!r} must hold a mapping of config keys")
     return config_from_mapping(values, base)
 
 

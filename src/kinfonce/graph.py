@@ -26,17 +26,20 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from kinfonce.errors import KinfonceError
 from kinfonce.kernels import ExpKernel, MixtureKernel, log_gram
 
 
 def _check_probability(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+        raise KinfonceError(f"{name} must be a probability in [0, 1], got {value}")
 
 
 def _check_square(name: str, matrix: Tensor) -> int:
     if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"{name} must be a square (n, n) matrix, got shape {tuple(matrix.shape)}")
+        raise KinfonceError(
+            f"{name} must be a square (n, n) matrix, got shape {tuple(matrix.shape)}"
+        )
     return matrix.shape[0]
 
 
@@ -57,16 +60,16 @@ def check_similarity_graph(pi: Tensor, name: str = "pi") -> int:
     """
     n = _check_square(name, pi)
     if n < 2:
-        raise ValueError(f"{name} needs at least 2 vertices, got {n}")
+        raise KinfonceError(f"{name} needs at least 2 vertices, got {n}")
     if not torch.isfinite(pi).all():
-        raise ValueError(f"{name} must be finite")
+        raise KinfonceError(f"{name} must be finite")
     if (pi < 0).any():
-        raise ValueError(f"{name} must be non-negative")
+        raise KinfonceError(f"{name} must be non-negative")
     if (torch.diagonal(pi) != 0).any():
-        raise ValueError(f"{name} must have a zero diagonal (subgraphs have no self-loops)")
+        raise KinfonceError(f"{name} must have a zero diagonal (subgraphs have no self-loops)")
     empty = (pi.sum(dim=1) <= 0).nonzero().flatten()
     if empty.numel():
-        raise ValueError(
+        raise KinfonceError(
             f"{name} has {empty.numel()} vertex(es) with no out-edges (first: vertex "
             f"{int(empty[0])}); every vertex needs at least one edge"
         )
@@ -94,9 +97,9 @@ def stochastic_block_model(
         (N,) int64 cluster labels, N = num_clusters * cluster_size.
     """
     if num_clusters < 1:
-        raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
+        raise KinfonceError(f"num_clusters must be >= 1, got {num_clusters}")
     if cluster_size < 1:
-        raise ValueError(f"cluster_size must be >= 1, got {cluster_size}")
+        raise KinfonceError(f"cluster_size must be >= 1, got {cluster_size}")
     _check_probability("p", p)
     _check_probability("q", q)
     labels = torch.arange(num_clusters).repeat_interleave(cluster_size)
@@ -144,15 +147,15 @@ def pair_graph(
     """
     pairs = torch.as_tensor(edges, dtype=torch.int64)
     if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.shape[0] == 0:
-        raise ValueError(
+        raise KinfonceError(
             f"edges must be a non-empty list of (a, b) pairs, got shape {tuple(pairs.shape)}"
         )
     if (pairs < 0).any():
-        raise ValueError("edges must hold non-negative vertex indices")
+        raise KinfonceError("edges must hold non-negative vertex indices")
     num_a = int(pairs[:, 0].max()) + 1 if num_a is None else num_a
     num_b = int(pairs[:, 1].max()) + 1 if num_b is None else num_b
     if int(pairs[:, 0].max()) >= num_a or int(pairs[:, 1].max()) >= num_b:
-        raise ValueError(f"edges refer to vertices outside num_a={num_a}, num_b={num_b}")
+        raise KinfonceError(f"edges refer to vertices outside num_a={num_a}, num_b={num_b}")
     weights = torch.zeros(num_a + num_b, num_a + num_b, dtype=torch.get_default_dtype())
     weights[pairs[:, 0], num_a + pairs[:, 1]] = 1.0
     weights[num_a + pairs[:, 1], pairs[:, 0]] = 1.0
@@ -198,7 +201,7 @@ def sample_unit_out_degree(
     check_similarity_graph(pi)
     count = 1 if num_samples is None else num_samples
     if count < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        raise KinfonceError(f"num_samples must be >= 1, got {num_samples}")
     targets = torch.multinomial(pi, count, replacement=True, generator=generator).T
     return targets[0] if num_samples is None else targets
 
@@ -249,17 +252,17 @@ class MRFTerms(NamedTuple):
 def _check_log_k(log_k: Tensor) -> int:
     n = _check_square("log_k", log_k)
     if torch.isnan(log_k).any() or (log_k == float("inf")).any():
-        raise ValueError("log_k must not contain NaN or +inf")
+        raise KinfonceError("log_k must not contain NaN or +inf")
     return n
 
 
 def _check_log_gram(pi: Tensor, log_k: Tensor) -> None:
     n = check_similarity_graph(pi)
     if log_k.shape != (n, n):
-        raise ValueError(f"log_k must have the shape of pi, {(n, n)}, got {tuple(log_k.shape)}")
+        raise KinfonceError(f"log_k must have the shape of pi, {(n, n)}, got {tuple(log_k.shape)}")
     _check_log_k(log_k)
     if ((pi > 0) & torch.isinf(log_k)).any():
-        raise ValueError("pi has an edge where the kernel is zero (log_k = -inf): H is infinite")
+        raise KinfonceError("pi has an edge where the kernel is zero (log_k = -inf): H is infinite")
 
 
 def mrf_terms(pi: Tensor, log_k: Tensor) -> MRFTerms:
@@ -326,14 +329,14 @@ def subgraph_infonce(targets: Tensor, log_k: Tensor) -> Tensor:
     """
     n = _check_log_k(log_k)
     if targets.dim() not in (1, 2) or targets.shape[-1] != n:
-        raise ValueError(
+        raise KinfonceError(
             f"targets must have shape (n,) or (S, n), n = {n}, got {tuple(targets.shape)}"
         )
     if targets.numel() and (targets.min() < 0 or targets.max() >= n):
-        raise ValueError(f"targets must be vertex indices in [0, {n})")
+        raise KinfonceError(f"targets must be vertex indices in [0, {n})")
     log_prob = torch.log_softmax(log_k, dim=1)
     rows = torch.arange(n, device=log_k.device)
     picked = log_prob[rows, targets]
     if torch.isinf(picked).any():
-        raise ValueError("a target is not a candidate of its anchor (log_k = -inf there)")
+        raise KinfonceError("a target is not a candidate of its anchor (log_k = -inf there)")
     return -picked.sum(dim=-1)

@@ -31,18 +31,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kinfonce.errors import KinfonceError
+
 
 def check_temperature(name: str, value: float) -> float:
     """Returns ``value`` as a float, or raises if it is not a finite positive number."""
     if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        raise KinfonceError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 
 def check_weight(name: str, value: float) -> float:
     """Returns ``value`` as a float, or raises if it is not in [0, 1]."""
     if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        raise KinfonceError(f"{name} must be a number in [0, 1], got {value!r}")
     return float(value)
 
 
@@ -67,7 +69,7 @@ class ExpKernel:
     def __post_init__(self) -> None:
         gamma = self.gamma
         if not isinstance(gamma, int | float) or not 0.0 < gamma <= 2.0:
-            raise ValueError(f"gamma must be a number in (0, 2], got {gamma!r}")
+            raise KinfonceError(f"gamma must be a number in (0, 2], got {gamma!r}")
         object.__setattr__(self, "gamma", float(gamma))
         object.__setattr__(self, "temperature", check_temperature("temperature", self.temperature))
 
@@ -101,14 +103,14 @@ class MixtureKernel:
 
     def __init__(self, terms: Sequence[KernelTerm], parts: int = 1) -> None:
         if parts < 1:
-            raise ValueError(f"parts must be >= 1, got {parts}")
+            raise KinfonceError(f"parts must be >= 1, got {parts}")
         for term in terms:
             check_weight("weight", term.weight)
             if not 0 <= term.part < parts:
-                raise ValueError(f"part must be in [0, {parts}), got {term.part}")
+                raise KinfonceError(f"part must be in [0, {parts}), got {term.part}")
         kept = tuple(t for t in terms if t.weight > 0)
         if not kept:
-            raise ValueError("a mixture kernel needs at least one term with weight > 0")
+            raise KinfonceError("a mixture kernel needs at least one term with weight > 0")
         self.terms = kept
         self.parts = parts
         self.log_weights = tuple(math.log(t.weight) for t in kept)
@@ -131,7 +133,7 @@ class MixtureKernel:
     def check_dim(self, dim: int) -> None:
         """Raises unless a feature dimension ``dim`` splits into ``parts`` equal slices."""
         if dim % self.parts:
-            raise ValueError(
+            raise KinfonceError(
                 f"the feature dimension must be divisible by {self.parts} for this kernel "
                 f"(the concatenation kernel splits it in halves), got {dim}"
             )
@@ -173,7 +175,9 @@ def as_mixture(kernel: ExpKernel | MixtureKernel) -> MixtureKernel:
         return kernel
     if isinstance(kernel, ExpKernel):
         return MixtureKernel([KernelTerm(kernel, 1.0, 0)])
-    raise ValueError(f"kernel must be an ExpKernel or a MixtureKernel, got {type(kernel).__name__}")
+    raise KinfonceError(
+        f"kernel must be an ExpKernel or a MixtureKernel, got {type(kernel).__name__}"
+    )
 
 
 def simple_sum_kernel(

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from kinfonce.errors import KinfonceError
 from kinfonce.kernel_lse import kernel_logsumexp
 from kinfonce.kernels import (
     ExpKernel,
@@ -38,30 +39,30 @@ def check_embeddings(**named: Tensor) -> None:
     ref_name, ref = next(iter(named.items()))
     for name, z in named.items():
         if not isinstance(z, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+            raise KinfonceError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
         if z.ndim != 2:
-            raise ValueError(
+            raise KinfonceError(
                 f"{name} must have shape (N, D) with 2 dims, got shape {tuple(z.shape)}"
             )
         if not z.is_floating_point():
-            raise ValueError(f"{name} must be a floating point tensor, got dtype {z.dtype}")
+            raise KinfonceError(f"{name} must be a floating point tensor, got dtype {z.dtype}")
         if z.dtype != ref.dtype or z.device != ref.device:
-            raise ValueError(
+            raise KinfonceError(
                 f"{name} must have the dtype and device of {ref_name} ({ref.dtype}, {ref.device}), "
                 f"got {z.dtype}, {z.device}"
             )
         if z.shape[1] != ref.shape[1]:
-            raise ValueError(
+            raise KinfonceError(
                 f"{name} must have the feature dimension of {ref_name} ({ref.shape[1]}), "
                 f"got shape {tuple(z.shape)}"
             )
         if not torch.isfinite(z).all():
-            raise ValueError(f"{name} contains non-finite values (nan or inf)")
+            raise KinfonceError(f"{name} contains non-finite values (nan or inf)")
 
 
 def _check_same_shape(z0: Tensor, z1: Tensor) -> None:
     if z0.shape != z1.shape:
-        raise ValueError(
+        raise KinfonceError(
             f"z0 and z1 must have the same shape (N, D), got {tuple(z0.shape)} and {tuple(z1.shape)}"
         )
 
@@ -130,7 +131,7 @@ class KernelInfoNCE(nn.Module):
         super().__init__()
         self.kernel = as_mixture(ExpKernel(gamma, temperature) if kernel is None else kernel)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+            raise KinfonceError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
         self.out_dim_multiple = self.kernel.parts
         self.normalize = normalize
         self.bipartite = bipartite
@@ -159,7 +160,7 @@ class KernelInfoNCE(nn.Module):
         else:
             check_embeddings(z0=z0, z1=z1, queue=queue)
             if self.bipartite:
-                raise ValueError("queue must be None for the bipartite (CLIP) form")
+                raise KinfonceError("queue must be None for the bipartite (CLIP) form")
         _check_same_shape(z0, z1)
         self.kernel.check_dim(z0.shape[1])
         if self.normalize:
@@ -227,7 +228,7 @@ class LossMixture(nn.Module):
     ) -> None:
         super().__init__()
         if len(losses) != len(weights) or not losses:
-            raise ValueError(
+            raise KinfonceError(
                 f"losses and weights must be non-empty and of equal length, got {len(losses)} "
                 f"losses and {len(weights)} weights"
             )
@@ -240,7 +241,7 @@ class LossMixture(nn.Module):
         if z is None or not self.split_features:
             return [z] * len(self.losses)
         if z.ndim != 2 or z.shape[1] % len(self.losses):
-            raise ValueError(
+            raise KinfonceError(
                 f"the feature dimension must be divisible by {len(self.losses)} to split it "
                 f"between the losses, got shape {tuple(z.shape)}"
             )
@@ -278,7 +279,9 @@ class SpectralContrastiveLoss(nn.Module):
     def forward(self, z0: Tensor, z1: Tensor, queue: Tensor | None = None) -> Tensor:
         """(N, D), (N, D) -> scalar. ``queue`` is not supported (a clear error if given)."""
         if queue is not None:
-            raise ValueError("queue must be None: the spectral contrastive loss has no queue form")
+            raise KinfonceError(
+                "queue must be None: the spectral contrastive loss has no queue form"
+            )
         check_embeddings(z0=z0, z1=z1)
         _check_same_shape(z0, z1)
         if self.normalize:
@@ -381,7 +384,7 @@ def preset_params(name: str) -> tuple[str, ...]:
     """Keyword arguments a preset accepts, its own first, then the common ones it takes."""
     if name not in LOSS_PRESETS:
         known = ", ".join(sorted(LOSS_PRESETS))
-        raise ValueError(f"unknown loss preset {name!r}; known presets: {known}")
+        raise KinfonceError(f"unknown loss preset {name!r}; known presets: {known}")
     params = inspect.signature(LOSS_PRESETS[name]).parameters.values()
     own = tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD)
     if any(p.kind is p.VAR_KEYWORD for p in params):
@@ -403,7 +406,7 @@ def make_loss(name: str, **params) -> nn.Module:
     allowed = preset_params(name)
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise ValueError(
+        raise KinfonceError(
             f"loss preset {name!r} takes no parameter(s) {', '.join(unknown)}; "
             f"allowed: {', '.join(allowed)}"
         )

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from kinfonce.errors import KinfonceError
+
 #: Images at most this many pixels wide get the CIFAR stem.
 CIFAR_STEM_MAX_SIZE = 64
 
@@ -127,11 +129,11 @@ def build_backbone(name: str, *, in_channels: int = 3, image_size: int = 32) -> 
         ValueError: unknown name, or non-positive channels / size.
     """
     if name not in BACKBONES:
-        raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {name!r}")
+        raise KinfonceError(f"backbone must be one of {sorted(BACKBONES)}, got {name!r}")
     if in_channels < 1:
-        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        raise KinfonceError(f"in_channels must be >= 1, got {in_channels}")
     if image_size < 1:
-        raise ValueError(f"image_size must be >= 1, got {image_size}")
+        raise KinfonceError(f"image_size must be >= 1, got {image_size}")
     return ResNetBackbone(
         BACKBONES[name], in_channels, cifar_stem=image_size <= CIFAR_STEM_MAX_SIZE
     )
@@ -147,7 +149,7 @@ class ProjectionHead(nn.Sequential):
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128):
         for arg, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
             if value < 1:
-                raise ValueError(f"{arg} must be >= 1, got {value}")
+                raise KinfonceError(f"{arg} must be >= 1, got {value}")
         super().__init__(
             nn.Linear(in_dim, hidden_dim, bias=False),
             nn.BatchNorm1d(hidden_dim),

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from kinfonce.errors import KinfonceError
+
 #: Names accepted by :func:`build_optimizer`.
 OPTIMIZERS = ("lars", "sgd", "adam")
 
@@ -58,7 +60,7 @@ class LARS(torch.optim.Optimizer):
             ("eps", eps),
         ):
             if not value >= 0.0:
-                raise ValueError(f"{arg} must be >= 0, got {value}")
+                raise KinfonceError(f"{arg} must be >= 0, got {value}")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -143,9 +145,9 @@ def build_optimizer(
         ValueError: unknown name or a negative learning rate.
     """
     if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {name!r}")
+        raise KinfonceError(f"optimizer must be one of {list(OPTIMIZERS)}, got {name!r}")
     if not lr >= 0.0:
-        raise ValueError(f"lr must be >= 0, got {lr}")
+        raise KinfonceError(f"lr must be >= 0, got {lr}")
     if name == "lars":
         return LARS(
             groups,
@@ -171,9 +173,9 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
         ValueError: ``total_steps < 1`` or ``warmup_steps`` outside ``[0, total_steps)``.
     """
     if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        raise KinfonceError(f"total_steps must be >= 1, got {total_steps}")
     if not 0 <= warmup_steps < total_steps:
-        raise ValueError(f"warmup_steps must be in [0, {total_steps}), got {warmup_steps}")
+        raise KinfonceError(f"warmup_steps must be in [0, {total_steps}), got {warmup_steps}")
 
     def factor(step: int) -> float:
         if step < warmup_steps:

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from kinfonce.errors import KinfonceError, MissingFileError
 from kinfonce.losses import LOSS_PARAMETERS
 
 #: Figure panels: (title, CSV column of ``kinfonce pretrain``'s log).
@@ -57,27 +58,57 @@ class RunSummary:
     curves: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
 
 
-def save_figure(fig: Any, path: str | Path) -> Path:
-    """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
-    import matplotlib.pyplot as plt
+def new_figure(figsize: tuple[float, float]) -> Any:
+    """A matplotlib ``Figure`` not registered with pyplot: no global backend or state changes."""
+    from matplotlib.figure import Figure
 
+    return Figure(figsize=figsize)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out and write (creating the folder) a matplotlib figure; returns the path."""
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out
+
+
+def read_csv_log(path: Path) -> list[dict[str, str]]:
+    """Rows of a Lightning CSV log (empty when there is none); the one reader of that log."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def merge_csv_log(path: Path, earlier: list[dict[str, str]]) -> None:
+    """Put the rows of the epochs before a resume back in front of the resumed run's rows.
+
+    Lightning's CSVLogger starts a fresh file when it opens a directory that has one.
+    """
+    later = read_csv_log(path)
+    if not earlier:
+        return
+    first_new_epoch = min((int(row["epoch"]) for row in later), default=1 << 62)
+    rows = [row for row in earlier if int(row["epoch"]) < first_new_epoch] + later
+    fields = sorted({key for row in rows for key in row})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _read_mapping(path: Path, parse) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {path.parent} a kinfonce pretrain run?")
+        raise MissingFileError(f"{path} not found: is {path.parent} a kinfonce pretrain run?")
     try:
         data = parse(path.read_text())
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not readable: {err}") from err
+        raise KinfonceError(f"{path} is not readable: {err}") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping, got {type(data).__name__}")
+        raise KinfonceError(f"{path} must hold a mapping, got {type(data).__name__}")
     return data
 
 
@@ -93,8 +124,7 @@ def read_training_curves(csv_path: Path) -> dict[str, tuple[list[int], list[floa
     Epochs are counted from 1 (Lightning logs them from 0). Rows with an empty cell are
     skipped; several values of one epoch (per-step logging) are averaged.
     """
-    with csv_path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_csv_log(csv_path)
     curves = {}
     for title, column in CURVE_PANELS:
         per_epoch: dict[int, list[float]] = defaultdict(list)
@@ -116,7 +146,7 @@ def load_run(run_dir: str | Path) -> RunSummary:
     """
     path = Path(run_dir)
     if not path.is_dir():
-        raise FileNotFoundError(f"run directory {path} does not exist")
+        raise MissingFileError(f"run directory {path} does not exist")
     config = _read_mapping(path / "config.yaml", yaml.safe_load)
     metrics = _read_mapping(path / "metrics.json", json.loads)
     csv_path = find_metrics_csv(path)
@@ -215,17 +245,31 @@ def markdown_table(runs: list[RunSummary]) -> str:
 
 def plot_training_curves(runs: list[RunSummary], path: str | Path) -> Path:
     """Draw the curves of :data:`CURVE_PANELS` side by side, one line per run, as a PNG."""
-    import matplotlib
+    named = {name: run.curves for run, name in zip(runs, run_names(runs), strict=True)}
+    return plot_curve_panels(named, path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def plot_run_curves(run_dir: Path, path: Path) -> Path:
+    """The training curves of one run directory's CSV log, as a PNG."""
+    csv_path = find_metrics_csv(run_dir)
+    return plot_curve_panels(
+        {run_dir.name: read_training_curves(csv_path) if csv_path else {}}, path
+    )
+
+
+def plot_curve_panels(
+    named_curves: dict[str, dict[str, tuple[list[int], list[float]]]], path: str | Path
+) -> Path:
+    """One panel per :data:`CURVE_PANELS` entry, one line per name (as read by
+    :func:`read_training_curves`), as a PNG."""
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(5.5 * len(CURVE_PANELS), 4))
+    fig = new_figure((5.5 * len(CURVE_PANELS), 4))
+    axes = fig.subplots(1, len(CURVE_PANELS))
     for ax, (title, _) in zip(axes, CURVE_PANELS, strict=True):
-        for run, name in zip(runs, run_names(runs), strict=True):
-            if title in run.curves:
-                epochs, values = run.curves[title]
+        for name, curves in named_curves.items():
+            if title in curves:
+                epochs, values = curves[title]
                 ax.plot(epochs, values, marker="o", markersize=3, label=name)
         ax.set_title(title)
         ax.set_xlabel("epoch")
@@ -245,7 +289,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[str, 
         (markdown text, markdown path, figure path).
     """
     if not run_dirs:
-        raise ValueError("run_dirs must name at least one run directory")
+        raise KinfonceError("run_dirs must name at least one run directory")
     runs = [load_run(d) for d in run_dirs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -269,7 +313,7 @@ def embed_2d(features, *, seed: int = 0) -> tuple[Any, str]:
 
     x = np.asarray(features, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] < 3:
-        raise ValueError(f"features must be (M, F) with M >= 3, got shape {x.shape}")
+        raise KinfonceError(f"features must be (M, F) with M >= 3, got shape {x.shape}")
     try:
         import umap
     except ImportError:
@@ -305,20 +349,18 @@ def plot_feature_map(
     import matplotlib
     import numpy as np
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     x, y = np.asarray(features), np.asarray(labels)
     if x.shape[0] != y.shape[0]:
-        raise ValueError(
+        raise KinfonceError(
             f"features and labels must have the same length, got {x.shape[0]}, {y.shape[0]}"
         )
     if max_points < 3:
-        raise ValueError(f"max_points must be >= 3, got {max_points}")
+        raise KinfonceError(f"max_points must be >= 3, got {max_points}")
     keep = np.random.default_rng(seed).permutation(x.shape[0])[:max_points]
     points, method = embed_2d(x[keep], seed=seed)
-    fig, ax = plt.subplots(figsize=(7, 6))
-    cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    fig = new_figure((7, 6))
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["tab10" if len(class_names) <= 10 else "tab20"]
     for cls, name in enumerate(class_names):
         mask = y[keep] == cls
         if mask.any():
@@ -329,6 +371,22 @@ def plot_feature_map(
     if len(class_names) <= 20:
         ax.legend(fontsize="small", markerscale=2, loc="best")
     return save_figure(fig, path)
+
+
+def format_summary(metrics: dict[str, Any]) -> str:
+    """A small table of a pretraining run: pretrained encoder vs the two baselines."""
+    rows = [("pretrained encoder", "")]
+    if "random_encoder_linear_top1" in metrics:
+        rows += [("random-weight encoder", "random_encoder_"), ("raw pixels", "raw_pixels_")]
+    lines = [f"{'features':<24}{'linear top-1':>14}{'kNN top-1':>12}"]
+    for label, prefix in rows:
+        lines.append(
+            f"{label:<24}{metrics[prefix + 'linear_top1']:>14.4f}{metrics[prefix + 'knn_top1']:>12.4f}"
+        )
+    if len(rows) > 1:
+        best = max(rows, key=lambda row: metrics[row[1] + "linear_top1"])[0]
+        lines.append(f"highest linear-probe accuracy: {best}")
+    return "\n".join(lines)
 
 
 def format_eval_table(metrics: dict[str, Any]) -> str:

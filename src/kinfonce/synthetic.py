@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from kinfonce.errors import DivergedError, KinfonceError
 from kinfonce.graph import sample_unit_out_degree, similarity_graph, stochastic_block_model
 from kinfonce.losses import LOSS_PRESETS, make_loss, preset_params
+from kinfonce.threads import one_cpu_thread
 
 #: Subgraphs drawn per call of the sampler (one per training step); amortises its checks of pi.
 _SUBGRAPH_BLOCK = 256
@@ -45,7 +47,9 @@ def build_loss(kernel: str, temperature: float, *, sphere: bool = False) -> nn.M
         sphere: normalise embeddings to the unit circle inside the loss.
     """
     if kernel not in synthetic_kernels():
-        raise ValueError(f"kernel must be one of {', '.join(synthetic_kernels())}; got {kernel!r}")
+        raise KinfonceError(
+            f"kernel must be one of {', '.join(synthetic_kernels())}; got {kernel!r}"
+        )
     if "temperature" in preset_params(kernel):
         return make_loss(kernel, temperature=temperature, normalize=sphere)
     return make_loss(kernel, temperature1=temperature, temperature2=temperature, normalize=sphere)
@@ -94,26 +98,28 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         for name in ("num_clusters", "cluster_size", "batch_size", "max_steps", "patience"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise KinfonceError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_snapshots < 2:
-            raise ValueError(f"num_snapshots must be >= 2, got {self.num_snapshots}")
+            raise KinfonceError(f"num_snapshots must be >= 2, got {self.num_snapshots}")
         for name in ("p", "q"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(
+                raise KinfonceError(
                     f"{name} must be a probability in [0, 1], got {getattr(self, name)}"
                 )
         vertices = self.num_clusters * self.cluster_size
         if self.batch_size > vertices:
-            raise ValueError(
+            raise KinfonceError(
                 f"batch_size must be <= the number of vertices num_clusters * cluster_size = "
                 f"{vertices}, got {self.batch_size}"
             )
         if not self.lr > 0 or not self.temperature > 0:
-            raise ValueError(f"lr and temperature must be > 0, got {self.lr}, {self.temperature}")
+            raise KinfonceError(
+                f"lr and temperature must be > 0, got {self.lr}, {self.temperature}"
+            )
         if not 0.0 <= self.smoothing < 1.0:
-            raise ValueError(f"smoothing must be in [0, 1), got {self.smoothing}")
+            raise KinfonceError(f"smoothing must be in [0, 1), got {self.smoothing}")
         if not 0.0 <= self.rel_tol < 1.0:
-            raise ValueError(f"rel_tol must be in [0, 1), got {self.rel_tol}")
+            raise KinfonceError(f"rel_tol must be in [0, 1), got {self.rel_tol}")
         build_loss(self.kernel, self.temperature, sphere=self.sphere)
 
 
@@ -196,12 +202,8 @@ def train_synthetic(config: SyntheticConfig, *, progress: bool = True) -> Synthe
         Runs torch on one thread (restored afterwards): a step works on 100 points, too little
         for threads to pay off, and on a busy machine extra threads only wait for cores.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_cpu_thread():
         return _train(config, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(config: SyntheticConfig, progress: bool) -> SyntheticRun:
@@ -232,7 +234,7 @@ def _train(config: SyntheticConfig, progress: bool) -> SyntheticRun:
         anchors = torch.randperm(n, generator=generator)[: config.batch_size]
         loss = loss_fn(weights[anchors], weights[targets[anchors]])
         if not torch.isfinite(loss):
-            raise RuntimeError(f"the loss became {loss.item()} at step {step}; lower lr")
+            raise DivergedError(f"the loss became {loss.item()} at step {step}; lower lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -32,11 +32,13 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from kinfonce.config import PretrainConfig, config_differences, config_from_mapping, dump_config
 from kinfonce.data import DatasetSplits, load_dataset
+from kinfonce.errors import KinfonceError, MissingFileError
 from kinfonce.losses import LOSS_PRESETS
 from kinfonce.methods import METHODS, PretrainMethod, load_checkpoint
 from kinfonce.methods.base import CHECKPOINT_KEY, DATA_FIELDS
 from kinfonce.models import BACKBONES, build_backbone
 from kinfonce.optim import OPTIMIZERS
+from kinfonce.report import merge_csv_log, plot_run_curves, read_csv_log
 
 #: Environment variable that hands the run directory to DDP worker processes, which
 #: Lightning starts by re-running the same command.
@@ -86,7 +88,7 @@ def check_choices(config: PretrainConfig) -> None:
         ("optimizer", config.optimizer, OPTIMIZERS),
     ):
         if value not in valid:
-            raise ValueError(f"{field} must be one of {sorted(valid)}, got {value!r}")
+            raise KinfonceError(f"{field} must be one of {sorted(valid)}, got {value!r}")
     for field in (
         "epochs",
         "batch_size",
@@ -96,9 +98,9 @@ def check_choices(config: PretrainConfig) -> None:
         "num_nodes",
     ):
         if getattr(config, field) < 1:
-            raise ValueError(f"{field} must be >= 1, got {getattr(config, field)}")
+            raise KinfonceError(f"{field} must be >= 1, got {getattr(config, field)}")
     if not 0.0 < config.val_fraction < 1.0:
-        raise ValueError(
+        raise KinfonceError(
             f"val_fraction must be in (0, 1): the online probe needs a validation split, "
             f"got {config.val_fraction}"
         )
@@ -107,17 +109,17 @@ def check_choices(config: PretrainConfig) -> None:
 def check_batch_size(batch_size: int, train_size: int, world_size: int) -> None:
     """Explain a batch size the data or the devices cannot provide."""
     if batch_size > train_size:
-        raise ValueError(
+        raise KinfonceError(
             f"batch_size {batch_size} is larger than the training set ({train_size} images "
             f"after the validation split); pass a --batch-size of at most {train_size}"
         )
     if batch_size % world_size:
-        raise ValueError(
+        raise KinfonceError(
             f"batch_size {batch_size} does not divide across {world_size} processes; use a "
             f"multiple of {world_size}"
         )
     if batch_size // world_size < 2:
-        raise ValueError(
+        raise KinfonceError(
             f"batch_size {batch_size} gives {batch_size // world_size} image(s) per process; "
             "contrastive batches and batch norm need at least 2"
         )
@@ -129,18 +131,37 @@ def data_description(splits: DatasetSplits) -> dict[str, Any]:
 
 
 def resolve_run_dir(config: PretrainConfig) -> Path:
-    """The run directory: ``output_dir``, else a new time-stamped one shared with DDP workers.
+    """The run directory: ``output_dir``, else a new time-stamped one.
 
-    The launching process names it and passes it on to the workers Lightning starts through
-    the environment; only a worker (``LOCAL_RANK`` set) reuses an inherited name.
+    A DDP worker (``LOCAL_RANK`` set) takes the name its launcher handed on through
+    :data:`RUN_DIR_ENV` (see :func:`shared_with_workers`).
     """
     if config.output_dir:
         return Path(config.output_dir)
-    if RUN_DIR_ENV not in os.environ or "LOCAL_RANK" not in os.environ:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        name = f"{config.dataset.split(':')[0]}-{config.method}-{config.loss}-{stamp}"
-        os.environ[RUN_DIR_ENV] = str(Path("runs") / "pretrain" / name)
-    return Path(os.environ[RUN_DIR_ENV])
+    if RUN_DIR_ENV in os.environ and "LOCAL_RANK" in os.environ:
+        return Path(os.environ[RUN_DIR_ENV])
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"{config.dataset.split(':')[0]}-{config.method}-{config.loss}-{stamp}"
+    return Path("runs") / "pretrain" / name
+
+
+@contextlib.contextmanager
+def shared_with_workers(run_dir: Path, world_size: int) -> Iterator[None]:
+    """Hand ``run_dir`` to the DDP workers Lightning starts (by re-running the command) through
+    :data:`RUN_DIR_ENV`, only while they start and only with more than one process; the
+    variable's earlier state is restored afterwards."""
+    if world_size == 1 or "LOCAL_RANK" in os.environ:
+        yield
+        return
+    previous = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
 
 
 def resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
@@ -154,7 +175,7 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
     candidates = [run_dir / "checkpoints" / n for n in ("interrupted.ckpt", "last.ckpt")]
     existing = [path for path in candidates if path.is_file()]
     if not existing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"nothing to resume in {str(run_dir)!r}: no checkpoints/last.ckpt; pass the "
             "--output-dir of an earlier run"
         )
@@ -167,7 +188,7 @@ def check_resumable(checkpoint_path: Path, config: PretrainConfig) -> None:
     saved = config_from_mapping(saved).resolved().to_dict()
     differences = config_differences(saved, config.to_dict())
     if differences:
-        raise ValueError(
+        raise KinfonceError(
             f"cannot resume from {str(checkpoint_path)!r}: it was written with another "
             f"configuration ({'; '.join(differences)}). Pass the same settings, e.g. "
             "--config RUN_DIR/config.yaml"
@@ -241,89 +262,17 @@ def evaluate_baselines(
     metrics = {}
     encoders = {"": module.backbone}
     if config.baselines:
-        torch.manual_seed(config.seed)
-        encoders["random_encoder_"] = build_backbone(
-            config.backbone, in_channels=splits.channels, image_size=splits.image_size
-        ).to(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            encoders["random_encoder_"] = build_backbone(
+                config.backbone, in_channels=splits.channels, image_size=splits.image_size
+            ).to(device)
         encoders["raw_pixels_"] = torch.nn.Flatten()
     for prefix, encoder in encoders.items():
         result = evaluate_encoder(encoder, splits, **settings)
         for key in ("linear_top1", "linear_top5", "knn_top1", "knn_top5"):
             metrics[prefix + key] = result[key]
     return metrics
-
-
-def plot_curves(metrics_csv: Path, path: Path) -> None:
-    """Loss and probe-accuracy curves per epoch from the CSV log, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_csv_log(metrics_csv)
-    series: dict[str, dict[int, float]] = {"train_loss": {}, "probe_top1": {}}
-    for row in rows:
-        for key, values in series.items():
-            if row.get(key):
-                values[int(row["epoch"])] = float(row[key])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, (key, values) in zip(axes, series.items(), strict=True):
-        epochs = sorted(values)
-        ax.plot([e + 1 for e in epochs], [values[e] for e in epochs], marker="o", markersize=3)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-    axes[0].set_title("contrastive loss (training)")
-    axes[1].set_title("online probe accuracy (validation)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def read_csv_log(path: Path) -> list[dict[str, str]]:
-    """Rows of a Lightning CSV log (empty when there is none)."""
-    import csv
-
-    if not path.is_file():
-        return []
-    with path.open(newline="") as file:
-        return list(csv.DictReader(file))
-
-
-def merge_csv_log(path: Path, earlier: list[dict[str, str]]) -> None:
-    """Put the rows of the epochs before a resume back in front of the resumed run's rows.
-
-    Lightning's CSVLogger starts a fresh file when it opens a directory that has one.
-    """
-    import csv
-
-    later = read_csv_log(path)
-    if not earlier:
-        return
-    first_new_epoch = min((int(row["epoch"]) for row in later), default=1 << 62)
-    rows = [row for row in earlier if int(row["epoch"]) < first_new_epoch] + later
-    fields = sorted({key for row in rows for key in row})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def format_summary(metrics: dict[str, Any]) -> str:
-    """A small table: pretrained encoder vs the two baselines."""
-    rows = [("pretrained encoder", "")]
-    if "random_encoder_linear_top1" in metrics:
-        rows += [("random-weight encoder", "random_encoder_"), ("raw pixels", "raw_pixels_")]
-    lines = [f"{'features':<24}{'linear top-1':>14}{'kNN top-1':>12}"]
-    for label, prefix in rows:
-        lines.append(
-            f"{label:<24}{metrics[prefix + 'linear_top1']:>14.4f}{metrics[prefix + 'knn_top1']:>12.4f}"
-        )
-    if len(rows) > 1:
-        best = max(rows, key=lambda row: metrics[row[1] + "linear_top1"])[0]
-        lines.append(f"highest linear-probe accuracy: {best}")
-    return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -368,7 +317,7 @@ def run_pretrain(
     if checkpoint is not None:
         check_resumable(checkpoint, config)
     elif any((run_dir / "checkpoints" / n).exists() for n in ("last.ckpt", "interrupted.ckpt")):
-        raise ValueError(
+        raise KinfonceError(
             f"{str(run_dir)!r} already holds a run; pass --resume to continue it or choose "
             "another --output-dir"
         )
@@ -392,7 +341,7 @@ def run_pretrain(
         (run_dir / "config.yaml").write_text(dump_config(config))
     fit_started = time.perf_counter()
     try:
-        with quiet_resume_warnings():
+        with quiet_resume_warnings(), shared_with_workers(run_dir, trainer.world_size):
             trainer.fit(
                 module,
                 datamodule=PretrainData(splits, config.batch_size, config.seed),
@@ -427,5 +376,5 @@ def run_pretrain(
         run_dir=str(run_dir),
     )
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    plot_curves(csv_log, run_dir / "curves.png")
+    plot_run_curves(run_dir, run_dir / "curves.png")
     return metrics

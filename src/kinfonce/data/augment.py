@@ -34,6 +34,7 @@ from torch import nn
 
 from kinfonce.data.colour import BatchColorJitter
 from kinfonce.data.crop import BatchRandomResizedCrop
+from kinfonce.errors import KinfonceError
 
 __all__ = ["EvalTransform", "SimCLRViews", "blur_kernel_size"]
 
@@ -47,18 +48,18 @@ def blur_kernel_size(image_size: int) -> int:
 def _stats_tensor(name: str, values: Sequence[float]) -> torch.Tensor:
     tensor = torch.as_tensor(tuple(values), dtype=torch.float32)
     if tensor.ndim != 1 or tensor.numel() == 0 or not torch.isfinite(tensor).all():
-        raise ValueError(f"{name} must be a non-empty sequence of finite floats, got {values!r}")
+        raise KinfonceError(f"{name} must be a non-empty sequence of finite floats, got {values!r}")
     return tensor
 
 
 def _check_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     mean_t, std_t = _stats_tensor("mean", mean), _stats_tensor("std", std)
     if mean_t.shape != std_t.shape:
-        raise ValueError(
+        raise KinfonceError(
             f"mean and std must have one value per channel each, got {mean!r}, {std!r}"
         )
     if (std_t <= 0).any():
-        raise ValueError(f"std must be positive per channel, got {std!r}")
+        raise KinfonceError(f"std must be positive per channel, got {std!r}")
     return mean_t, std_t
 
 
@@ -70,9 +71,9 @@ def _to_unit_float(batch: torch.Tensor, channels: int) -> torch.Tensor:
             if isinstance(batch, torch.Tensor)
             else type(batch).__name__
         )
-        raise ValueError(f"batch must be a uint8 tensor (B, C, H, W), got {got}")
+        raise KinfonceError(f"batch must be a uint8 tensor (B, C, H, W), got {got}")
     if batch.shape[1] != channels:
-        raise ValueError(
+        raise KinfonceError(
             f"batch has {batch.shape[1]} channels but mean/std give {channels}: (B, C, H, W) expected"
         )
     return batch.float().div_(255.0)
@@ -123,11 +124,11 @@ class SimCLRViews(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+            raise KinfonceError(f"image_size must be a positive int, got {image_size!r}")
         if not jitter_strength >= 0:
-            raise ValueError(f"jitter_strength must be >= 0, got {jitter_strength!r}")
+            raise KinfonceError(f"jitter_strength must be >= 0, got {jitter_strength!r}")
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale!r}")
+            raise KinfonceError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale!r}")
         for name, p in (
             ("flip_p", flip_p),
             ("jitter_p", jitter_p),
@@ -135,11 +136,11 @@ class SimCLRViews(nn.Module):
             ("blur_p", blur_p),
         ):
             if not 0 <= p <= 1:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+                raise KinfonceError(f"{name} must be a probability in [0, 1], got {p!r}")
         mean_t, std_t = _check_stats(mean, std)
         self.channels = mean_t.numel()
         if self.channels not in (1, 3):
-            raise ValueError(f"mean/std must have 1 or 3 channels, got {self.channels}")
+            raise KinfonceError(f"mean/std must have 1 or 3 channels, got {self.channels}")
         self.image_size = image_size
         colour = self.channels == 3
         s = float(jitter_strength)

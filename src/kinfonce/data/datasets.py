@@ -14,6 +14,7 @@ from kinfonce.data.splits import DatasetSplits, LabeledImages, channel_stats, sp
 from kinfonce.data.tinyimagenet import find_tinyimagenet_root, load_tinyimagenet_splits
 from kinfonce.data.torchvision_sets import TORCHVISION_LAYOUTS, load_torchvision_splits
 from kinfonce.data.tree import ImageTree
+from kinfonce.errors import KinfonceError, MissingFileError
 
 __all__ = ["DATASETS", "load_dataset"]
 
@@ -86,18 +87,20 @@ def _load_source(
     """(train, test, class names, skipped file count) of the named source."""
     if name == "digits":
         if root is not None:
-            raise ValueError("root must be None for 'digits' (it is embedded in scikit-learn)")
+            raise KinfonceError("root must be None for 'digits' (it is embedded in scikit-learn)")
         train, test, classes = load_digits_splits()
         return train, test, classes, 0
     if name.startswith(IMAGEFOLDER_PREFIX):
         if download:
-            raise ValueError("download=True is not possible for imagefolder:PATH (a local tree)")
+            raise KinfonceError("download=True is not possible for imagefolder:PATH (a local tree)")
         path = Path(name[len(IMAGEFOLDER_PREFIX) :]).expanduser()
         if not str(path) or str(path) == ".":
-            raise ValueError("imagefolder needs a path: 'imagefolder:PATH' (a directory or .zip)")
+            raise KinfonceError(
+                "imagefolder needs a path: 'imagefolder:PATH' (a directory or .zip)"
+            )
         path = root / path if root is not None and not path.is_absolute() else path
         if not path.exists():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"imagefolder path {path} does not exist: give a directory or .zip holding "
                 "train/<class>/* and test/<class>/*"
             )
@@ -146,7 +149,7 @@ def load_dataset(
     if not isinstance(name, str):
         raise _unknown(name)
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        raise KinfonceError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     root_path = Path(root).expanduser() if root is not None else None
     train_full, test, classes, skipped = _load_source(
         name, root_path, cache_root(cache_dir), download

@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from kinfonce.data.tree import ImageTree
+from kinfonce.errors import KinfonceError
 
 __all__ = ["DecodedImages", "decode_images", "decode_one"]
 
@@ -101,7 +102,7 @@ def decode_images(
         out[len(kept)] = image
         kept.append(index)
     if out is None:
-        raise ValueError(f"no decodable image among {len(names)} files in {tree.path}")
+        raise KinfonceError(f"no decodable image among {len(names)} files in {tree.path}")
     if skipped:
         shown = "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
         warnings.warn(

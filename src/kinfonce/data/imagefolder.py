@@ -17,6 +17,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from kinfonce.data import decode
 from kinfonce.data.splits import LabeledImages
 from kinfonce.data.tree import ImageTree
+from kinfonce.errors import KinfonceError, MissingFileError
 
 __all__ = ["decode_labelled_splits", "load_split_tree"]
 
@@ -61,7 +62,7 @@ def load_split_tree(
             members[parts[0]].append((parts[1], name))
     for split, found in members.items():
         if not found:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no images under {split}/<class>/ in {tree.path}: expected layout "
                 f"{'/'.join(splits)} folders, each with one sub-folder of images per class"
             )
@@ -71,7 +72,7 @@ def load_split_tree(
         if classes[split] != reference:
             only_ref = sorted(set(reference) - set(classes[split]))
             only_other = sorted(set(classes[split]) - set(reference))
-            raise ValueError(
+            raise KinfonceError(
                 f"class folders differ between {splits[0]}/ and {split}/ in {tree.path}: "
                 f"only in {splits[0]}: {only_ref}; only in {split}: {only_other}"
             )

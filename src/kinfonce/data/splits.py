@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
+from kinfonce.errors import KinfonceError
+
 __all__ = ["DatasetSplits", "LabeledImages", "channel_stats", "split_off_validation"]
 
 
@@ -27,11 +29,11 @@ class LabeledImages:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-            raise ValueError(
+            raise KinfonceError(
                 f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
             )
         if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
-            raise ValueError(
+            raise KinfonceError(
                 f"labels must be int64 (N,) with N={self.images.shape[0]}, "
                 f"got {self.labels.dtype} {tuple(self.labels.shape)}"
             )
@@ -84,7 +86,7 @@ class DatasetSplits:
         if size is None or size >= len(self.train):
             return self
         if size < 1:
-            raise ValueError(f"train_subset must be >= 1, got {size}")
+            raise KinfonceError(f"train_subset must be >= 1, got {size}")
         generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.train), generator=generator)[:size].sort().values
         return dataclasses.replace(self, train=self.train.subset(order))
@@ -98,7 +100,7 @@ def split_off_validation(
     Stratified by label whenever every class can give images to both sides.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        raise KinfonceError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if val_fraction == 0.0:
         return data, data.subset(torch.zeros(0, dtype=torch.int64))
     counts = torch.bincount(data.labels)
@@ -135,9 +137,9 @@ def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[tuple[float,
     values = torch.arange(256, dtype=torch.float64) / 255.0
     total = counts.sum(dim=1).to(torch.float64)
     if images.shape[0] == 0:
-        raise ValueError("cannot compute normalisation statistics of an empty training set")
+        raise KinfonceError("cannot compute normalisation statistics of an empty training set")
     mean = (counts * values).sum(dim=1) / total
     std = ((counts * (values - mean[:, None]).square()).sum(dim=1) / total).sqrt()
     if (std == 0).any():
-        raise ValueError("cannot compute normalisation statistics: a channel is constant")
+        raise KinfonceError("cannot compute normalisation statistics: a channel is constant")
     return tuple(mean.tolist()), tuple(std.tolist())

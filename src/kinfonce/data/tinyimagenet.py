@@ -19,6 +19,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 from kinfonce.data.imagefolder import decode_labelled_splits
 from kinfonce.data.splits import LabeledImages
 from kinfonce.data.tree import ImageTree
+from kinfonce.errors import KinfonceError, MissingFileError
 
 __all__ = ["TINYIMAGENET_LAYOUT", "find_tinyimagenet_root", "load_tinyimagenet_splits"]
 
@@ -40,9 +41,9 @@ def find_tinyimagenet_root(root: Path, download: bool) -> Path:
         try:
             download_and_extract_archive(_URL, download_root=str(root), md5=_MD5)
         except OSError as err:
-            raise RuntimeError(f"downloading {_URL} into {root} failed: {err}") from err
+            raise KinfonceError(f"downloading {_URL} into {root} failed: {err}") from err
         return root / _FOLDER
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"tinyimagenet not found under {root}. Pass download=True (`--download` on the command "
         f"line) to fetch {_URL} there, or place it as "
         + TINYIMAGENET_LAYOUT.replace("ROOT", str(root))
@@ -85,7 +86,7 @@ def load_tinyimagenet_splits(
             annotations[f"val/images/{fields[0]}"] = fields[1]
     val_wnids = sorted(set(annotations.values()))
     if set(train_wnids) != set(wnids) or not set(val_wnids) <= set(wnids):
-        raise ValueError(
+        raise KinfonceError(
             f"class sets differ in {root}: train/ has {len(train_wnids)} classes, wnids.txt "
             f"{len(wnids)}; only in train: {sorted(set(train_wnids) - set(wnids))}; "
             f"only in wnids.txt: {sorted(set(wnids) - set(train_wnids))}; "

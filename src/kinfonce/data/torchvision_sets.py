@@ -14,6 +14,7 @@ import torch
 from torchvision import datasets
 
 from kinfonce.data.splits import LabeledImages
+from kinfonce.errors import KinfonceError, MissingFileError
 
 __all__ = ["TORCHVISION_LAYOUTS", "load_torchvision_splits"]
 
@@ -70,11 +71,11 @@ def load_torchvision_splits(
     try:
         return _LOADERS[name](root, download)
     except OSError as err:  # network failures while downloading (URLError, timeouts)
-        raise RuntimeError(f"downloading {name} into {root} failed: {err}") from err
+        raise KinfonceError(f"downloading {name} into {root} failed: {err}") from err
     except RuntimeError as err:
         if download:
             raise
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{name} not found under {root} ({err}). Pass download=True (`--download` on the "
             f"command line) to fetch it there, or place it as "
             + TORCHVISION_LAYOUTS[name].replace("ROOT", str(root))

@@ -17,6 +17,8 @@ import struct
 import zipfile
 from pathlib import Path
 
+from kinfonce.errors import KinfonceError, MissingFileError
+
 __all__ = ["ImageTree"]
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")
@@ -37,10 +39,10 @@ class ImageTree:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path).expanduser()
         if not self.path.exists():
-            raise FileNotFoundError(f"image tree {self.path} does not exist")
+            raise MissingFileError(f"image tree {self.path} does not exist")
         self.is_zip = self.path.is_file()
         if self.is_zip and not zipfile.is_zipfile(self.path):
-            raise ValueError(
+            raise KinfonceError(
                 f"{self.path} is a file but not a zip archive (a directory or .zip expected)"
             )
         self._zip: zipfile.ZipFile | None = None

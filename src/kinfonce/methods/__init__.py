@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kinfonce.errors import KinfonceError, MissingFileError
 from kinfonce.methods.base import CHECKPOINT_KEY, PretrainMethod
 from kinfonce.methods.moco import MoCo
 from kinfonce.methods.simclr import SimCLR
@@ -27,17 +28,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        raise MissingFileError(f"checkpoint {str(path)!r} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # arbitrary bytes can fail anywhere in the (safe) unpickler
-        raise ValueError(
+        raise KinfonceError(
             f"checkpoint {str(path)!r} cannot be read safely: it is corrupt or truncated, or "
             f"holds pickled objects other than tensors and plain containers "
             f"({type(err).__name__})"
         ) from None
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
-        raise ValueError(
+        raise KinfonceError(
             f"{str(path)!r} is not a kinfonce pretraining checkpoint (no {CHECKPOINT_KEY!r} entry)"
         )
     return checkpoint

@@ -22,6 +22,7 @@ from torch import nn
 
 from kinfonce.config import PretrainConfig
 from kinfonce.data.augment import EvalTransform, SimCLRViews
+from kinfonce.errors import DivergedError, KinfonceError
 from kinfonce.losses import LOSS_PARAMETERS, make_loss, preset_params
 from kinfonce.models import ProjectionHead, build_backbone
 from kinfonce.optim import build_optimizer, parameter_groups, warmup_cosine
@@ -55,13 +56,13 @@ class PretrainMethod(L.LightningModule):
         super().__init__()
         missing = [key for key in DATA_FIELDS if key not in data]
         if missing:
-            raise ValueError(f"data description lacks {missing}; needs {list(DATA_FIELDS)}")
+            raise KinfonceError(f"data description lacks {missing}; needs {list(DATA_FIELDS)}")
         self.config = config
         self.data_info = {key: data[key] for key in DATA_FIELDS}
         self.criterion = self.build_loss(config)
         out_dim = config.proj_out_dim or 128 * self.criterion.out_dim_multiple
         if out_dim % self.criterion.out_dim_multiple:
-            raise ValueError(
+            raise KinfonceError(
                 f"proj_out_dim must be a multiple of {self.criterion.out_dim_multiple} for the "
                 f"{config.loss!r} loss, got {out_dim}"
             )
@@ -136,7 +137,7 @@ class PretrainMethod(L.LightningModule):
             view0, view1 = self.views(images), self.views(images)
         loss, features = self.contrastive_step(view0, view1)
         if not torch.isfinite(loss):
-            raise RuntimeError(
+            raise DivergedError(
                 f"the {self.config.loss!r} loss is not finite at epoch {self.current_epoch}, "
                 f"step {batch_idx}; lower --lr or raise the temperature"
             )

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from kinfonce.config import PretrainConfig
+from kinfonce.errors import KinfonceError
 from kinfonce.methods.base import PretrainMethod
 
 
@@ -43,9 +44,9 @@ class MoCo(PretrainMethod):
     def __init__(self, config: PretrainConfig, data: dict):
         super().__init__(config, data)
         if not 0.0 <= config.moco_momentum < 1.0:
-            raise ValueError(f"moco_momentum must be in [0, 1), got {config.moco_momentum}")
+            raise KinfonceError(f"moco_momentum must be in [0, 1), got {config.moco_momentum}")
         if config.queue_size < 1:
-            raise ValueError(f"queue_size must be >= 1, got {config.queue_size}")
+            raise KinfonceError(f"queue_size must be >= 1, got {config.queue_size}")
         self.key_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.key_head = copy.deepcopy(self.head).requires_grad_(False)
         out_dim = self.head[-1].out_features
