@@ -23,8 +23,9 @@ from torch import nn
 from kinfonce.config import PretrainConfig
 from kinfonce.data import load_dataset
 from kinfonce.data.augment import EvalTransform
+from kinfonce.data.batches import PretrainData
 from kinfonce.methods import SimCLR
-from kinfonce.train import PretrainData, data_description
+from kinfonce.methods.base import data_description
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

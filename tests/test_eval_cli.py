@@ -18,7 +18,7 @@ from kinfonce.report import format_percent
 
 PRETRAIN_FLAGS = [
     "--epochs", "2", "--train-subset", "64", "--batch-size", "32", "--eval-linear-epochs", "2",
-    "--proj-hidden-dim", "32", "--no-baselines", "--no-progress",
+    "--proj-hidden-dim", "32", "--no-baselines", "--no-progress", "--accelerator", "cpu",
 ]  # fmt: skip
 
 
@@ -35,7 +35,10 @@ def test_eval_reproduces_pretrain_accuracy(run_dir, tmp_path, capsys):
     # pretrain evaluates its final weights: last.ckpt must hold them, not the best epoch's.
     assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 4
     out = tmp_path / "eval"
-    args = ["eval", str(run_dir / "checkpoints" / "last.ckpt"), "--no-progress"]
+    # The same device as pretraining (both pinned to the CPU, also on a GPU machine): then the
+    # same features and the same seeded probe give bit-identical figures. Catches an eval that
+    # loads other weights, another data subset or other probe settings than pretraining used.
+    args = ["eval", str(run_dir / "checkpoints" / "last.ckpt"), "--no-progress", "--device", "cpu"]
     assert main([*args, "--out", str(out), "--map-points", "60"]) == 0
     printed = capsys.readouterr().out
     evaluated = json.loads((out / "metrics.json").read_text())

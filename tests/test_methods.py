@@ -18,9 +18,10 @@ from kinfonce.config import (
     flags_to_mapping,
     load_config_file,
 )
+from kinfonce.data.batches import check_batch_size
 from kinfonce.methods import METHODS, MoCo, SimCLR, load_checkpoint, load_encoder
 from kinfonce.methods.base import CHECKPOINT_KEY
-from kinfonce.train import check_batch_size, check_choices
+from kinfonce.train import check_choices
 
 DATA = {"image_size": 16, "channels": 1, "num_classes": 10, "mean": (0.3,), "std": (0.4,)}
 

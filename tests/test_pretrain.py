@@ -45,7 +45,7 @@ def state_of(path) -> dict[str, torch.Tensor]:
 
 class InitialWeights(L.Callback):
     def on_train_start(self, trainer, pl_module):
-        self.backbone = {k: v.clone() for k, v in pl_module.backbone.state_dict().items()}
+        self.backbone = {k: v.detach().clone() for k, v in pl_module.backbone.named_parameters()}
 
 
 @pytest.mark.parametrize(
@@ -53,14 +53,17 @@ class InitialWeights(L.Callback):
     [("simclr", "concat-sum", 256), ("moco", "simple-sum", 128)],
 )
 def test_pretrain_end_to_end(tmp_path, method, loss, out_dim):
-    config = tiny_config(tmp_path, method=method, loss=loss, epochs=2)
+    config = tiny_config(
+        tmp_path, method=method, loss=loss, epochs=2, baselines=True, eval_linear_epochs=20
+    )
     snapshot = InitialWeights()
     metrics = run_pretrain(config, callbacks=[snapshot])
     run = tmp_path / "run"
-    for key in ("linear_top1", "linear_top5", "knn_top1", "knn_top5"):
-        assert 0.0 <= metrics[key] <= 1.0
-    # Ten classes: a frozen encoder of any kind beats chance by far on digits.
-    assert metrics["linear_top1"] > 0.2
+    # Catches pretraining that does not learn (or evaluates the wrong encoder): a random
+    # encoder already reaches 0.72 here, so only a margin over the random-weight copy measured
+    # in the same run shows learning (measured: 0.82 against 0.72 for both methods).
+    assert metrics["linear_top1"] > metrics["random_encoder_linear_top1"] + 0.02
+    assert metrics["linear_top5"] >= metrics["linear_top1"]
     assert json.loads((run / "metrics.json").read_text()) == pytest.approx(metrics)
     assert yaml.safe_load((run / "config.yaml").read_text())["loss"] == loss
     assert (run / "curves.png").stat().st_size > 0
@@ -77,9 +80,14 @@ def test_pretrain_end_to_end(tmp_path, method, loss, out_dim):
     assert not (run / "checkpoints" / "interrupted.ckpt").exists()
     backbone, stored = load_encoder(run / "checkpoints" / "last.ckpt")
     assert stored["method"] == method and stored["data"]["channels"] == 1
-    trained = backbone.state_dict()
-    moved = [not torch.equal(trained[k], v) for k, v in snapshot.backbone.items()]
-    assert sum(moved) > len(moved) // 2, "pretraining left the backbone at its initial weights"
+    # Catches a backbone that is frozen or not saved: every trained parameter tensor moved
+    # (parameters only; batch-norm running statistics change without any training).
+    unmoved = [
+        name
+        for name, value in backbone.named_parameters()
+        if torch.equal(value, snapshot.backbone[name])
+    ]
+    assert unmoved == [], f"pretraining left these backbone parameters unchanged: {unmoved}"
     if method == "moco":
         assert not torch.equal(state["key_backbone.conv1.weight"], state["backbone.conv1.weight"])
 
@@ -97,8 +105,9 @@ def test_cli_pretrain_prints_baselines(tmp_path, capsys):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for key in (*METRIC_KEYS, "wall_time_s", "epochs"):
         assert key in metrics
+    # Catches a printed table that shows other numbers than the saved ones.
     for key in METRIC_KEYS:
-        assert 0.0 <= metrics[key] <= 1.0
+        assert f"{metrics[key]:.4f}" in out, key
 
 
 class StopAfterFirstEpoch(L.Callback):
@@ -157,3 +166,27 @@ def test_run_dir_name_is_inherited_only_by_ddp_workers(monkeypatch):
     monkeypatch.setenv(RUN_DIR_ENV, "runs/pretrain/launcher-run")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert resolve_run_dir(PretrainConfig()).name == "launcher-run"
+
+
+def test_quiet_lightning_is_scoped():
+    # Catches a global side effect: the logger level and matmul precision must come back, and
+    # a handled warning is silenced inside the block only.
+    import logging
+    import warnings
+
+    from kinfonce.train import quiet_lightning
+
+    logger = logging.getLogger("lightning.pytorch")
+    before = (logger.level, torch.get_float32_matmul_precision())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_lightning("auto"):
+            assert logger.getEffectiveLevel() == logging.WARNING
+            warnings.warn(
+                "The 'train_dataloader' does not have many workers", UserWarning, stacklevel=2
+            )
+        warnings.warn(
+            "The 'train_dataloader' does not have many workers", UserWarning, stacklevel=2
+        )
+    assert len(caught) == 1
+    assert (logger.level, torch.get_float32_matmul_precision()) == before

@@ -27,7 +27,8 @@ from kinfonce.graph import (
     subgraph_infonce,
     vertex_log_gram,
 )
-from kinfonce.kernels import ExpKernel
+from kinfonce.kernel_lse import kernel_logsumexp
+from kinfonce.kernels import ExpKernel, as_mixture
 from kinfonce.losses import KernelInfoNCE
 
 # An asymmetric, unnormalised 4-vertex graph with one missing edge.
@@ -177,11 +178,23 @@ def _negative_e(alpha: np.ndarray, psi: np.ndarray, tau: float) -> float:
     return -(psi[0] - alpha @ psi + tau * scipy.special.xlogy(alpha, alpha).sum())
 
 
-@pytest.mark.parametrize("tau", [0.2, 0.5, 1.0])
-def test_theorem_5_1_program_p2_solved_by_scipy_is_log_softmax(tau):
+@pytest.mark.parametrize(("gamma", "tau"), [(1.0, 0.2), (0.5, 0.5), (2.0, 1.0)])
+def test_theorem_5_1_program_p2_optimum_is_the_kernel_infonce_loss(gamma, tau):
+    """The optimum of (P2) with similarities psi_j = -||x - y_j||^gamma is tau times the
+    library's Kernel-InfoNCE term of anchor x (positive y_0). Catches a kernel or loss in
+    kinfonce that is not the maximum-entropy solution (a wrong exponent, temperature or
+    normaliser)."""
     rng = np.random.default_rng(0)
-    psi = rng.normal(size=6)
+    anchor, cands = (
+        torch.from_numpy(rng.normal(size=(1, 4))),
+        torch.from_numpy(rng.normal(size=(6, 4))),
+    )
+    psi = -((anchor - cands).norm(dim=1) ** gamma).numpy()
     n = psi.size
+    lse, lpos = kernel_logsumexp(
+        anchor, cands, as_mixture(ExpKernel(gamma, tau)), pos_idx=torch.tensor([0])
+    )
+    library_value = tau * float(lse[0] - lpos[0])
 
     def objective(alpha):
         return -_negative_e(alpha, psi, tau)
@@ -201,6 +214,7 @@ def test_theorem_5_1_program_p2_solved_by_scipy_is_log_softmax(tau):
     assert solution.success, solution.message
     closed_form = -tau * scipy.special.log_softmax(psi / tau)[0]
     np.testing.assert_allclose(-solution.fun, closed_form, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(library_value, closed_form, rtol=1e-10)
     np.testing.assert_allclose(solution.x, scipy.special.softmax(psi / tau), atol=1e-5)
     # No point of the simplex does better than the closed form.
     others = rng.dirichlet(np.ones(n), size=2000)

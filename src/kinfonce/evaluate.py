@@ -379,3 +379,47 @@ def evaluate_checkpoint(
         return_features=True,
     )
     return {**settings, **metrics}, splits
+
+
+def evaluate_baselines(
+    backbone: nn.Module, splits: Any, config: Any, device: str
+) -> dict[str, float]:
+    """Final evaluation of a pretrained backbone beside a random-weight copy and raw pixels.
+
+    All three go through :func:`evaluate_encoder` with the same settings; the random
+    backbone is drawn with the run's seed.
+
+    Args:
+        backbone: the pretrained (B, C, H, W) -> (B, F) encoder.
+        splits: the run's :class:`kinfonce.data.DatasetSplits`.
+        config: the run's :class:`kinfonce.config.PretrainConfig`.
+        device: where to evaluate.
+
+    Returns:
+        ``linear_top1``, ``linear_top5``, ``knn_top1``, ``knn_top5``, and the same with the
+        prefixes ``random_encoder_`` and ``raw_pixels_`` when ``config.baselines``.
+    """
+    from kinfonce.models import build_backbone
+
+    settings = dict(
+        protocol="both",
+        linear_epochs=config.eval_linear_epochs,
+        seed=config.seed,
+        device=device,
+        knn_k=config.eval_knn_k,
+        progress=config.progress,
+    )
+    metrics = {}
+    encoders = {"": backbone}
+    if config.baselines:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            encoders["random_encoder_"] = build_backbone(
+                config.backbone, in_channels=splits.channels, image_size=splits.image_size
+            ).to(device)
+        encoders["raw_pixels_"] = torch.nn.Flatten()
+    for prefix, encoder in encoders.items():
+        result = evaluate_encoder(encoder, splits, **settings)
+        for key in ("linear_top1", "linear_top5", "knn_top1", "knn_top5"):
+            metrics[prefix + key] = result[key]
+    return metrics

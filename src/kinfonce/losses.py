@@ -163,6 +163,9 @@ class KernelInfoNCE(nn.Module):
                 raise KinfonceError("queue must be None for the bipartite (CLIP) form")
         _check_same_shape(z0, z1)
         self.kernel.check_dim(z0.shape[1])
+        if z0.dtype in (torch.float16, torch.bfloat16):  # normalise and compare in float32
+            z0, z1 = z0.float(), z1.float()
+            queue = None if queue is None else queue.float()
         if self.normalize:
             z0, z1 = self.kernel.normalize(z0), self.kernel.normalize(z1)
             queue = None if queue is None else self.kernel.normalize(queue)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -28,55 +29,22 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from kinfonce.config import PretrainConfig, config_differences, config_from_mapping, dump_config
-from kinfonce.data import DatasetSplits, load_dataset
+from kinfonce.data import load_dataset
+from kinfonce.data.batches import PretrainData, check_batch_size
 from kinfonce.errors import KinfonceError, MissingFileError
+from kinfonce.evaluate import evaluate_baselines
 from kinfonce.losses import LOSS_PRESETS
-from kinfonce.methods import METHODS, PretrainMethod, load_checkpoint
-from kinfonce.methods.base import CHECKPOINT_KEY, DATA_FIELDS
-from kinfonce.models import BACKBONES, build_backbone
+from kinfonce.methods import METHODS, load_checkpoint
+from kinfonce.methods.base import CHECKPOINT_KEY, data_description
+from kinfonce.models import BACKBONES
 from kinfonce.optim import OPTIMIZERS
 from kinfonce.report import merge_csv_log, plot_run_curves, read_csv_log
 
 #: Environment variable that hands the run directory to DDP worker processes, which
 #: Lightning starts by re-running the same command.
 RUN_DIR_ENV = "KINFONCE_RUN_DIR"
-
-
-class PretrainData(L.LightningDataModule):
-    """Training batches (shuffled per epoch with the run's seed) and the validation split.
-
-    Each process gets ``batch_size / world_size`` images per step from a
-    ``DistributedSampler`` (also on one process, for its seeded per-epoch order);
-    incomplete last batches are dropped, because contrastive batches and batch norm
-    need full batches.
-    """
-
-    def __init__(self, splits: DatasetSplits, batch_size: int, seed: int):
-        super().__init__()
-        self.splits, self.batch_size, self.seed = splits, batch_size, seed
-
-    def train_dataloader(self) -> DataLoader:
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        train = self.splits.train
-        dataset = TensorDataset(train.images, train.labels)
-        sampler = DistributedSampler(
-            dataset,
-            num_replicas=world,
-            rank=rank,
-            shuffle=True,
-            seed=self.seed,
-            drop_last=True,
-        )
-        return DataLoader(
-            dataset, batch_size=self.batch_size // world, sampler=sampler, drop_last=True
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        val = self.splits.val
-        return DataLoader(TensorDataset(val.images, val.labels), batch_size=512)
 
 
 def check_choices(config: PretrainConfig) -> None:
@@ -104,30 +72,6 @@ def check_choices(config: PretrainConfig) -> None:
             f"val_fraction must be in (0, 1): the online probe needs a validation split, "
             f"got {config.val_fraction}"
         )
-
-
-def check_batch_size(batch_size: int, train_size: int, world_size: int) -> None:
-    """Explain a batch size the data or the devices cannot provide."""
-    if batch_size > train_size:
-        raise KinfonceError(
-            f"batch_size {batch_size} is larger than the training set ({train_size} images "
-            f"after the validation split); pass a --batch-size of at most {train_size}"
-        )
-    if batch_size % world_size:
-        raise KinfonceError(
-            f"batch_size {batch_size} does not divide across {world_size} processes; use a "
-            f"multiple of {world_size}"
-        )
-    if batch_size // world_size < 2:
-        raise KinfonceError(
-            f"batch_size {batch_size} gives {batch_size // world_size} image(s) per process; "
-            "contrastive batches and batch norm need at least 2"
-        )
-
-
-def data_description(splits: DatasetSplits) -> dict[str, Any]:
-    """The plain-valued facts about a data set that a method is built from."""
-    return {key: getattr(splits, key) for key in DATA_FIELDS}
 
 
 def resolve_run_dir(config: PretrainConfig) -> Path:
@@ -241,52 +185,41 @@ def make_trainer(
     )
 
 
-def evaluate_baselines(
-    module: PretrainMethod, splits: DatasetSplits, config: PretrainConfig, device: str
-) -> dict[str, float]:
-    """Final evaluation of the pretrained backbone, a random-weight copy and raw pixels.
-
-    All three go through :func:`kinfonce.evaluate.evaluate_encoder` with the same
-    settings; the random backbone is drawn with the run's seed.
-    """
-    from kinfonce.evaluate import evaluate_encoder
-
-    settings = dict(
-        protocol="both",
-        linear_epochs=config.eval_linear_epochs,
-        seed=config.seed,
-        device=device,
-        knn_k=config.eval_knn_k,
-        progress=config.progress,
-    )
-    metrics = {}
-    encoders = {"": module.backbone}
-    if config.baselines:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            encoders["random_encoder_"] = build_backbone(
-                config.backbone, in_channels=splits.channels, image_size=splits.image_size
-            ).to(device)
-        encoders["raw_pixels_"] = torch.nn.Flatten()
-    for prefix, encoder in encoders.items():
-        result = evaluate_encoder(encoder, splits, **settings)
-        for key in ("linear_top1", "linear_top5", "knn_top1", "knn_top5"):
-            metrics[prefix + key] = result[key]
-    return metrics
-
-
 @contextlib.contextmanager
-def quiet_resume_warnings() -> Iterator[None]:
-    """Silence Lightning's warnings about what a resume is expected to find.
+def quiet_lightning(accelerator: str) -> Iterator[None]:
+    """Keep Lightning's console to what a kinfonce user acts on, for the block only.
 
-    It warns that the log and checkpoint directories are not empty (the CSV history is
-    merged back by :func:`merge_csv_log`), and, because of the OnExceptionCheckpoint,
-    reads ``ckpt_path=None`` as "last" and warns that there is none (the run directory
-    is checked before, so nothing is resumed by accident).
+    - Its info lines (accelerator banner, product tips, "loading train_dataloader") are
+      hidden: the run's own output says what ran. The model summary stays.
+    - On CUDA, float32 matrix products may use TF32 (``"high"`` precision), which Lightning
+      would otherwise advise in a warning; the previous setting is restored afterwards.
+    - Warnings about what kinfonce has handled are silenced: data-loader workers (the data
+      set is a uint8 tensor in memory, views are made on the device), the non-empty log and
+      checkpoint directories of a resume (the CSV history is merged back by
+      :func:`kinfonce.report.merge_csv_log`), ``ckpt_path=None`` read as "last" because of the
+      OnExceptionCheckpoint (the run directory is checked first, so nothing is resumed by
+      accident), and a deprecation inside Lightning itself.
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*(directory|ckpt_path=).*")
-        yield
+    logger = logging.getLogger("lightning.pytorch")
+    summary = logging.getLogger("lightning.pytorch.callbacks.model_summary")
+    levels, precision = (logger.level, summary.level), torch.get_float32_matmul_precision()
+    logger.setLevel(logging.WARNING)
+    summary.setLevel(logging.INFO)
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+    try:
+        with warnings.catch_warnings():
+            for message in (
+                r".*does not have many workers.*",
+                r".*(directory|ckpt_path=).*",
+                r".*LeafSpec.*",
+            ):
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        logger.setLevel(levels[0])
+        summary.setLevel(levels[1])
+        torch.set_float32_matmul_precision(precision)
 
 
 def run_pretrain(
@@ -332,7 +265,7 @@ def run_pretrain(
     splits = splits.with_train_subset(config.train_subset, config.seed)
     csv_log = run_dir / "logs" / "metrics.csv"
     earlier_log = read_csv_log(csv_log) if checkpoint is not None else []
-    with quiet_resume_warnings():
+    with quiet_lightning(config.accelerator):
         trainer = make_trainer(config, run_dir, callbacks)
     check_batch_size(config.batch_size, len(splits.train), trainer.world_size)
     module = METHODS[config.method](config, data_description(splits))
@@ -341,7 +274,7 @@ def run_pretrain(
         (run_dir / "config.yaml").write_text(dump_config(config))
     fit_started = time.perf_counter()
     try:
-        with quiet_resume_warnings(), shared_with_workers(run_dir, trainer.world_size):
+        with quiet_lightning(config.accelerator), shared_with_workers(run_dir, trainer.world_size):
             trainer.fit(
                 module,
                 datamodule=PretrainData(splits, config.batch_size, config.seed),
@@ -361,7 +294,7 @@ def run_pretrain(
     pretrain_time = time.perf_counter() - fit_started
     if not trainer.is_global_zero:
         return {}
-    metrics = evaluate_baselines(module, splits, config, str(module.device))
+    metrics = evaluate_baselines(module.backbone, splits, config, str(module.device))
     logged = trainer.callback_metrics
     for key in ("train_loss", "probe_top1"):
         if key in logged:

@@ -74,12 +74,16 @@ def test_zero_distance_pair_exerts_no_force():
 
 
 def test_half_precision_inputs_are_computed_in_float32():
-    z0, z1 = torch.randn(8, 16), torch.randn(8, 16)
-    loss = KernelInfoNCE(gamma=1.0, temperature=0.1)
-    full = loss(z0, z1)
-    half = loss(z0.bfloat16(), z1.bfloat16())
-    assert torch.isfinite(half)
-    assert abs(float(half) - float(full)) < 0.1
+    """Catches a loss computed in the inputs' bfloat16: its 8-bit mantissa puts the result
+    about 1e-2 (relative) off the float64 value on the same rounded inputs; float32 is within
+    1e-5."""
+    from .reference import two_view
+
+    z0, z1 = torch.randn(8, 16).bfloat16(), torch.randn(8, 16).bfloat16()
+    half = KernelInfoNCE(gamma=1.0, temperature=0.1)(z0, z1)
+    assert half.dtype == torch.float32
+    want = float(two_view(z0, z1, [(1.0, 1.0, 0.1, 0)]))
+    assert abs(float(half) - want) <= 1e-5 * max(1.0, abs(want))
 
 
 def test_stable_where_the_literal_formula_fails():

@@ -206,3 +206,8 @@ class PretrainMethod(L.LightningModule):
             "config": self.config.to_dict(),
             "data": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_info.items()},
         }
+
+
+def data_description(splits: Any) -> dict[str, Any]:
+    """The plain-valued facts about a data set that a method is built from."""
+    return {key: getattr(splits, key) for key in DATA_FIELDS}

@@ -1,0 +1,62 @@
+"""Training batches for pretraining: a seeded, sharded sampler over the in-memory uint8 set."""
+
+from __future__ import annotations
+
+import lightning as L
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from kinfonce.data.splits import DatasetSplits
+from kinfonce.errors import KinfonceError
+
+
+class PretrainData(L.LightningDataModule):
+    """Training batches (shuffled per epoch with the run's seed) and the validation split.
+
+    Each process gets ``batch_size / world_size`` images per step from a
+    ``DistributedSampler`` (also on one process, for its seeded per-epoch order);
+    incomplete last batches are dropped, because contrastive batches and batch norm
+    need full batches.
+    """
+
+    def __init__(self, splits: DatasetSplits, batch_size: int, seed: int):
+        super().__init__()
+        self.splits, self.batch_size, self.seed = splits, batch_size, seed
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        train = self.splits.train
+        dataset = TensorDataset(train.images, train.labels)
+        sampler = DistributedSampler(
+            dataset,
+            num_replicas=world,
+            rank=rank,
+            shuffle=True,
+            seed=self.seed,
+            drop_last=True,
+        )
+        return DataLoader(
+            dataset, batch_size=self.batch_size // world, sampler=sampler, drop_last=True
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        val = self.splits.val
+        return DataLoader(TensorDataset(val.images, val.labels), batch_size=512)
+
+
+def check_batch_size(batch_size: int, train_size: int, world_size: int) -> None:
+    """Explain a batch size the data or the devices cannot provide."""
+    if batch_size > train_size:
+        raise KinfonceError(
+            f"batch_size {batch_size} is larger than the training set ({train_size} images "
+            f"after the validation split); pass a --batch-size of at most {train_size}"
+        )
+    if batch_size % world_size:
+        raise KinfonceError(
+            f"batch_size {batch_size} does not divide across {world_size} processes; use a "
+            f"multiple of {world_size}"
+        )
+    if batch_size // world_size < 2:
+        raise KinfonceError(
+            f"batch_size {batch_size} gives {batch_size // world_size} image(s) per process; "
+            "contrastive batches and batch norm need at least 2"
+        )
