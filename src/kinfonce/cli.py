@@ -16,11 +16,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kinfonce",
         description="Contrastive self-supervised learning with Kernel-InfoNCE losses.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_SubcommandParser)
     sub.required = True
     for add in (_add_synthetic, _add_pretrain, _add_eval, _add_report):
         add(sub)
     return parser
+
+
+class _SubcommandParser(argparse.ArgumentParser):
+    """Subcommand parsers show each flag's default in ``--help``."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
 
 
 def _add_synthetic(sub: argparse._SubParsersAction) -> None:
@@ -138,7 +146,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("checkpoint", help="a .ckpt file from RUN_DIR/checkpoints")
     parser.add_argument("--dataset", help="data set name (default: the checkpoint's)")
     parser.add_argument("--data-root", help="directory or zip holding the data set")
-    parser.add_argument("--protocol", choices=("linear", "knn", "both"), default="both")
+    parser.add_argument(
+        "--protocol",
+        choices=("linear", "knn", "both"),
+        default="both",
+        help="linear probe, weighted kNN, or both",
+    )
     parser.add_argument(
         "--linear-epochs", type=int, help="linear-probe epochs (default: the run's, 100)"
     )

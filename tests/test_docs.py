@@ -1,0 +1,111 @@
+"""The documentation cannot drift from the code."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from kinfonce.cli import build_parser
+from kinfonce.config import build_config, flags_to_mapping
+from kinfonce.flagdoc import flag_reference, undocumented_flags
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_every_flag_has_a_help_text():
+    # Catches a new flag or config field added without documentation.
+    assert undocumented_flags(build_parser()) == []
+
+
+def test_flag_reference_is_generated_from_the_parsers():
+    # Catches docs/flags.md left behind when a flag, default or help text changes.
+    assert (DOCS / "flags.md").read_text() == flag_reference(build_parser()), (
+        "docs/flags.md is stale: regenerate it with `python -m kinfonce.flagdoc > docs/flags.md`"
+    )
+
+
+ROOT = DOCS.parent
+PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
+def python_blocks(page: Path) -> list[str]:
+    """The fenced ```python blocks of a markdown page, in order."""
+    blocks, current = [], None
+    for line in page.read_text().splitlines():
+        if current is None and line.strip() == "```python":
+            current = []
+        elif current is not None and line.strip() == "```":
+            blocks.append("\n".join(current))
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def shell_commands(page: Path) -> list[str]:
+    """The ``kinfonce ...`` command lines of a page's indented and fenced blocks, with their
+    backslash continuations joined and trailing ``# comments`` removed."""
+    commands, pending = [], ""
+    for line in page.read_text().splitlines():
+        text = line.strip()
+        if pending:
+            text = pending + " " + text
+        elif not (line.startswith("    ") and text.startswith("kinfonce ")):
+            continue
+        if text.endswith("\\"):
+            pending = text[:-1].strip()
+            continue
+        pending = ""
+        commands.append(text.split("  #")[0].split(" # ")[0].strip())
+    return commands
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A real, tiny `kinfonce pretrain` run: what the examples call RUN and RUN_DIR."""
+    from kinfonce.cli import main
+
+    run = tmp_path_factory.mktemp("docs") / "RUN"
+    flags = ["--epochs", "1", "--train-subset", "64", "--batch-size", "32", "--no-baselines",
+             "--proj-hidden-dim", "32", "--eval-linear-epochs", "1", "--no-progress"]  # fmt: skip
+    assert main(["pretrain", *flags, "--output-dir", str(run)]) == 0
+    return run
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_python_blocks_run(page, tmp_path, monkeypatch, tiny_run):
+    # Catches an example that no longer runs: a renamed function, a changed signature, an
+    # undefined name. The blocks of one page run in order in one namespace, in a scratch folder
+    # where RUN and RUN_DIR are a real run directory.
+    blocks = python_blocks(page)
+    if not blocks:
+        pytest.skip(f"{page.name} has no python blocks")
+    monkeypatch.chdir(tmp_path)
+    for name in ("RUN", "RUN_DIR"):
+        (tmp_path / name).symlink_to(tiny_run, target_is_directory=True)
+    namespace: dict = {"__name__": "__docs__"}
+    for block in blocks:
+        exec(compile(block, f"{page.name}", "exec"), namespace)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_shell_commands_parse(page, capsys):
+    # Catches a documented command whose subcommand, flag or choice no longer exists, or
+    # whose pretrain flags build no valid config. Commands are parsed, not run (they
+    # train for minutes to days); `kinfonce pretrain` ones also build their configuration.
+    commands = shell_commands(page)
+    if not commands:
+        pytest.skip(f"{page.name} has no kinfonce commands")
+    parser = build_parser()
+    for command in commands:
+        words = shlex.split(command)
+        cut = [i for i, word in enumerate(words) if word in (">", "|", "&&", ";")]
+        argv = words[1 : cut[0] if cut else None]
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exit_:
+            raise AssertionError(f"{page.name}: `{command}` does not parse") from exit_
+        if args.command == "pretrain" and not args.config:
+            build_config(None, flags_to_mapping(args), resume=args.resume is not None).resolved()
