@@ -122,3 +122,20 @@ def test_eval_explains_a_data_set_that_does_not_fit(run_dir, tmp_path, capsys, m
         run_dir / "checkpoints" / "last.ckpt", capsys, "--dataset", f"imagefolder:{data}"
     )
     assert "3x8x8 images" in err and "1x16x16" in err and "'digits'" in err
+
+
+def test_missing_data_message_names_only_flags_eval_has(run_dir, tmp_path, capsys):
+    # Catches advice to pass a flag that `kinfonce eval` does not have (it told users to pass
+    # --download before eval had one).
+    import re
+
+    from kinfonce.cli import build_parser
+    from kinfonce.flagdoc import subcommands
+
+    ckpt = str(run_dir / "checkpoints" / "last.ckpt")
+    code = main(["eval", ckpt, "--dataset", "cifar10", "--data-root", str(tmp_path / "none")])
+    assert code == 2
+    err = capsys.readouterr().err
+    named = set(re.findall(r"`(--[a-z-]+)`", err))
+    eval_flags = {f for a in subcommands(build_parser())["eval"]._actions for f in a.option_strings}
+    assert named and named <= eval_flags, (named, err)

@@ -78,7 +78,7 @@ def test_markdown_table_lists_each_run(tmp_path):
         "batch size": "128",
         "linear top-1": "91.2%",
         "kNN top-1": "87.5%",
-        "wall time": "2 min 05 s",
+        "run time": "2 min 05 s",
     }
     second = lines[3]
     assert "| gaussian | temperature=0.5 |" in second

@@ -147,6 +147,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", help="data set name (default: the checkpoint's)")
     parser.add_argument("--data-root", help="directory or zip holding the data set")
     parser.add_argument(
+        "--download",
+        action="store_true",
+        help="download a torchvision data set (cifar10, cifar100, stl10, tinyimagenet) "
+        "that is not under --data-root",
+    )
+    parser.add_argument(
         "--protocol",
         choices=("linear", "knn", "both"),
         default="both",
@@ -186,6 +192,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         checkpoint,
         dataset=args.dataset,
         data_root=args.data_root,
+        download=args.download,
         protocol=args.protocol,
         linear_epochs=args.linear_epochs,
         knn_k=args.knn_k,
@@ -217,7 +224,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         help="compare pretraining runs: a markdown table and their training curves",
         description="Read run directories of `kinfonce pretrain`; print a markdown table "
         "(method, loss and parameters, backbone, data set, epochs, batch size, linear and kNN "
-        "top-1, wall time) and write it with a PNG of the training curves side by side.",
+        "top-1, run time: wall_time_s of metrics.json) and write it with a PNG of the training curves side by side.",
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     parser.add_argument(

@@ -305,6 +305,7 @@ def evaluate_checkpoint(
     *,
     dataset: str | None = None,
     data_root: str | None = None,
+    download: bool = False,
     protocol: str = "both",
     linear_epochs: int | None = None,
     knn_k: int | None = None,
@@ -326,6 +327,8 @@ def evaluate_checkpoint(
         dataset: data set name (default: the config's ``dataset``).
         data_root: where its files are (default: the config's ``data_root`` when the data
             set is the config's).
+        download: fetch a torchvision data set that is not under the root (also done when
+            the run itself downloaded its own data set).
         protocol, augment, device, batch_size, progress: as in :func:`evaluate_encoder`.
         linear_epochs, knn_k, seed: default the config's ``eval_linear_epochs``,
             ``eval_knn_k`` and ``seed``.
@@ -349,7 +352,7 @@ def evaluate_checkpoint(
     splits = load_dataset(
         name,
         root=data_root or (config["data_root"] if own_data else None),
-        download=bool(config["download"]) and own_data,
+        download=download or (bool(config["download"]) and own_data),
         val_fraction=config["val_fraction"],
         seed=config["seed"],
     )

@@ -37,7 +37,7 @@ TABLE_COLUMNS = (
     "batch size",
     "linear top-1",
     "kNN top-1",
-    "wall time",
+    "run time",
 )
 
 
@@ -226,7 +226,7 @@ def summary_row(run: RunSummary, name: str) -> dict[str, str]:
         "batch size": text("batch_size"),
         "linear top-1": format_percent(met.get("linear_top1")),
         "kNN top-1": format_percent(met.get("knn_top1")),
-        "wall time": format_duration(met.get("wall_time_s")),
+        "run time": format_duration(met.get("wall_time_s")),
     }
 
 

@@ -294,7 +294,9 @@ def run_pretrain(
     pretrain_time = time.perf_counter() - fit_started
     if not trainer.is_global_zero:
         return {}
+    eval_started = time.perf_counter()
     metrics = evaluate_baselines(module.backbone, splits, config, str(module.device))
+    metrics["evaluation_time_s"] = time.perf_counter() - eval_started
     logged = trainer.callback_metrics
     for key in ("train_loss", "probe_top1"):
         if key in logged:
