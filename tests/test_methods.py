@@ -184,3 +184,25 @@ def test_print_config_shows_the_effective_config(capsys):
     assert printed["lr"] == 0.5 and printed["method"] == "moco"
     assert printed["flip_p"] == 0.0  # digits default filled in
     assert config_from_mapping(printed).lr == 0.5
+
+
+@pytest.mark.parametrize(
+    ("loss", "advice"),
+    [
+        ("spectral", "lower --lr"),
+        ("gaussian", "lower --lr or raise the temperature (--temperature)"),
+        ("concat-sum", "lower --lr or raise the temperature (--temperature1 or --temperature2)"),
+    ],
+)
+def test_divergence_advice_names_only_what_the_preset_takes(loss, advice):
+    # Catches advice to raise a temperature that the preset does not have (spectral).
+    from kinfonce.methods.base import divergence_advice
+
+    assert divergence_advice(loss) == advice
+
+
+def test_learning_rate_defaults_per_preset_and_explicit_wins():
+    # Catches the per-preset default overriding a learning rate the user set.
+    assert PretrainConfig(loss="spectral").resolved().lr == 0.03
+    assert PretrainConfig(loss="laplacian").resolved().lr == 1.0
+    assert PretrainConfig(loss="spectral", lr=0.5).resolved().lr == 0.5

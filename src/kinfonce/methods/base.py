@@ -139,7 +139,7 @@ class PretrainMethod(L.LightningModule):
         if not torch.isfinite(loss):
             raise DivergedError(
                 f"the {self.config.loss!r} loss is not finite at epoch {self.current_epoch}, "
-                f"step {batch_idx}; lower --lr or raise the temperature"
+                f"step {batch_idx}; {divergence_advice(self.config.loss)}"
             )
         probe_loss = F.cross_entropy(self.probe(features.detach()), labels)
         size = len(labels)
@@ -211,3 +211,10 @@ class PretrainMethod(L.LightningModule):
 def data_description(splits: Any) -> dict[str, Any]:
     """The plain-valued facts about a data set that a method is built from."""
     return {key: getattr(splits, key) for key in DATA_FIELDS}
+
+
+def divergence_advice(loss: str) -> str:
+    """What to change when the loss became non-finite, naming only what ``loss`` takes."""
+    temperatures = [p for p in preset_params(loss) if p.startswith("temperature")]
+    flags = " or ".join(f"--{p}" for p in temperatures)
+    return "lower --lr" + (f" or raise the temperature ({flags})" if temperatures else "")
