@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_SubcommandParser)
     sub.required = True
-    for add in (_add_synthetic, _add_pretrain, _add_eval, _add_report):
+    for add in (_add_synthetic, _add_pretrain, _add_tune, _add_eval, _add_report):
         add(sub)
     return parser
 
@@ -131,6 +131,113 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         print(format_summary(metrics))
         print(f"run directory: {metrics['run_dir']}")
     return 0
+
+
+#: ``kinfonce tune`` flags of :class:`kinfonce.tune.SearchSettings` (argparse type, help).
+_SEARCH_FLAGS = {
+    "num_samples": (int, "trials to draw, per combination of grid values (default: 8)"),
+    "max_t": (int, "epochs of a trial ASHA does not stop (default: the config's epochs, 15)"),
+    "grace_period": (int, "epochs before ASHA may stop a trial (default: 1)"),
+    "reduction_factor": (float, "ASHA keeps the best 1/F of the trials at each rung (default: 2)"),
+    "cpus_per_trial": (float, "CPUs per trial (default: 1)"),
+    "gpus_per_trial": (float, "GPUs per trial; a fraction such as 0.25 shares a GPU (default: 0)"),
+    "max_concurrent": (int, "at most this many trials at once (default: as resources allow)"),
+    "max_failures": (int, "retries of a failed trial from its last checkpoint (default: 0)"),
+    "search_seed": (int, "seed of the sampled values (default: 0)"),
+}
+#: Config fields that the search sets itself (epochs: --max-t; output: the search directory).
+_TUNE_FIXED = frozenset(
+    {"output_dir", "epochs", "progress", "accelerator", "devices", "num_nodes", "strategy"}
+)
+
+
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    from kinfonce.config import add_config_flags
+
+    parser = sub.add_parser(
+        "tune",
+        help="hyperparameter search with Ray Tune's ASHA scheduler",
+        description="Random search over config fields with Ray Tune; ASHA stops poor trials "
+        "early. Each trial is a `kinfonce pretrain` run (without the final evaluation) that "
+        "reports its online-probe accuracy once per epoch. Without arguments: a small search "
+        "on the embedded digits set. The default space is Table 3's for the loss preset: lr "
+        "log-uniform in [0.01, 10], the preset's temperatures log-uniform in [0.01, 1], lambda "
+        "uniform in [0, 1]. Writes the best trials, the best config (for `kinfonce pretrain "
+        "--config`) and a PNG of every trial's probe accuracy into the search directory.",
+    )
+    parser.add_argument("--config", metavar="YAML", help="YAML file of config fields (all trials)")
+    parser.add_argument(
+        "--space", metavar="YAML", help="search space file (default: Table 3's for the loss)"
+    )
+    group = parser.add_argument_group("search settings")
+    for name, (kind, text) in _SEARCH_FLAGS.items():
+        group.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
+    group = parser.add_argument_group("where it runs")
+    group.add_argument(
+        "--output-dir",
+        dest="search_dir",
+        help="search directory (default: runs/tune/<dataset>-<method>-<loss>-<time>)",
+    )
+    group.add_argument("--resume", metavar="DIR", help="continue the interrupted search in DIR")
+    group.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="with --resume: also resume failed trials from their last checkpoint",
+    )
+    group.add_argument("--address", help="join this Ray cluster (default: start Ray here)")
+    group.add_argument("--num-cpus", type=int, help="CPUs of the Ray started here (default: all)")
+    add_config_flags(parser, exclude=_TUNE_FIXED)
+    parser.set_defaults(func=_run_tune)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from kinfonce.config import build_config, dump_config, flags_to_mapping
+    from kinfonce.report import search_summary
+    from kinfonce.space import default_space, load_space
+    from kinfonce.tune import SearchSettings, default_search_dir, resume_search, run_search
+
+    settings = {k: getattr(args, k) for k in _SEARCH_FLAGS if getattr(args, k) is not None}
+    fields = flags_to_mapping(args)
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k in (*settings, *fields)]
+        given += [f"--{k}" for k in ("config", "space") if getattr(args, k)]
+        given += ["--output-dir"] if args.search_dir else []
+        if given:
+            raise ValueError(
+                f"--resume continues a search with its own settings; drop {', '.join(given)}"
+            )
+        result = resume_search(
+            args.resume,
+            address=args.address,
+            num_cpus=args.num_cpus,
+            retry_failed=args.retry_failed,
+        )
+        search_dir = args.resume
+    else:
+        if args.retry_failed:
+            raise ValueError("--retry-failed goes with --resume DIR")
+        base = build_config(args.config, fields)
+        space = load_space(args.space) if args.space else default_space(base.loss)
+        settings.setdefault("max_t", base.epochs)
+        search_dir = args.search_dir or default_search_dir(base)
+        result = run_search(
+            base,
+            space,
+            SearchSettings(**settings),
+            search_dir,
+            address=args.address,
+            num_cpus=args.num_cpus,
+        )
+    print(search_summary(result.trials, result.keys))
+    if result.best_config is not None:
+        print(f"best config ({result.files['best_config']}):")
+        print(dump_config(result.best_config), end="")
+    for name in ("summary", "trials", "curves"):
+        print(f"wrote {result.files[name]}")
+    if result.interrupted:
+        print(f"interrupted; continue with: kinfonce tune --resume {search_dir}", file=sys.stderr)
+        return 130
+    return 0 if result.best_config is not None else 1
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:

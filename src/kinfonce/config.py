@@ -162,7 +162,7 @@ class PretrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
 
 
-def _field_type(name: str) -> tuple[type, bool]:
+def field_type(name: str) -> tuple[type, bool]:
     """(base type, optional) of a field from its annotation."""
     hint = typing.get_type_hints(PretrainConfig)[name]
     args = typing.get_args(hint)
@@ -174,7 +174,7 @@ def _field_type(name: str) -> tuple[type, bool]:
 
 def _coerce(name: str, value: Any) -> Any:
     """Check and convert one value to its field's type; ValueError names the field."""
-    base, optional = _field_type(name)
+    base, optional = field_type(name)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
@@ -225,18 +225,22 @@ def dump_config(config: PretrainConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """Add ``--<field>`` for every field, grouped, with its help and default.
+def add_config_flags(
+    parser: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()
+) -> None:
+    """Add ``--<field>`` for every field not in ``exclude``, grouped, with its help and default.
 
     Flags default to ``argparse.SUPPRESS`` so that only flags actually given override
     the YAML file; see :func:`flags_to_mapping`.
     """
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, spec in FIELDS.items():
+        if name in exclude:
+            continue
         group_name = spec.metadata["group"]
         if group_name not in groups:
             groups[group_name] = parser.add_argument_group(f"{group_name} settings")
-        base, optional = _field_type(name)
+        base, optional = field_type(name)
         flag = "--" + name.replace("_", "-")
         help_text = f"{spec.metadata['help']} (default: {spec.default})"
         if base is bool:

@@ -11,6 +11,7 @@ import csv
 import json
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,17 +231,20 @@ def summary_row(run: RunSummary, name: str) -> dict[str, str]:
     }
 
 
+def format_markdown(columns: Sequence[str], rows: list[dict[str, str]]) -> str:
+    """A GitHub-flavoured markdown table of ``rows`` (column -> text)."""
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    lines += ["| " + " | ".join(row[c].replace("|", "/") for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(runs: list[RunSummary]) -> str:
     """A GitHub-flavoured markdown table comparing ``runs``, one row each."""
     rows = [summary_row(run, name) for run, name in zip(runs, run_names(runs), strict=True)]
-    lines = [
-        "| " + " | ".join(TABLE_COLUMNS) + " |",
-        "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|",
-    ]
-    lines += [
-        "| " + " | ".join(row[c].replace("|", "/") for c in TABLE_COLUMNS) + " |" for row in rows
-    ]
-    return "\n".join(lines) + "\n"
+    return format_markdown(TABLE_COLUMNS, rows)
 
 
 def plot_training_curves(runs: list[RunSummary], path: str | Path) -> Path:
@@ -434,3 +438,105 @@ def write_eval_outputs(
     written["metrics"] = out / "metrics.json"
     written["metrics"].write_text(json.dumps(record, indent=2) + "\n")
     return written
+
+
+#: Columns of the trial tables of ``kinfonce tune``, before the searched fields.
+TRIAL_COLUMNS = ("rank", "trial", "status", "epochs", "probe top-1", "train loss")
+#: Line style of a trial's curve by status.
+TRIAL_STYLES = {"completed": "-", "stopped": "-", "unfinished": "--", "failed": ":"}
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if _is_number(value) else str(value)
+
+
+def trial_table(trials: list[Any], keys: Sequence[str]) -> str:
+    """A markdown table of search trials (:class:`kinfonce.tune.TrialRecord`), in the given
+    order, with their sampled values of the fields ``keys``."""
+    rows = []
+    for rank, trial in enumerate(trials, start=1):
+        row = {
+            "rank": str(rank),
+            "trial": trial.trial_id,
+            "status": trial.status,
+            "epochs": str(trial.epochs[-1] if trial.epochs else 0),
+            "probe top-1": format_percent(trial.last_probe),
+            "train loss": _format_value(trial.train_loss),
+        }
+        row.update({key: _format_value(trial.params.get(key)) for key in keys})
+        rows.append(row)
+    return format_markdown((*TRIAL_COLUMNS, *keys), rows)
+
+
+def search_summary(trials: list[Any], keys: Sequence[str], *, top: int = 5) -> str:
+    """Markdown: the ``top`` best trials (ranked as given, failed ones left out), then every
+    failed trial with its reason."""
+    ranked = [t for t in trials if t.status != "failed"]
+    text = f"## Best trials ({min(top, len(ranked))} of {len(trials)})\n\n"
+    text += trial_table(ranked[:top], keys) if ranked else "No trial finished an epoch.\n"
+    failed = [t for t in trials if t.status == "failed"]
+    if failed:
+        text += f"\n## Failed trials ({len(failed)})\n\n"
+        for trial in failed:
+            values = ", ".join(f"{k}={_format_value(trial.params.get(k))}" for k in keys)
+            text += f"- {trial.trial_id} ({values}): {trial.error}\n"
+    return text
+
+
+def plot_search_curves(trials: list[Any], path: str | Path, metric: str) -> Path:
+    """Probe accuracy against epoch, one line per trial; ASHA's stopped trials end early."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
+    for trial in trials:
+        if trial.epochs:
+            ax.plot(
+                trial.epochs,
+                trial.probe_top1,
+                linestyle=TRIAL_STYLES[trial.status],
+                marker="o",
+                markersize=3,
+                label=f"{trial.trial_id} ({trial.status})",
+            )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{metric} (validation)")
+    ax.set_title("online probe accuracy per trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if ax.has_data():
+        ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.text(0.5, 0.5, "no trial finished an epoch", ha="center", transform=ax.transAxes)
+    return save_figure(fig, path)
+
+
+def write_search_report(
+    trials: list[Any], keys: Sequence[str], out_dir: str | Path, metric: str
+) -> dict[str, Path]:
+    """Write ``summary.md``, ``trials.csv`` and ``probe_curves.png`` of a search.
+
+    Returns:
+        Name ("summary", "trials", "curves") -> path written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    curves = plot_search_curves(trials, out / "probe_curves.png", metric)
+    summary = out / "summary.md"
+    summary.write_text(
+        f"# kinfonce tune\n\n{search_summary(trials, keys)}\n![probe curves]({curves.name})\n"
+    )
+    table = out / "trials.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["trial", "status", "epochs", metric, "train_loss", *keys, "error"])
+        for t in trials:
+            epochs = t.epochs[-1] if t.epochs else 0
+            values = [t.params.get(key) for key in keys]
+            writer.writerow(
+                [t.trial_id, t.status, epochs, t.last_probe, t.train_loss, *values, t.error]
+            )
+    return {"summary": summary, "trials": table, "curves": curves}

@@ -227,6 +227,7 @@ def run_pretrain(
     *,
     resume: str | None = None,
     callbacks: Sequence[L.Callback] = (),
+    evaluate: bool = True,
 ) -> dict[str, Any]:
     """Pretrain, evaluate and write the run directory.
 
@@ -234,6 +235,8 @@ def run_pretrain(
         config: the configuration (data-set defaults are filled in here).
         resume: None, ``"last"`` (the run's newest checkpoint) or a checkpoint path.
         callbacks: extra Lightning callbacks, e.g. early stopping.
+        evaluate: run the final linear-probe and kNN evaluation (a search's trials, judged
+            by the online probe, skip it).
 
     Returns:
         The metrics written to ``metrics.json`` (empty on DDP ranks other than 0).
@@ -294,9 +297,11 @@ def run_pretrain(
     pretrain_time = time.perf_counter() - fit_started
     if not trainer.is_global_zero:
         return {}
-    eval_started = time.perf_counter()
-    metrics = evaluate_baselines(module.backbone, splits, config, str(module.device))
-    metrics["evaluation_time_s"] = time.perf_counter() - eval_started
+    metrics = {}
+    if evaluate:
+        eval_started = time.perf_counter()
+        metrics = evaluate_baselines(module.backbone, splits, config, str(module.device))
+        metrics["evaluation_time_s"] = time.perf_counter() - eval_started
     logged = trainer.callback_metrics
     for key in ("train_loss", "probe_top1"):
         if key in logged:
