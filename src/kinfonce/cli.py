@@ -167,16 +167,19 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", metavar="YAML", help="YAML file of config fields (all trials)")
     parser.add_argument(
-        "--space", metavar="YAML", help="search space file (default: Table 3's for the loss)"
+        "--space", metavar="YAML", help="search space file; without it, Table 3's for the loss"
     )
     group = parser.add_argument_group("search settings")
-    for name, (kind, text) in _SEARCH_FLAGS.items():
-        group.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
+    for name, (kind, text) in _SEARCH_FLAGS.items():  # absent unless given, as config flags
+        group.add_argument(
+            "--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS, help=text
+        )
     group = parser.add_argument_group("where it runs")
     group.add_argument(
         "--output-dir",
         dest="search_dir",
-        help="search directory (default: runs/tune/<dataset>-<method>-<loss>-<time>)",
+        metavar="DIR",
+        help="search directory; without it, runs/tune/<dataset>-<method>-<loss>-<time>",
     )
     group.add_argument("--resume", metavar="DIR", help="continue the interrupted search in DIR")
     group.add_argument(
@@ -184,26 +187,27 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --resume: also resume failed trials from their last checkpoint",
     )
-    group.add_argument("--address", help="join this Ray cluster (default: start Ray here)")
-    group.add_argument("--num-cpus", type=int, help="CPUs of the Ray started here (default: all)")
+    group.add_argument("--address", help="join this Ray cluster; without it, Ray starts here")
+    group.add_argument("--num-cpus", type=int, help="CPUs of the Ray started here; without it, all")
     add_config_flags(parser, exclude=_TUNE_FIXED)
     parser.set_defaults(func=_run_tune)
 
 
 def _run_tune(args: argparse.Namespace) -> int:
     from kinfonce.config import build_config, dump_config, flags_to_mapping
+    from kinfonce.errors import KinfonceError
     from kinfonce.report import search_summary
     from kinfonce.space import default_space, load_space
     from kinfonce.tune import SearchSettings, default_search_dir, resume_search, run_search
 
-    settings = {k: getattr(args, k) for k in _SEARCH_FLAGS if getattr(args, k) is not None}
+    settings = {k: getattr(args, k) for k in _SEARCH_FLAGS if hasattr(args, k)}
     fields = flags_to_mapping(args)
     if args.resume:
         given = [f"--{k.replace('_', '-')}" for k in (*settings, *fields)]
         given += [f"--{k}" for k in ("config", "space") if getattr(args, k)]
         given += ["--output-dir"] if args.search_dir else []
         if given:
-            raise ValueError(
+            raise KinfonceError(
                 f"--resume continues a search with its own settings; drop {', '.join(given)}"
             )
         result = resume_search(
@@ -215,7 +219,7 @@ def _run_tune(args: argparse.Namespace) -> int:
         search_dir = args.resume
     else:
         if args.retry_failed:
-            raise ValueError("--retry-failed goes with --resume DIR")
+            raise KinfonceError("--retry-failed goes with --resume DIR")
         base = build_config(args.config, fields)
         space = load_space(args.space) if args.space else default_space(base.loss)
         settings.setdefault("max_t", base.epochs)

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from kinfonce.config import FIELDS, RUNTIME_FIELDS, PretrainConfig, config_from_mapping, field_type
+from kinfonce.errors import KinfonceError, MissingFileError
 from kinfonce.losses import LOSS_PARAMETERS, preset_params
 
 #: Distribution names: the ranges, then the lists of values.
@@ -81,36 +82,38 @@ def parse_dimension(key: str, spec: Any) -> Dimension:
     """Read and check one field's distribution, e.g. ``{"loguniform": [0.01, 10]}``.
 
     Raises:
-        ValueError: naming ``key``: an unknown or fixed field, an unknown distribution, a
+        KinfonceError: naming ``key``: an unknown or fixed field, an unknown distribution, a
             range that is empty, inverted or not finite, a list without values, or values
             of the wrong type for the field.
     """
     if key not in FIELDS:
-        raise ValueError(
+        raise KinfonceError(
             f"search space key {key!r} is not a config field; valid keys are: "
             + ", ".join(name for name in FIELDS if name not in FIXED_FIELDS)
         )
     if key in FIXED_FIELDS:
         reason = "set it with --max-t" if key == "epochs" else "the search sets it for each trial"
-        raise ValueError(f"search space key {key!r} cannot be searched: {reason}")
+        raise KinfonceError(f"search space key {key!r} cannot be searched: {reason}")
     kinds = ", ".join(RANGES + LISTS)
     if not (isinstance(spec, dict) and len(spec) == 1):
-        raise ValueError(
+        raise KinfonceError(
             f"search space key {key!r} must map to one distribution, e.g. "
             f"{{loguniform: [0.01, 10]}} (one of {kinds}); got {spec!r}"
         )
     ((kind, values),) = spec.items()
     if kind not in RANGES + LISTS:
-        raise ValueError(f"search space key {key!r}: unknown distribution {kind!r}; use {kinds}")
+        raise KinfonceError(f"search space key {key!r}: unknown distribution {kind!r}; use {kinds}")
     if not isinstance(values, (list, tuple)) or not values:
-        raise ValueError(f"search space key {key!r}: {kind} needs a non-empty list, got {values!r}")
+        raise KinfonceError(
+            f"search space key {key!r}: {kind} needs a non-empty list, got {values!r}"
+        )
     if kind in LISTS:
         try:
             return Dimension(
                 kind, tuple(config_from_mapping({key: v}).to_dict()[key] for v in values)
             )
         except ValueError as err:
-            raise ValueError(f"search space key {key!r}: {err}") from None
+            raise KinfonceError(f"search space key {key!r}: {err}") from None
     return Dimension(kind, _check_range(key, kind, values))
 
 
@@ -119,34 +122,34 @@ def _check_range(key: str, kind: str, values: Any) -> tuple[Any, Any]:
     base, _ = field_type(key)
     wanted = int if kind == "randint" else float
     if base is not wanted:
-        raise ValueError(
+        raise KinfonceError(
             f"search space key {key!r} is a {base.__name__} field: {kind} does not fit it; "
             f"use {_SUITABLE.get(base, 'choice or grid')}"
         )
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     if len(values) != 2 or not numbers or not all(math.isfinite(v) for v in values):
-        raise ValueError(
+        raise KinfonceError(
             f"search space key {key!r}: {kind} needs [low, high], two finite numbers; got {values!r}"
         )
     low, high = values
     if wanted is int and not all(float(v).is_integer() for v in values):
-        raise ValueError(
+        raise KinfonceError(
             f"search space key {key!r}: randint bounds must be integers, got {values!r}"
         )
     if not low < high:
-        raise ValueError(
+        raise KinfonceError(
             f"search space key {key!r}: the range [{low}, {high}] is empty or inverted; it needs "
             "low < high (to fix a value, set the config field instead)"
         )
     if kind == "loguniform" and low <= 0:
-        raise ValueError(f"search space key {key!r}: loguniform needs low > 0, got {low}")
+        raise KinfonceError(f"search space key {key!r}: loguniform needs low > 0, got {low}")
     return wanted(low), wanted(high)
 
 
 def parse_space(mapping: Any) -> dict[str, Dimension]:
     """A space from a mapping of field -> distribution (see the module docstring)."""
     if not isinstance(mapping, dict) or not mapping:
-        raise ValueError(
+        raise KinfonceError(
             f"a search space must be a non-empty mapping of config fields, got {mapping!r}"
         )
     return {str(key): parse_dimension(str(key), spec) for key, spec in mapping.items()}
@@ -156,15 +159,15 @@ def load_space(path: str | Path) -> dict[str, Dimension]:
     """Read a space from a YAML file (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"search space file {str(path)!r} does not exist")
+        raise MissingFileError(f"search space file {str(path)!r} does not exist")
     try:
         mapping = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ValueError(f"search space file {str(path)!r} is not valid YAML: {err}") from None
+        raise KinfonceError(f"search space file {str(path)!r} is not valid YAML: {err}") from None
     try:
         return parse_space(mapping)
     except ValueError as err:
-        raise ValueError(f"search space file {str(path)!r}: {err}") from None
+        raise KinfonceError(f"search space file {str(path)!r}: {err}") from None
 
 
 def default_space(loss: str) -> dict[str, Dimension]:
@@ -198,7 +201,7 @@ def check_space(space: dict[str, Dimension], base: PretrainConfig) -> None:
     and option, set alone on ``base``, must pass :func:`check_trial_config`.
 
     Raises:
-        ValueError: naming the space key and the value at fault.
+        KinfonceError: naming the space key and the value at fault.
     """
     if "loss" in space:
         _check_values("loss", space["loss"], base)
@@ -208,7 +211,7 @@ def check_space(space: dict[str, Dimension], base: PretrainConfig) -> None:
         for key in space.keys() & set(LOSS_PARAMETERS):
             if key not in takes:
                 own = [p for p in preset_params(loss) if p in LOSS_PARAMETERS]
-                raise ValueError(
+                raise KinfonceError(
                     f"search space key {key!r} is not a parameter of the loss preset {loss!r}, "
                     f"which takes {', '.join(own) or 'none'}"
                 )
@@ -222,7 +225,7 @@ def _check_values(key: str, dim: Dimension, base: PretrainConfig) -> None:
         try:
             check_trial_config(config_from_mapping({key: value}, base))
         except ValueError as err:
-            raise ValueError(f"search space key {key!r} = {value!r}: {err}") from None
+            raise KinfonceError(f"search space key {key!r} = {value!r}: {err}") from None
 
 
 def check_trial_config(config: PretrainConfig) -> None:

@@ -35,6 +35,7 @@ import lightning as L
 import yaml
 
 from kinfonce.config import PretrainConfig, config_from_mapping, dump_config
+from kinfonce.errors import KinfonceError, MissingFileError
 from kinfonce.space import (
     Dimension,
     check_space,
@@ -78,29 +79,29 @@ class SearchSettings:
     search_seed: int | None = 0
 
     def check(self) -> None:
-        """Raise a ValueError naming the first setting out of range."""
+        """Raise a KinfonceError naming the first setting out of range."""
         for name in ("max_t", "num_samples", "grace_period"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+                raise KinfonceError(f"{name} must be an integer >= 1, got {value!r}")
         if self.grace_period > self.max_t:
-            raise ValueError(
+            raise KinfonceError(
                 f"grace_period ({self.grace_period}) must be <= max_t ({self.max_t}): ASHA "
                 "cannot stop a trial after its last epoch"
             )
         if not self.reduction_factor > 1:
-            raise ValueError(f"reduction_factor must be > 1, got {self.reduction_factor}")
+            raise KinfonceError(f"reduction_factor must be > 1, got {self.reduction_factor}")
         if not self.cpus_per_trial > 0:
-            raise ValueError(f"cpus_per_trial must be > 0, got {self.cpus_per_trial}")
+            raise KinfonceError(f"cpus_per_trial must be > 0, got {self.cpus_per_trial}")
         gpus = self.gpus_per_trial
         if not (gpus >= 0 and (gpus <= 1 or float(gpus).is_integer())):
-            raise ValueError(
+            raise KinfonceError(
                 f"gpus_per_trial must be a fraction in [0, 1] or a whole number, got {gpus}"
             )
         if self.max_concurrent is not None and self.max_concurrent < 1:
-            raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
+            raise KinfonceError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
         if self.max_failures < 0:
-            raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
+            raise KinfonceError(f"max_failures must be >= 0, got {self.max_failures}")
 
     def check_local(self, num_cpus: int | None) -> None:
         """On a Ray started here, a trial must fit this machine (or it would wait forever)."""
@@ -108,11 +109,11 @@ class SearchSettings:
 
         cpus = num_cpus or os.cpu_count() or 1
         if self.cpus_per_trial > cpus:
-            raise ValueError(
+            raise KinfonceError(
                 f"cpus_per_trial ({self.cpus_per_trial}) exceeds the {cpus} CPUs of the local Ray"
             )
         if self.gpus_per_trial > torch.cuda.device_count():
-            raise ValueError(
+            raise KinfonceError(
                 f"gpus_per_trial ({self.gpus_per_trial}) exceeds the "
                 f"{torch.cuda.device_count()} GPUs of this machine"
             )
@@ -225,7 +226,7 @@ def _trial_dirname(trial: Any) -> str:
 def trial_base(base: PretrainConfig, settings: SearchSettings) -> PretrainConfig:
     """The config every trial starts from: ``max_t`` epochs on one device, no progress bars."""
     if base.devices != "1" or base.num_nodes != 1:
-        raise ValueError(
+        raise KinfonceError(
             f"a trial trains on one device; devices={base.devices!r} and "
             f"num_nodes={base.num_nodes} are not for tune (use gpus_per_trial)"
         )
@@ -247,7 +248,7 @@ def check_search(
     try:
         check_trial_config(base)
     except ValueError as err:
-        raise ValueError(f"base config: {err}") from None
+        raise KinfonceError(f"base config: {err}") from None
     check_space(space, base)
 
 
@@ -268,7 +269,9 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
         return
     if address is not None:
         if num_cpus is not None:
-            raise ValueError("num_cpus is for a Ray started here; a cluster (address) has its own")
+            raise KinfonceError(
+                "num_cpus is for a Ray started here; a cluster (address) has its own"
+            )
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     else:
         ray.init(
@@ -353,7 +356,7 @@ def run_search(
         callbacks: extra Ray Tune callbacks (``ray.tune.Callback``), e.g. loggers.
 
     Raises:
-        ValueError: bad settings, config or space, or a directory that holds a search;
+        KinfonceError: bad settings, config or space, or a directory that holds a search;
             all checked before Ray starts.
     """
     search_dir = Path(search_dir).resolve()
@@ -361,7 +364,7 @@ def run_search(
     if address is None:
         settings.check_local(num_cpus)
     if (search_dir / SEARCH_FILE).exists():
-        raise ValueError(
+        raise KinfonceError(
             f"{str(search_dir)!r} already holds a search; continue it with --resume "
             f"{search_dir} or choose another --output-dir"
         )
@@ -381,11 +384,13 @@ def load_search(
     """The base config, space and settings a search directory was started with."""
     path = Path(search_dir) / SEARCH_FILE
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{str(search_dir)!r} holds no search ({SEARCH_FILE} is missing): pass the "
             "--output-dir of an earlier `kinfonce tune`"
         )
     record = yaml.safe_load(path.read_text())
+    if not (isinstance(record, dict) and {"config", "space", "settings"} <= record.keys()):
+        raise KinfonceError(f"{str(path)!r} is not a search record of `kinfonce tune`")
     settings = SearchSettings(**record["settings"])
     return config_from_mapping(record["config"]), parse_space(record["space"]), settings
 
@@ -405,13 +410,18 @@ def resume_search(
 
     The directory must be trusted: Tune's experiment state in it is unpickled.
     """
+    from ray import tune
+
     search_dir = Path(search_dir).resolve()
     base, space, settings = load_search(search_dir)
     check_search(base, space, settings)
     if address is None:
         settings.check_local(num_cpus)
-    from ray import tune
-
+    if not tune.Tuner.can_restore(search_dir):
+        raise KinfonceError(
+            f"{str(search_dir)!r} holds no Tune experiment state to resume (the search stopped "
+            "before its first trial was scheduled); start it again with another --output-dir"
+        )
     with ray_session(address, num_cpus):
         tuner = tune.Tuner.restore(
             str(search_dir),
