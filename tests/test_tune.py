@@ -31,7 +31,7 @@ from kinfonce.space import (
     load_space,
     parse_space,
 )
-from kinfonce.tune import SearchSettings, TrialRecord, run_search
+from kinfonce.tune import SearchSettings, TrialRecord, failure_reason, run_search
 
 from .test_pretrain import tiny_config
 
@@ -276,3 +276,15 @@ def test_best_config_runs_with_pretrain(search, tmp_path):
     argv = ["pretrain", "--config", str(best), "--epochs", "1", "--output-dir", str(tmp_path)]
     assert main(argv) == 0
     assert (tmp_path / "metrics.json").is_file()
+
+
+def test_failure_reason_is_the_exception_line():
+    # Bug caught: a failed trial's reason shown as Ray's traceback header, with terminal
+    # colour codes, or with the exception's module path.
+    text = (
+        "Failure # 1 (occurred at 2026-11-28)\n\x1b[36mray::ImplicitFunc.train()\x1b[39m\n"
+        '  File "losses.py", line 60\n'
+        "kinfonce.errors.KinfonceError: z0 contains non-finite values (nan or inf)\n\n"
+    )
+    assert failure_reason(text) == "KinfonceError: z0 contains non-finite values (nan or inf)"
+    assert failure_reason(None) is None

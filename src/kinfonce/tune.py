@@ -433,12 +433,13 @@ def resume_search(
     return finish_search(search_dir, base, space, settings)
 
 
-def _error_reason(error: str | None) -> str | None:
+def failure_reason(error: str | None) -> str | None:
     """The last line of a Tune error text (the exception), without terminal colours."""
     if not error:
         return None
     lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", error).splitlines()]
-    return next((line for line in reversed(lines) if line), None)
+    last = next((line for line in reversed(lines) if line), None)
+    return re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", last) if last else None  # the class, no module
 
 
 def collect_trials(search_dir: Path, max_t: int) -> list[TrialRecord]:
@@ -464,7 +465,7 @@ def collect_trials(search_dir: Path, max_t: int) -> list[TrialRecord]:
             if "train_loss" in frame and len(frame):
                 record.train_loss = float(frame["train_loss"].iloc[-1])
         if trial.status == "ERROR":
-            record.status, record.error = "failed", _error_reason(trial.get_error())
+            record.status, record.error = "failed", failure_reason(trial.get_error())
         elif trial.status == "TERMINATED":
             done = bool(record.epochs) and record.epochs[-1] >= max_t
             record.status = "completed" if done else "stopped"
