@@ -157,6 +157,8 @@ def test_bad_settings_are_refused(settings, message):
         (["--space", "SPACE"], "'learning_rate' is not a config field"),
         (["--resume", "DIR", "--num-samples", "4", "--lr", "2"], "drop --num-samples, --lr"),
         (["--retry-failed"], "--retry-failed goes with --resume"),
+        (["--address", "auto", "--num-cpus", "2"], "num_cpus is for a Ray started here"),
+        (["--num-cpus", "0"], "num_cpus must be >= 1"),
     ],
 )
 def test_cli_errors_come_before_ray_starts(tmp_path, capsys, argv, message):

@@ -103,10 +103,17 @@ class SearchSettings:
         if self.max_failures < 0:
             raise KinfonceError(f"max_failures must be >= 0, got {self.max_failures}")
 
-    def check_local(self, num_cpus: int | None) -> None:
-        """On a Ray started here, a trial must fit this machine (or it would wait forever)."""
+    def check_placement(self, address: str | None, num_cpus: int | None) -> None:
+        """On a Ray started here (no ``address``), a trial must fit this machine, or it
+        would wait forever; ``num_cpus`` sizes that Ray and is not for a cluster."""
         import torch
 
+        if address is not None:
+            if num_cpus is not None:
+                raise KinfonceError("num_cpus is for a Ray started here; a cluster has its own")
+            return
+        if num_cpus is not None and num_cpus < 1:
+            raise KinfonceError(f"num_cpus must be >= 1, got {num_cpus}")
         cpus = num_cpus or os.cpu_count() or 1
         if self.cpus_per_trial > cpus:
             raise KinfonceError(
@@ -268,10 +275,6 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
         yield
         return
     if address is not None:
-        if num_cpus is not None:
-            raise KinfonceError(
-                "num_cpus is for a Ray started here; a cluster (address) has its own"
-            )
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     else:
         ray.init(
@@ -361,8 +364,7 @@ def run_search(
     """
     search_dir = Path(search_dir).resolve()
     check_search(base, space, settings)
-    if address is None:
-        settings.check_local(num_cpus)
+    settings.check_placement(address, num_cpus)
     if (search_dir / SEARCH_FILE).exists():
         raise KinfonceError(
             f"{str(search_dir)!r} already holds a search; continue it with --resume "
@@ -415,8 +417,7 @@ def resume_search(
     search_dir = Path(search_dir).resolve()
     base, space, settings = load_search(search_dir)
     check_search(base, space, settings)
-    if address is None:
-        settings.check_local(num_cpus)
+    settings.check_placement(address, num_cpus)
     if not tune.Tuner.can_restore(search_dir):
         raise KinfonceError(
             f"{str(search_dir)!r} holds no Tune experiment state to resume (the search stopped "
