@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kinfonce.cli import build_parser
-from kinfonce.config import build_config, flags_to_mapping
+from kinfonce.config import ClipConfig, PretrainConfig, build_config, flags_to_mapping
 from kinfonce.flagdoc import flag_reference, undocumented_flags
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -93,8 +93,8 @@ def test_python_blocks_run(page, tmp_path, monkeypatch, tiny_run):
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_shell_commands_parse(page, capsys):
     # Catches a documented command whose subcommand, flag or choice no longer exists, or
-    # whose pretrain flags build no valid config. Commands are parsed, not run (they
-    # train for minutes to days); `kinfonce pretrain` ones also build their configuration.
+    # whose pretrain or clip flags build no valid config. Commands are parsed, not run (they
+    # train for minutes to days); `kinfonce pretrain` and `clip` ones also build their configuration.
     commands = shell_commands(page)
     if not commands:
         pytest.skip(f"{page.name} has no kinfonce commands")
@@ -107,5 +107,7 @@ def test_shell_commands_parse(page, capsys):
             args = parser.parse_args(argv)
         except SystemExit as exit_:
             raise AssertionError(f"{page.name}: `{command}` does not parse") from exit_
-        if args.command == "pretrain" and not args.config:
-            build_config(None, flags_to_mapping(args), resume=args.resume is not None).resolved()
+        cls = {"pretrain": PretrainConfig, "clip": ClipConfig}.get(args.command)
+        if cls is not None and not args.config:
+            mapping = flags_to_mapping(args, cls)
+            build_config(None, mapping, resume=args.resume is not None, cls=cls).resolved()

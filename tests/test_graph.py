@@ -8,11 +8,13 @@ from kinfonce.graph import (
     bipartite_log_gram,
     laplacian,
     mrf_cross_entropy,
+    pair_adjacency,
     pair_graph,
     sample_unit_out_degree,
     similarity_graph,
     stochastic_block_model,
     subgraph_infonce,
+    summarize_pair_graph,
     vertex_log_gram,
 )
 from kinfonce.kernels import ExpKernel
@@ -110,6 +112,29 @@ def test_pair_graph_counts_repeated_edges_once():
 def test_pair_graph_rejects_bad_edges(edges, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pair_graph(edges, **kwargs)
+
+
+def test_sparse_pair_adjacency_row_normalised_is_the_pair_graph():
+    # The sparse form behind the graph report must be the same graph as Definition 4.1's
+    # dense pi (a transposed or unsymmetrised adjacency normalises to another matrix).
+    edges = [(image, image % 3) for image in range(9)] + [(0, 1), (0, 1)]
+    adjacency = torch.from_numpy(pair_adjacency(edges, 9, 3).toarray()).float()
+    assert torch.equal(adjacency, adjacency.T) and adjacency.max() == 1.0
+    torch.testing.assert_close(adjacency / adjacency.sum(1, keepdim=True), pair_graph(edges, 9, 3))
+
+
+def test_pair_graph_summary_counts_degrees_and_components():
+    # Six images with their own captions: six isolated edges, six components. A caption
+    # shared by images 0-2 (a rewrite common to them) merges three components into one;
+    # an unused caption vertex is its own component and counts as isolated.
+    own = [(i, i) for i in range(6)]
+    summary = summarize_pair_graph(own, 6, 6)
+    assert (summary.edges, summary.components, summary.largest_component) == (6, 6, 2)
+    assert summary.degree_a == (1, 1.0, 1) and summary.isolated == 0
+    merged = summarize_pair_graph([*own, (0, 6), (1, 6), (2, 6)], 6, 8)
+    assert (merged.num_b, merged.edges, merged.components) == (8, 9, 5)
+    assert merged.largest_component == 7 and merged.isolated == 1
+    assert merged.degree_a == (1, 1.5, 2) and merged.degree_b == (0, 9 / 8, 3)
 
 
 def test_laplacian_matches_scipy_out_degree_laplacian():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from kinfonce.config import PretrainConfig
+from kinfonce.config import ClipConfig, PretrainConfig, dump_config
 from kinfonce.report import (
     embed_2d,
     format_duration,
@@ -91,6 +91,14 @@ def test_loss_parameters_of_an_unknown_config_come_from_its_values(tmp_path):
         yaml.safe_dump({"method": "byol", "loss": "other", "temperature": 0.2, "epochs": 1})
     )
     assert "| byol | other | temperature=0.2 |" in markdown_table([load_run(run)])
+
+
+def test_clip_runs_are_reported_with_their_loss_defaults(tmp_path):
+    # A `kinfonce clip` config has no method and keys a PretrainConfig rejects: read as one,
+    # its row would show no method and only the loss parameters written in it.
+    run = make_run(tmp_path, "a")
+    (run / "config.yaml").write_text(dump_config(ClipConfig(loss="laplacian", rewrites=3)))
+    assert "| clip | laplacian | temperature=0.5 |" in markdown_table([load_run(run)])
 
 
 def test_training_curves_average_per_step_values(tmp_path):

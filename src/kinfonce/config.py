@@ -1,10 +1,10 @@
-"""The pretraining configuration: one dataclass, a YAML file and a flag per field.
+"""Training configurations: one dataclass per command, a YAML file and a flag per field.
 
 The effective configuration is built in three layers: the defaults below, then an
 optional YAML file (``--config``), then command-line flags. A key that is not a field
 is an error, never ignored. ``None`` in a loss-parameter field means "the preset's (or
 the method's) default"; in an augmentation field it means "the data set's default"
-(:data:`DATASET_AUGMENTATION`). :meth:`PretrainConfig.resolved` fills these in, and the
+(:data:`DATASET_AUGMENTATION`). :meth:`TrainConfig.resolved` fills these in, and the
 resolved form is what a run writes to ``config.yaml``.
 """
 
@@ -61,9 +61,16 @@ RUNTIME_FIELDS = frozenset(
 )
 
 
+ConfigT = typing.TypeVar("ConfigT", bound="TrainConfig")
+
+
 @dataclass
-class PretrainConfig:
-    """Every setting of ``kinfonce pretrain`` (defaults: the embedded digits run)."""
+class TrainConfig:
+    """The settings every training command shares (defaults: the embedded digits run).
+
+    :class:`PretrainConfig` (``kinfonce pretrain``) and :class:`ClipConfig`
+    (``kinfonce clip``) add their own fields.
+    """
 
     # data
     dataset: str = _f(
@@ -93,14 +100,11 @@ class PretrainConfig:
     )
     blur: bool = _f(False, "add Gaussian blur to the views", "augmentation")
     # model
-    method: str = _f("simclr", "pretraining method: simclr or moco", "model")
     backbone: str = _f("resnet-mini", "backbone name (see kinfonce.models.BACKBONES)", "model")
     proj_hidden_dim: int = _f(2048, "hidden width of the projection head", "model")
     proj_out_dim: int | None = _f(
         None, "embedding width (None: 128, or 256 for the concatenation presets)", "model"
     )
-    moco_momentum: float = _f(0.99, "EMA momentum of the MoCo key encoder", "model")
-    queue_size: int = _f(4096, "number of keys in the MoCo queue", "model")
     # loss
     loss: str = _f("simple-sum", "loss preset (see kinfonce.losses.LOSS_PRESETS)", "loss")
     temperature: float | None = _f(None, "temperature tau (None: preset/method default)", "loss")
@@ -149,7 +153,7 @@ class PretrainConfig:
         """Plain dict of all fields (YAML- and checkpoint-safe)."""
         return dataclasses.asdict(self)
 
-    def resolved(self) -> PretrainConfig:
+    def resolved(self: ConfigT) -> ConfigT:
         """A copy with the data set's augmentation defaults and the loss preset's learning
         rate filled in (loss-parameter defaults stay None)."""
         base = DATASET_AUGMENTATION.get(self.dataset, SIMCLR_AUGMENTATION)
@@ -159,12 +163,54 @@ class PretrainConfig:
         return dataclasses.replace(self, **fill)
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Every setting of ``kinfonce pretrain`` (defaults: the embedded digits run)."""
+
+    method: str = _f("simclr", "pretraining method: simclr or moco", "model")
+    moco_momentum: float = _f(0.99, "EMA momentum of the MoCo key encoder", "model")
+    queue_size: int = _f(4096, "number of keys in the MoCo queue", "model")
 
 
-def field_type(name: str) -> tuple[type, bool]:
+#: Text encoders of ``kinfonce clip``: name -> what it is.
+TEXT_ENCODERS = {
+    "small": "a small transformer trained from scratch with the image encoder (no download)",
+    "minilm": "frozen all-MiniLM-L6-v2 sentence embeddings (extra 'text') + a trainable projection",
+}
+
+
+@dataclass
+class ClipConfig(TrainConfig):
+    """Every setting of ``kinfonce clip``: image-caption training with the bipartite loss."""
+
+    output_dir: str | None = _f(
+        None, "run directory (None: runs/clip/<dataset>-clip-<loss>-<time>)", "runtime"
+    )
+    rewrites: int = _f(
+        1,
+        "captions per class: the plain prompt and rewrites-1 rewritten ones, one drawn "
+        "uniformly per image and step (1: the prompt only)",
+        "text",
+    )
+    text_encoder: str = _f("small", f"text encoder: {', '.join(TEXT_ENCODERS)}", "text")
+    text_width: int = _f(
+        64, "width of the small text encoder (and of the MiniLM projection)", "text"
+    )
+    text_layers: int = _f(2, "transformer layers of the small text encoder", "text")
+
+
+#: Config class of each command, the ``kind`` a checkpoint records.
+CONFIG_CLASSES: dict[str, type[TrainConfig]] = {"pretrain": PretrainConfig, "clip": ClipConfig}
+
+
+def config_fields(cls: type[TrainConfig]) -> dict[str, dataclasses.Field]:
+    """A config class's fields by name, in declaration order."""
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def field_type(cls: type[TrainConfig], name: str) -> tuple[type, bool]:
     """(base type, optional) of a field from its annotation."""
-    hint = typing.get_type_hints(PretrainConfig)[name]
+    hint = typing.get_type_hints(cls)[name]
     args = typing.get_args(hint)
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         base = next(a for a in args if a is not type(None))
@@ -172,9 +218,9 @@ def field_type(name: str) -> tuple[type, bool]:
     return hint, False
 
 
-def _coerce(name: str, value: Any) -> Any:
+def _coerce(cls: type[TrainConfig], name: str, value: Any) -> Any:
     """Check and convert one value to its field's type; ValueError names the field."""
-    base, optional = field_type(name)
+    base, optional = field_type(cls, name)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
@@ -196,18 +242,28 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def config_from_mapping(
-    values: dict[str, Any], base: PretrainConfig | None = None
-) -> PretrainConfig:
-    """Override ``base`` (default: the defaults) with ``values``; unknown keys are errors."""
-    unknown = sorted(set(values) - set(FIELDS))
+    values: dict[str, Any], base: TrainConfig | None = None, cls: type[TrainConfig] | None = None
+) -> Any:
+    """Override ``base`` with ``values``; unknown keys are errors.
+
+    Args:
+        values: field name -> value (strings are converted to the field's type).
+        base: the config to start from (default: the defaults of ``cls``).
+        cls: the config class (default: the class of ``base``, else :class:`PretrainConfig`).
+    """
+    cls = cls or (type(base) if base is not None else PretrainConfig)
+    fields = config_fields(cls)
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise KinfonceError(f"unknown config key(s) {unknown}; valid keys are: {', '.join(FIELDS)}")
-    changes = {name: _coerce(name, value) for name, value in values.items()}
-    return dataclasses.replace(base or PretrainConfig(), **changes)
+        raise KinfonceError(f"unknown config key(s) {unknown}; valid keys are: {', '.join(fields)}")
+    changes = {name: _coerce(cls, name, value) for name, value in values.items()}
+    return dataclasses.replace(base or cls(), **changes)
 
 
-def load_config_file(path: str | Path, base: PretrainConfig | None = None) -> PretrainConfig:
-    """Read a YAML mapping of config fields on top of ``base``."""
+def load_config_file(
+    path: str | Path, base: TrainConfig | None = None, cls: type[TrainConfig] | None = None
+) -> Any:
+    """Read a YAML mapping of config fields on top of ``base`` (see :func:`config_from_mapping`)."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"config file {str(path)!r} does not exist")
@@ -217,30 +273,33 @@ def load_config_file(path: str | Path, base: PretrainConfig | None = None) -> Pr
         raise KinfonceError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     if not isinstance(values, dict):
         raise KinfonceError(f"config file {str(path)!r} must hold a mapping of config keys")
-    return config_from_mapping(values, base)
+    return config_from_mapping(values, base, cls)
 
 
-def dump_config(config: PretrainConfig) -> str:
+def dump_config(config: TrainConfig) -> str:
     """The config as plain YAML, fields in declaration order."""
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
 def add_config_flags(
-    parser: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()
+    parser: argparse.ArgumentParser,
+    cls: type[TrainConfig] = PretrainConfig,
+    exclude: frozenset[str] = frozenset(),
 ) -> None:
-    """Add ``--<field>`` for every field not in ``exclude``, grouped, with its help and default.
+    """Add ``--<field>`` for every field of ``cls`` not in ``exclude``, grouped, with its help
+    and default.
 
     Flags default to ``argparse.SUPPRESS`` so that only flags actually given override
     the YAML file; see :func:`flags_to_mapping`.
     """
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for name, spec in FIELDS.items():
+    for name, spec in config_fields(cls).items():
         if name in exclude:
             continue
         group_name = spec.metadata["group"]
         if group_name not in groups:
             groups[group_name] = parser.add_argument_group(f"{group_name} settings")
-        base, optional = field_type(name)
+        base, optional = field_type(cls, name)
         flag = "--" + name.replace("_", "-")
         help_text = f"{spec.metadata['help']} (default: {spec.default})"
         if base is bool:
@@ -258,9 +317,11 @@ def add_config_flags(
             )
 
 
-def flags_to_mapping(args: argparse.Namespace) -> dict[str, Any]:
+def flags_to_mapping(
+    args: argparse.Namespace, cls: type[TrainConfig] = PretrainConfig
+) -> dict[str, Any]:
     """The config fields given on the command line, as a mapping for :func:`config_from_mapping`."""
-    return {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    return {name: getattr(args, name) for name in config_fields(cls) if hasattr(args, name)}
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -274,9 +335,13 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 
 def build_config(
-    config_file: str | Path | None, overrides: dict[str, Any], *, resume: bool = False
-) -> PretrainConfig:
-    """Defaults, then the YAML file, then ``overrides`` (the flags given).
+    config_file: str | Path | None,
+    overrides: dict[str, Any],
+    *,
+    resume: bool = False,
+    cls: type[TrainConfig] = PretrainConfig,
+) -> Any:
+    """Defaults of ``cls``, then the YAML file, then ``overrides`` (the flags given).
 
     When resuming without a config file, the run directory's own ``config.yaml`` (of
     ``overrides["output_dir"]``) is the base, so ``--output-dir RUN --resume`` is enough.
@@ -285,5 +350,5 @@ def build_config(
         saved = Path(overrides["output_dir"]) / "config.yaml"
         if saved.is_file():
             config_file = saved
-    base = load_config_file(config_file) if config_file is not None else None
-    return config_from_mapping(overrides, base)
+    base = load_config_file(config_file, cls=cls) if config_file is not None else None
+    return config_from_mapping(overrides, base, cls)

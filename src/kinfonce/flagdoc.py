@@ -13,8 +13,8 @@ HEADER = (
     "# Flag reference\n\n"
     "Generated from the command-line parsers by `python -m kinfonce.flagdoc > docs/flags.md`;\n"
     "a test fails when this file and the code disagree. `kinfonce COMMAND --help` prints the\n"
-    "same. Every `kinfonce pretrain` flag is also a key of its YAML config (`--config FILE`),\n"
-    "with dashes written as underscores.\n"
+    "same. Every `kinfonce pretrain` and `kinfonce clip` flag is also a key of its YAML config\n"
+    "(`--config FILE`), with dashes written as underscores.\n"
 )
 
 

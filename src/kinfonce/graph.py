@@ -5,7 +5,8 @@ clustering on the augmentation graph ``pi``:
 
 * graphs: the stochastic block model of Appendix C (:func:`stochastic_block_model`), its
   row-normalised similarity graph (:func:`similarity_graph`), the pair graph of Definition 4.1
-  (:func:`pair_graph`) and the graph Laplacian of Definition 2.6 (:func:`laplacian`);
+  (:func:`pair_graph`; sparse: :func:`pair_adjacency`, counted by :func:`summarize_pair_graph`)
+  and the graph Laplacian of Definition 2.6 (:func:`laplacian`);
 * the subgraph distribution P(W; pi) of Definition 2.2, sampled row by row as Lemma 2.3 allows
   (:func:`sample_unit_out_degree`);
 * the cross-entropy H_pi^k(Z) of Eq. (3), its split into attraction and repulsion (Lemma 2.5,
@@ -23,6 +24,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
 import torch
 from torch import Tensor
 
@@ -125,6 +129,24 @@ def similarity_graph(adjacency: Tensor) -> Tensor:
     return adjacency / adjacency.sum(dim=1, keepdim=True)
 
 
+def _pair_edges(
+    edges: Sequence[tuple[int, int]] | Tensor, num_a: int | None, num_b: int | None
+) -> tuple[Tensor, int, int]:
+    """Checked (M, 2) int64 edges with the modality sizes (defaults: 1 + the largest index)."""
+    pairs = torch.as_tensor(edges, dtype=torch.int64)
+    if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.shape[0] == 0:
+        raise KinfonceError(
+            f"edges must be a non-empty list of (a, b) pairs, got shape {tuple(pairs.shape)}"
+        )
+    if (pairs < 0).any():
+        raise KinfonceError("edges must hold non-negative vertex indices")
+    num_a = int(pairs[:, 0].max()) + 1 if num_a is None else num_a
+    num_b = int(pairs[:, 1].max()) + 1 if num_b is None else num_b
+    if int(pairs[:, 0].max()) >= num_a or int(pairs[:, 1].max()) >= num_b:
+        raise KinfonceError(f"edges refer to vertices outside num_a={num_a}, num_b={num_b}")
+    return pairs, num_a, num_b
+
+
 def pair_graph(
     edges: Sequence[tuple[int, int]] | Tensor, num_a: int | None = None, num_b: int | None = None
 ) -> Tensor:
@@ -143,24 +165,88 @@ def pair_graph(
         num_b: size of modality B; defaults to 1 + the largest b.
 
     Returns:
-        (num_a + num_b, num_a + num_b) row-stochastic bipartite matrix.
+        (num_a + num_b, num_a + num_b) row-stochastic bipartite matrix. For large graphs
+        :func:`pair_adjacency` gives the same edges as a sparse matrix.
     """
-    pairs = torch.as_tensor(edges, dtype=torch.int64)
-    if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.shape[0] == 0:
-        raise KinfonceError(
-            f"edges must be a non-empty list of (a, b) pairs, got shape {tuple(pairs.shape)}"
-        )
-    if (pairs < 0).any():
-        raise KinfonceError("edges must hold non-negative vertex indices")
-    num_a = int(pairs[:, 0].max()) + 1 if num_a is None else num_a
-    num_b = int(pairs[:, 1].max()) + 1 if num_b is None else num_b
-    if int(pairs[:, 0].max()) >= num_a or int(pairs[:, 1].max()) >= num_b:
-        raise KinfonceError(f"edges refer to vertices outside num_a={num_a}, num_b={num_b}")
+    pairs, num_a, num_b = _pair_edges(edges, num_a, num_b)
     weights = torch.zeros(num_a + num_b, num_a + num_b, dtype=torch.get_default_dtype())
     weights[pairs[:, 0], num_a + pairs[:, 1]] = 1.0
     weights[num_a + pairs[:, 1], pairs[:, 0]] = 1.0
     check_similarity_graph(weights, "edges")
     return weights / weights.sum(dim=1, keepdim=True)
+
+
+def pair_adjacency(
+    edges: Sequence[tuple[int, int]] | Tensor, num_a: int | None = None, num_b: int | None = None
+) -> scipy.sparse.csr_array:
+    """The undirected edge set E of Definition 4.1 as a sparse 0/1 adjacency matrix.
+
+    The same vertex numbering as :func:`pair_graph`, whose matrix is this one divided by
+    its row sums; sparse, so that a pair graph of a whole training set (tens of thousands
+    of images) fits in memory. Vertices without edges are allowed here.
+
+    Args:
+        edges, num_a, num_b: as in :func:`pair_graph`.
+
+    Returns:
+        (num_a + num_b, num_a + num_b) symmetric scipy CSR array of 0/1 (repeated edges once).
+    """
+    pairs, num_a, num_b = _pair_edges(edges, num_a, num_b)
+    a, b = pairs[:, 0].numpy(), num_a + pairs[:, 1].numpy()
+    rows, cols = np.concatenate([a, b]), np.concatenate([b, a])
+    size = num_a + num_b
+    adjacency = scipy.sparse.csr_array((np.ones(len(rows)), (rows, cols)), shape=(size, size))
+    adjacency.data[:] = 1.0  # duplicates were summed
+    return adjacency
+
+
+class PairGraphSummary(NamedTuple):
+    """Size, degrees and connected components of a pair graph (see :func:`summarize_pair_graph`).
+
+    Degrees are ``(min, mean, max)`` over the vertices of one modality.
+    """
+
+    num_a: int
+    num_b: int
+    edges: int
+    degree_a: tuple[int, float, int]
+    degree_b: tuple[int, float, int]
+    components: int
+    largest_component: int
+    isolated: int
+
+
+def summarize_pair_graph(
+    edges: Sequence[tuple[int, int]] | Tensor, num_a: int | None = None, num_b: int | None = None
+) -> PairGraphSummary:
+    """Count the vertices, edges, degrees and connected components of a pair graph.
+
+    Components are those of the undirected graph (scipy's ``connected_components``); by
+    Theorem 4.2 they are what the bipartite loss can separate, so a graph whose components
+    are the classes is one on which spectral clustering recovers them.
+
+    Args:
+        edges, num_a, num_b: as in :func:`pair_graph`.
+    """
+    pairs, num_a, num_b = _pair_edges(edges, num_a, num_b)
+    adjacency = pair_adjacency(pairs, num_a, num_b)
+    degrees = np.asarray(adjacency.sum(axis=1)).astype(np.int64)
+    count, labels = scipy.sparse.csgraph.connected_components(adjacency, directed=False)
+    sizes = np.bincount(labels)
+
+    def stats(values: np.ndarray) -> tuple[int, float, int]:
+        return int(values.min()), float(values.mean()), int(values.max())
+
+    return PairGraphSummary(
+        num_a=num_a,
+        num_b=num_b,
+        edges=int(adjacency.nnz // 2),
+        degree_a=stats(degrees[:num_a]),
+        degree_b=stats(degrees[num_a:]),
+        components=int(count),
+        largest_component=int(sizes.max()),
+        isolated=int((degrees == 0).sum()),
+    )
 
 
 def laplacian(weights: Tensor) -> Tensor:

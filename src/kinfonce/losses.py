@@ -25,6 +25,7 @@ from kinfonce.errors import KinfonceError
 from kinfonce.kernel_lse import kernel_logsumexp
 from kinfonce.kernels import (
     ExpKernel,
+    KernelTerm,
     MixtureKernel,
     as_mixture,
     check_weight,
@@ -240,6 +241,28 @@ class LossMixture(nn.Module):
         self.split_features = split_features
         self.out_dim_multiple = len(losses) if split_features else 1
 
+    @property
+    def kernel(self) -> MixtureKernel:
+        """The mixture kernel ``sum_c w_c K_c`` of the weighted component kernels.
+
+        Each component's kernel acts on its own slice of the features when they are split.
+        It ranks candidates the way the mixture trains them to be ranked (used by
+        zero-shot classification); the loss itself stays a weighted sum of losses.
+
+        Raises:
+            KinfonceError: a component has no kernel (e.g. the spectral contrastive loss).
+        """
+        terms = []
+        for index, (weight, loss) in enumerate(zip(self.weights, self.losses, strict=True)):
+            if not isinstance(getattr(loss, "kernel", None), MixtureKernel):
+                raise KinfonceError(
+                    f"component {index} of the mixture ({type(loss).__name__}) has no kernel"
+                )
+            for term in loss.kernel.terms:
+                part = index if self.split_features else term.part
+                terms.append(KernelTerm(term.kernel, weight * term.weight, part))
+        return MixtureKernel(terms, parts=self.out_dim_multiple)
+
     def _parts(self, z: Tensor | None) -> list[Tensor | None]:
         if z is None or not self.split_features:
             return [z] * len(self.losses)
@@ -366,7 +389,7 @@ LOSS_PRESETS: dict[str, Callable[..., nn.Module]] = {
     "spectral": _spectral,
 }
 
-_COMMON = ("normalize", "chunk_size", "gather_distributed")
+_COMMON = ("normalize", "bipartite", "chunk_size", "gather_distributed")
 
 #: Every kernel parameter some preset takes, in display order.
 LOSS_PARAMETERS = ("gamma", "temperature", "temperature1", "temperature2", "lam")

@@ -160,17 +160,28 @@ def effective_loss_parameters(config: dict[str, Any]) -> dict[str, Any]:
 
     A config that ``kinfonce.config`` no longer accepts falls back to the values it stores.
     """
-    from kinfonce.config import config_from_mapping
+    from kinfonce.config import CONFIG_CLASSES, config_from_mapping
     from kinfonce.losses import preset_defaults
     from kinfonce.methods import METHODS
 
     stored = {k: config[k] for k in LOSS_PARAMETERS if config.get(k) is not None}
+    kind = run_kind(config)
     try:
-        cfg = config_from_mapping(config)
-        defaults, method = preset_defaults(cfg.loss), METHODS[cfg.method]
+        cfg = config_from_mapping(config, cls=CONFIG_CLASSES[kind])
+        if kind == "clip":
+            from kinfonce.clip import ClipMethod as method
+        else:
+            method = METHODS[cfg.method]
+        defaults = preset_defaults(cfg.loss)
     except (ValueError, KeyError):
         return stored
     return {**defaults, **method.loss_params(cfg)}
+
+
+def run_kind(config: dict[str, Any]) -> str:
+    """The command that wrote a run's config: "clip" when it has caption settings, else
+    "pretrain"."""
+    return "clip" if "rewrites" in config else "pretrain"
 
 
 def _format_parameters(params: dict[str, Any]) -> str:
@@ -218,7 +229,7 @@ def summary_row(run: RunSummary, name: str) -> dict[str, str]:
 
     return {
         "run": name,
-        "method": text("method"),
+        "method": "clip" if run_kind(cfg) == "clip" else text("method"),
         "loss": text("loss"),
         "loss parameters": _format_parameters(effective_loss_parameters(cfg)),
         "backbone": text("backbone"),

@@ -23,9 +23,18 @@ from typing import Any
 
 import yaml
 
-from kinfonce.config import FIELDS, RUNTIME_FIELDS, PretrainConfig, config_from_mapping, field_type
+from kinfonce.config import (
+    RUNTIME_FIELDS,
+    PretrainConfig,
+    config_fields,
+    config_from_mapping,
+    field_type,
+)
+
 from kinfonce.errors import KinfonceError, MissingFileError
 from kinfonce.losses import LOSS_PARAMETERS, preset_params
+
+FIELDS = config_fields(PretrainConfig)
 
 #: Distribution names: the ranges, then the lists of values.
 RANGES = ("uniform", "loguniform", "randint")
@@ -119,7 +128,7 @@ def parse_dimension(key: str, spec: Any) -> Dimension:
 
 def _check_range(key: str, kind: str, values: Any) -> tuple[Any, Any]:
     """``(low, high)`` of a range, checked against the field's type."""
-    base, _ = field_type(key)
+    base, _ = field_type(PretrainConfig, key)
     wanted = int if kind == "randint" else float
     if base is not wanted:
         raise KinfonceError(

@@ -1,7 +1,7 @@
 """``kinfonce pretrain``: set up and run a pretraining job, then evaluate it.
 
-One function, :func:`run_pretrain`, takes a :class:`~kinfonce.config.PretrainConfig`
-through the whole job: checks, data, the method's LightningModule, a Lightning
+One function, :func:`run_training`, takes a configuration through the whole job:
+checks, data, the method's LightningModule, a Lightning
 Trainer (progress bar, CSV and TensorBoard logs, a checkpoint every epoch, a
 checkpoint on Ctrl-C or a crash), the final evaluation of the frozen backbone beside
 two baselines measured in the same run, and the run directory::
@@ -12,6 +12,10 @@ two baselines measured in the same run, and the run directory::
 Resuming (``resume=``) continues from a checkpoint of the same configuration. The
 sampler is seeded per epoch and the views per step, so a run resumed at an epoch
 boundary ends with the same weights as an uninterrupted one.
+
+What differs between kinds of runs (their checks, module, data and final evaluation) is
+a :class:`TrainingJob`: :func:`run_pretrain` runs :data:`PRETRAIN_JOB`, and
+``kinfonce clip`` its own job (:mod:`kinfonce.clip`) through the same function.
 """
 
 from __future__ import annotations
@@ -23,20 +27,27 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
-from kinfonce.config import PretrainConfig, config_differences, config_from_mapping, dump_config
-from kinfonce.data import load_dataset
+from kinfonce.config import (
+    PretrainConfig,
+    TrainConfig,
+    config_differences,
+    config_from_mapping,
+    dump_config,
+)
+from kinfonce.data import DatasetSplits, load_dataset
 from kinfonce.data.batches import PretrainData, check_batch_size
 from kinfonce.errors import KinfonceError, MissingFileError
 from kinfonce.evaluate import evaluate_baselines
 from kinfonce.losses import LOSS_PRESETS
-from kinfonce.methods import METHODS, load_checkpoint
+from kinfonce.methods import METHODS, PretrainMethod, load_checkpoint
 from kinfonce.methods.base import CHECKPOINT_KEY, data_description
 from kinfonce.models import BACKBONES
 from kinfonce.optim import OPTIMIZERS
@@ -48,9 +59,15 @@ RUN_DIR_ENV = "KINFONCE_RUN_DIR"
 
 
 def check_choices(config: PretrainConfig) -> None:
-    """Raise a ValueError listing the valid names for an unknown choice."""
+    """Raise a KinfonceError listing the valid names for an unknown choice or a bad number."""
+    if config.method not in METHODS:
+        raise KinfonceError(f"method must be one of {sorted(METHODS)}, got {config.method!r}")
+    check_common_choices(config)
+
+
+def check_common_choices(config: TrainConfig) -> None:
+    """:func:`check_choices` for the fields every training command shares."""
     for field, value, valid in (
-        ("method", config.method, METHODS),
         ("backbone", config.backbone, BACKBONES),
         ("loss", config.loss, LOSS_PRESETS),
         ("optimizer", config.optimizer, OPTIMIZERS),
@@ -74,19 +91,21 @@ def check_choices(config: PretrainConfig) -> None:
         )
 
 
-def resolve_run_dir(config: PretrainConfig) -> Path:
+def resolve_run_dir(config: TrainConfig, command: str = "pretrain") -> Path:
     """The run directory: ``output_dir``, else a new time-stamped one.
 
-    A DDP worker (``LOCAL_RANK`` set) takes the name its launcher handed on through
-    :data:`RUN_DIR_ENV` (see :func:`shared_with_workers`).
+    New ones are ``runs/<command>/<dataset>-<method>-<loss>-<time>`` (the method of a
+    command without methods is the command). A DDP worker (``LOCAL_RANK`` set) takes the
+    name its launcher handed on through :data:`RUN_DIR_ENV` (see :func:`shared_with_workers`).
     """
     if config.output_dir:
         return Path(config.output_dir)
     if RUN_DIR_ENV in os.environ and "LOCAL_RANK" in os.environ:
         return Path(os.environ[RUN_DIR_ENV])
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = f"{config.dataset.split(':')[0]}-{config.method}-{config.loss}-{stamp}"
-    return Path("runs") / "pretrain" / name
+    method = getattr(config, "method", command)
+    name = f"{config.dataset.split(':')[0]}-{method}-{config.loss}-{stamp}"
+    return Path("runs") / command / name
 
 
 @contextlib.contextmanager
@@ -126,10 +145,16 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
     return max(existing, key=lambda path: path.stat().st_mtime)
 
 
-def check_resumable(checkpoint_path: Path, config: PretrainConfig) -> None:
+def check_resumable(checkpoint_path: Path, config: TrainConfig) -> None:
     """Refuse a checkpoint written with another configuration, naming the differences."""
     saved = load_checkpoint(checkpoint_path)[CHECKPOINT_KEY]["config"]
-    saved = config_from_mapping(saved).resolved().to_dict()
+    try:
+        saved = config_from_mapping(saved, cls=type(config)).resolved().to_dict()
+    except KinfonceError as err:
+        raise KinfonceError(
+            f"cannot resume from {str(checkpoint_path)!r}: it was written by another kind of "
+            f"run ({err})"
+        ) from None
     differences = config_differences(saved, config.to_dict())
     if differences:
         raise KinfonceError(
@@ -140,7 +165,7 @@ def check_resumable(checkpoint_path: Path, config: PretrainConfig) -> None:
 
 
 def make_trainer(
-    config: PretrainConfig, run_dir: Path, callbacks: Sequence[L.Callback] = ()
+    config: TrainConfig, run_dir: Path, callbacks: Sequence[L.Callback] = ()
 ) -> L.Trainer:
     """A Trainer with progress bar, CSV + TensorBoard logs and per-epoch checkpoints."""
     from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
@@ -222,6 +247,56 @@ def quiet_lightning(accelerator: str) -> Iterator[None]:
         torch.set_float32_matmul_precision(precision)
 
 
+@dataclass(frozen=True)
+class TrainingJob:
+    """What one kind of training run adds to the machinery of :func:`run_training`.
+
+    Attributes:
+        command: the ``kinfonce`` command ("pretrain", "clip"): names run directories and
+            the resume hint.
+        check: raises a KinfonceError for an invalid configuration, before anything else.
+        build: (resolved config, data splits) -> (LightningModule, data module).
+        evaluate: (trained module, splits, config, device) -> final metrics.
+    """
+
+    command: str
+    check: Callable[[Any], None]
+    build: Callable[[Any, DatasetSplits], tuple[PretrainMethod, PretrainData]]
+    evaluate: Callable[[Any, DatasetSplits, Any, str], dict[str, Any]]
+
+
+def _build_pretrain(
+    config: PretrainConfig, splits: DatasetSplits
+) -> tuple[PretrainMethod, PretrainData]:
+    module = METHODS[config.method](config, data_description(splits))
+    return module, PretrainData(splits, config.batch_size, config.seed)
+
+
+def _evaluate_pretrain(
+    module: PretrainMethod, splits: DatasetSplits, config: PretrainConfig, device: str
+) -> dict[str, Any]:
+    return evaluate_baselines(module.backbone, splits, config, device)
+
+
+#: ``kinfonce pretrain``: SimCLR or MoCo, evaluated beside the two baselines.
+PRETRAIN_JOB = TrainingJob("pretrain", check_choices, _build_pretrain, _evaluate_pretrain)
+
+#: Metrics logged during training that ``metrics.json`` keeps as ``final_<name>``.
+FINAL_LOGGED = ("train_loss", "probe_top1", "val_zero_shot_top1")
+
+
+def load_training_splits(config: TrainConfig) -> DatasetSplits:
+    """The data set of a run, with its seeded training subset."""
+    splits = load_dataset(
+        config.dataset,
+        root=config.data_root,
+        download=config.download,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+    )
+    return splits.with_train_subset(config.train_subset, config.seed)
+
+
 def run_pretrain(
     config: PretrainConfig,
     *,
@@ -229,10 +304,25 @@ def run_pretrain(
     callbacks: Sequence[L.Callback] = (),
     evaluate: bool = True,
 ) -> dict[str, Any]:
-    """Pretrain, evaluate and write the run directory.
+    """Pretrain, evaluate and write the run directory: :func:`run_training` of :data:`PRETRAIN_JOB`."""
+    return run_training(
+        config, PRETRAIN_JOB, resume=resume, callbacks=callbacks, evaluate=evaluate
+    )
+
+
+def run_training(
+    config: TrainConfig,
+    job: TrainingJob,
+    *,
+    resume: str | None = None,
+    callbacks: Sequence[L.Callback] = (),
+    evaluate: bool = True,
+) -> dict[str, Any]:
+    """Train, evaluate and write the run directory.
 
     Args:
         config: the configuration (data-set defaults are filled in here).
+        job: what the kind of run checks, builds and evaluates.
         resume: None, ``"last"`` (the run's newest checkpoint) or a checkpoint path.
         callbacks: extra Lightning callbacks, e.g. early stopping.
         evaluate: run the final linear-probe and kNN evaluation (a search's trials, judged
@@ -242,13 +332,13 @@ def run_pretrain(
         The metrics written to ``metrics.json`` (empty on DDP ranks other than 0).
 
     Raises:
-        ValueError: unknown names, impossible batch sizes, a checkpoint of another
+        KinfonceError: unknown names, impossible batch sizes, a checkpoint of another
             configuration, a run directory that already holds a run.
     """
     started, cpu_started = time.perf_counter(), time.process_time()
     config = config.resolved()
-    check_choices(config)
-    run_dir = resolve_run_dir(config)
+    job.check(config)
+    run_dir = resolve_run_dir(config, job.command)
     checkpoint = resume_checkpoint(run_dir, resume)
     if checkpoint is not None:
         check_resumable(checkpoint, config)
@@ -258,36 +348,25 @@ def run_pretrain(
             "another --output-dir"
         )
     L.seed_everything(config.seed, verbose=False)
-    splits = load_dataset(
-        config.dataset,
-        root=config.data_root,
-        download=config.download,
-        val_fraction=config.val_fraction,
-        seed=config.seed,
-    )
-    splits = splits.with_train_subset(config.train_subset, config.seed)
+    splits = load_training_splits(config)
     csv_log = run_dir / "logs" / "metrics.csv"
     earlier_log = read_csv_log(csv_log) if checkpoint is not None else []
     with quiet_lightning(config.accelerator):
         trainer = make_trainer(config, run_dir, callbacks)
     check_batch_size(config.batch_size, len(splits.train), trainer.world_size)
-    module = METHODS[config.method](config, data_description(splits))
+    module, data = job.build(config, splits)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
     fit_started = time.perf_counter()
     try:
         with quiet_lightning(config.accelerator), shared_with_workers(run_dir, trainer.world_size):
-            trainer.fit(
-                module,
-                datamodule=PretrainData(splits, config.batch_size, config.seed),
-                ckpt_path=checkpoint,
-                weights_only=True,
-            )
+            trainer.fit(module, datamodule=data, ckpt_path=checkpoint, weights_only=True)
     except SystemExit:  # Lightning exits after saving interrupted.ckpt on Ctrl-C
         if trainer.is_global_zero:
             print(
-                f"interrupted; continue with: kinfonce pretrain --output-dir {run_dir} --resume",
+                f"interrupted; continue with: kinfonce {job.command} --output-dir {run_dir} "
+                "--resume",
                 file=sys.stderr,
             )
         raise
@@ -300,10 +379,10 @@ def run_pretrain(
     metrics = {}
     if evaluate:
         eval_started = time.perf_counter()
-        metrics = evaluate_baselines(module.backbone, splits, config, str(module.device))
+        metrics = job.evaluate(module, splits, config, str(module.device))
         metrics["evaluation_time_s"] = time.perf_counter() - eval_started
     logged = trainer.callback_metrics
-    for key in ("train_loss", "probe_top1"):
+    for key in FINAL_LOGGED:
         if key in logged:
             metrics[f"final_{key}"] = float(logged[key])
     metrics.update(

@@ -1,8 +1,11 @@
-"""Training batches for pretraining: a seeded, sharded sampler over the in-memory uint8 set."""
+"""Training batches: a seeded, sharded sampler over the in-memory uint8 set (and per-image extras)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import lightning as L
+from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from kinfonce.data.splits import DatasetSplits
@@ -15,17 +18,21 @@ class PretrainData(L.LightningDataModule):
     Each process gets ``batch_size / world_size`` images per step from a
     ``DistributedSampler`` (also on one process, for its seeded per-epoch order);
     incomplete last batches are dropped, because contrastive batches and batch norm
-    need full batches.
+    need full batches. Training batches are ``(images, labels, *extra)``: ``extra``
+    holds further per-image tensors (N, ...) such as the captions of each image.
     """
 
-    def __init__(self, splits: DatasetSplits, batch_size: int, seed: int):
+    def __init__(
+        self, splits: DatasetSplits, batch_size: int, seed: int, extra: Sequence[Tensor] = ()
+    ):
         super().__init__()
         self.splits, self.batch_size, self.seed = splits, batch_size, seed
+        self.extra = tuple(extra)
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self.trainer.world_size, self.trainer.global_rank
         train = self.splits.train
-        dataset = TensorDataset(train.images, train.labels)
+        dataset = TensorDataset(train.images, train.labels, *self.extra)
         sampler = DistributedSampler(
             dataset,
             num_replicas=world,

@@ -45,7 +45,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_encoder(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The pretrained backbone of a checkpoint written by ``kinfonce pretrain``.
+    """The pretrained backbone of a checkpoint written by ``kinfonce pretrain`` or ``clip``.
 
     Args:
         path: a ``.ckpt`` file from ``RUN_DIR/checkpoints``.
@@ -54,12 +54,15 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         (backbone in eval mode mapping (B, C, H, W) float to (B, F), config dict); the
         config dict also holds ``"data"``, the data description the model was built for.
     """
-    from kinfonce.config import config_from_mapping
+    from kinfonce.config import CONFIG_CLASSES, config_from_mapping
     from kinfonce.models import build_backbone
 
     checkpoint = load_checkpoint(path)
     stored = checkpoint[CHECKPOINT_KEY]
-    config = config_from_mapping(stored["config"])
+    kind = stored.get("kind", "pretrain")
+    if kind not in CONFIG_CLASSES:
+        raise KinfonceError(f"{str(path)!r} holds a checkpoint of an unknown kind {kind!r}")
+    config = config_from_mapping(stored["config"], cls=CONFIG_CLASSES[kind])
     data = stored["data"]
     backbone = build_backbone(
         config.backbone, in_channels=data["channels"], image_size=data["image_size"]

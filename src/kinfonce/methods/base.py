@@ -6,12 +6,14 @@ made on the training device, the optimiser with its per-step warm-up/cosine sche
 and the online linear probe. The probe is a linear classifier trained on detached
 backbone features of the first view with the training labels; its accuracy on the
 labelled validation split is logged every epoch as ``probe_top1`` (the metric the
-paper's tuner maximises, Appendix B). Subclasses implement :meth:`contrastive_step`.
+paper's tuner maximises, Appendix B). Subclasses implement :meth:`contrastive_step`,
+and may draw other inputs than two views (:meth:`make_inputs`), train more modules
+(:meth:`trained_modules`) and log more validation metrics (:meth:`log_validation`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import lightning as L
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kinfonce.config import PretrainConfig
+from kinfonce.config import TrainConfig
 from kinfonce.data.augment import EvalTransform, SimCLRViews
 from kinfonce.errors import DivergedError, KinfonceError
 from kinfonce.losses import LOSS_PARAMETERS, make_loss, preset_params
@@ -44,21 +46,28 @@ class PretrainMethod(L.LightningModule):
 
     Args:
         config: the resolved run configuration.
-        data: the data description, keys :data:`DATA_FIELDS` (plain values).
+        data: the data description, keys :attr:`data_fields` (plain values).
 
-    Batches are ``(images, labels)`` with images uint8 (B, C, H, W) and labels int64 (B,).
+    Batches are ``(images, labels, ...)`` with images uint8 (B, C, H, W) and labels int64
+    (B,), then whatever :meth:`make_inputs` of a subclass reads.
     """
 
     #: Loss parameters a method sets when the config leaves them at None.
     loss_defaults: ClassVar[Mapping[str, float]] = {}
+    #: Options of the loss's form, e.g. ``{"bipartite": True}``.
+    loss_options: ClassVar[Mapping[str, Any]] = {}
+    #: Keys of the data description the method is built from (stored in checkpoints).
+    data_fields: ClassVar[tuple[str, ...]] = DATA_FIELDS
+    #: The command whose configuration the method takes (stored in checkpoints).
+    kind: ClassVar[str] = "pretrain"
 
-    def __init__(self, config: PretrainConfig, data: dict[str, Any]):
+    def __init__(self, config: TrainConfig, data: dict[str, Any]):
         super().__init__()
-        missing = [key for key in DATA_FIELDS if key not in data]
+        missing = [key for key in self.data_fields if key not in data]
         if missing:
-            raise KinfonceError(f"data description lacks {missing}; needs {list(DATA_FIELDS)}")
+            raise KinfonceError(f"data description lacks {missing}; needs {list(self.data_fields)}")
         self.config = config
-        self.data_info = {key: data[key] for key in DATA_FIELDS}
+        self.data_info = {key: data[key] for key in self.data_fields}
         self.criterion = self.build_loss(config)
         out_dim = config.proj_out_dim or 128 * self.criterion.out_dim_multiple
         if out_dim % self.criterion.out_dim_multiple:
@@ -83,7 +92,7 @@ class PretrainMethod(L.LightningModule):
         self.eval_transform = EvalTransform(data["mean"], data["std"])
 
     @classmethod
-    def loss_params(cls, config: PretrainConfig) -> dict[str, float]:
+    def loss_params(cls, config: TrainConfig) -> dict[str, float]:
         """Parameters for ``make_loss``: the config's, else the method's defaults.
 
         A parameter set in the config that the preset does not take is passed on, so
@@ -100,10 +109,13 @@ class PretrainMethod(L.LightningModule):
         return params
 
     @classmethod
-    def build_loss(cls, config: PretrainConfig, *, gather_distributed: bool = False) -> nn.Module:
-        """The loss module of the config's preset."""
+    def build_loss(cls, config: TrainConfig, *, gather_distributed: bool = False) -> nn.Module:
+        """The loss module of the config's preset, in the method's form."""
         return make_loss(
-            config.loss, **cls.loss_params(config), gather_distributed=gather_distributed
+            config.loss,
+            **cls.loss_params(config),
+            **cls.loss_options,
+            gather_distributed=gather_distributed,
         )
 
     def setup(self, stage: str) -> None:
@@ -111,22 +123,30 @@ class PretrainMethod(L.LightningModule):
         if self.trainer.world_size > 1:
             self.criterion = self.build_loss(self.config, gather_distributed=True)
 
-    def contrastive_step(
-        self, view0: torch.Tensor, view1: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss of one batch of view pairs.
+    def make_inputs(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The random inputs of :meth:`contrastive_step`: two views of the batch's images."""
+        images = batch[0]
+        return self.views(images), self.views(images)
+
+    def contrastive_step(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss of one batch.
 
         Args:
-            view0, view1: (B, C, H, W) float views of the same images.
+            inputs: from :meth:`make_inputs`; here view0, view1, (B, C, H, W) float views
+                of the same images.
 
         Returns:
-            (scalar loss, (B, F) backbone features of ``view0`` for the probe).
+            (scalar loss, (B, F) backbone features of the first view for the probe).
         """
         raise NotImplementedError
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        images, labels = batch
-        # The views draw from the generator of the module's device, seeded here per (step,
+    def trained_modules(self) -> list[nn.Module]:
+        """The modules the contrastive loss trains."""
+        return [self.backbone, self.head]
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int):
+        labels = batch[1]
+        # The inputs draw from the generator of the module's device, seeded here per (step,
         # rank) inside a fork that restores it: a resumed run draws the same views as an
         # uninterrupted one, whatever else used the generator in between (data-loader set-up
         # does).
@@ -134,8 +154,8 @@ class PretrainMethod(L.LightningModule):
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
-            view0, view1 = self.views(images), self.views(images)
-        loss, features = self.contrastive_step(view0, view1)
+            inputs = self.make_inputs(batch)
+        loss, features = self.contrastive_step(*inputs)
         if not torch.isfinite(loss):
             raise DivergedError(
                 f"the {self.config.loss!r} loss is not finite at epoch {self.current_epoch}, "
@@ -164,7 +184,11 @@ class PretrainMethod(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         images, labels = batch
-        logits = self.probe(self.backbone(self.eval_transform(images)))
+        self.log_validation(self.backbone(self.eval_transform(images)), labels)
+
+    def log_validation(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Log the validation metrics of (B, F) backbone features: here ``probe_top1``."""
+        logits = self.probe(features)
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         self.log(
             "probe_top1",
@@ -178,7 +202,7 @@ class PretrainMethod(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.config
         # The contrastive loss trains backbone and head; the probe has its own rate.
-        groups = parameter_groups(nn.ModuleList([self.backbone, self.head]), cfg.weight_decay)
+        groups = parameter_groups(nn.ModuleList(self.trained_modules()), cfg.weight_decay)
         groups.append(
             {
                 "params": list(self.probe.parameters()),
@@ -203,6 +227,7 @@ class PretrainMethod(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Plain types only, so that checkpoints load with torch.load(weights_only=True).
         checkpoint[CHECKPOINT_KEY] = {
+            "kind": self.kind,
             "config": self.config.to_dict(),
             "data": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_info.items()},
         }
