@@ -242,6 +242,8 @@ def _run_tune(args: argparse.Namespace) -> int:
         print(f"interrupted; continue with: kinfonce tune --resume {search_dir}", file=sys.stderr)
         return 130
     return 0 if result.best_config is not None else 1
+
+
 def _add_clip(sub: argparse._SubParsersAction) -> None:
     from kinfonce.config import ClipConfig, add_config_flags
 

@@ -30,7 +30,6 @@ from kinfonce.config import (
     config_from_mapping,
     field_type,
 )
-
 from kinfonce.errors import KinfonceError, MissingFileError
 from kinfonce.losses import LOSS_PARAMETERS, preset_params
 

@@ -305,9 +305,7 @@ def run_pretrain(
     evaluate: bool = True,
 ) -> dict[str, Any]:
     """Pretrain, evaluate and write the run directory: :func:`run_training` of :data:`PRETRAIN_JOB`."""
-    return run_training(
-        config, PRETRAIN_JOB, resume=resume, callbacks=callbacks, evaluate=evaluate
-    )
+    return run_training(config, PRETRAIN_JOB, resume=resume, callbacks=callbacks, evaluate=evaluate)
 
 
 def run_training(
