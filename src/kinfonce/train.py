@@ -261,13 +261,14 @@ def run_pretrain(
         download=config.download,
         val_fraction=config.val_fraction,
         seed=config.seed,
+        unlabeled=config.unlabeled,
     )
     splits = splits.with_train_subset(config.train_subset, config.seed)
     csv_log = run_dir / "logs" / "metrics.csv"
     earlier_log = read_csv_log(csv_log) if checkpoint is not None else []
     with quiet_lightning(config.accelerator):
         trainer = make_trainer(config, run_dir, callbacks)
-    check_batch_size(config.batch_size, len(splits.train), trainer.world_size)
+    check_batch_size(config.batch_size, splits.pretraining_size, trainer.world_size)
     module = METHODS[config.method](config, data_description(splits))
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ class PretrainData(L.LightningDataModule):
     Each process gets ``batch_size / world_size`` images per step from a
     ``DistributedSampler`` (also on one process, for its seeded per-epoch order);
     incomplete last batches are dropped, because contrastive batches and batch norm
-    need full batches.
+    need full batches. Training draws from ``splits.pretraining_images()`` (the
+    unlabelled images too, when loaded).
     """
 
     def __init__(self, splits: DatasetSplits, batch_size: int, seed: int):
@@ -24,7 +25,7 @@ class PretrainData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        train = self.splits.train
+        train = self.splits.pretraining_images()
         dataset = TensorDataset(train.images, train.labels)
         sampler = DistributedSampler(
             dataset,
