@@ -2,11 +2,11 @@
 
 The effective configuration is built in layers: the defaults below, then an optional
 recipe (``--recipe``, :mod:`kinfonce.recipes`), then an optional YAML file (``--config``),
-then command-line flags. A key that is not a field
-is an error, never ignored. ``None`` in a loss-parameter field means "the preset's (or
-the method's) default"; in an augmentation field it means "the data set's default"
-(:data:`DATASET_AUGMENTATION`). :meth:`PretrainConfig.resolved` fills these in, and the
-resolved form is what a run writes to ``config.yaml``.
+then command-line flags. A key that is not a field is an error, never ignored. ``None``
+in a loss-parameter field means "the preset's (or the method's) default"; in an
+augmentation field it means "the data set's default" (:data:`DATASET_AUGMENTATION`).
+:meth:`PretrainConfig.resolved` fills these in, and the resolved form is what a run
+writes to ``config.yaml``.
 """
 
 from __future__ import annotations
