@@ -285,13 +285,27 @@ def compare(
     return results, dirs
 
 
+def seeds_for(difference: float, sd: float, critical) -> int:
+    """Smallest number of paired seeds (at least 2) at which ``difference`` points reach
+    ``critical(n) * sd / sqrt(n)``."""
+    n = 2
+    while critical(n) * sd / math.sqrt(n) > difference and n < 10_000:
+        n += 1
+    return n
+
+
 def summarize(results: dict[str, dict[int, dict]], metric: str) -> dict[str, Any]:
     """Mean and sd per loss, and each kernel's paired difference from the Gaussian (points).
 
-    The resolution is what this spread allows: with the pooled sd ``s`` of the paired
-    differences, a difference is detectable at 2 standard errors when it exceeds
-    ``2 s / sqrt(n)``, and a 1-point difference needs ``n >= (2 s)^2`` seeds.
+    A difference counts as beyond noise when it exceeds 2 standard errors of the paired
+    differences (the issue's criterion); the paired t-test's p-value is given beside it,
+    because with few seeds the t distribution's 95% point is far above 2 (4.30 at 3 seeds).
+    The resolution is what the measured spread allows: with the pooled sd ``s`` of the paired
+    differences, the smallest difference detectable at 2 SE (``2 s / sqrt(n)``) and by a 95%
+    t-test (``t(n-1) s / sqrt(n)``), and the seeds each needs for a 1-point difference.
     """
+    from scipy import stats
+
     table: dict[str, Any] = {"per_loss": {}, "vs_gaussian": {}}
     base = results["gaussian"]
     for loss in LOSSES:
@@ -304,7 +318,9 @@ def summarize(results: dict[str, dict[int, dict]], metric: str) -> dict[str, Any
     sds = []
     for loss in LOSSES[1:]:
         seeds = sorted(set(results[loss]) & set(base))
-        diffs = [100 * (results[loss][s][metric] - base[s][metric]) for s in seeds]
+        ours = [100 * results[loss][s][metric] for s in seeds]
+        theirs = [100 * base[s][metric] for s in seeds]
+        diffs = [a - b for a, b in zip(ours, theirs, strict=True)]
         n = len(diffs)
         sd = statistics.stdev(diffs) if n > 1 else float("nan")
         se = sd / math.sqrt(n) if n > 1 else float("nan")
@@ -314,15 +330,25 @@ def summarize(results: dict[str, dict[int, dict]], metric: str) -> dict[str, Any
             "mean": mean,
             "se": se,
             "beyond_2se": bool(n > 1 and abs(mean) > 2 * se),
+            "p_paired_t": float(stats.ttest_rel(ours, theirs).pvalue) if n > 1 else float("nan"),
         }
         sds.append(sd)
     n = len(base)
-    pooled = math.sqrt(statistics.fmean([s * s for s in sds])) if n > 1 else float("nan")
+    if n < 2:
+        table["resolution"] = {"seeds": n}
+        return table
+    pooled = math.sqrt(statistics.fmean([s * s for s in sds]))
+
+    def t95(k: int) -> float:
+        return float(stats.t.ppf(0.975, k - 1))
+
     table["resolution"] = {
         "seeds": n,
         "pooled_sd_of_differences": pooled,
-        "detectable_at_2se": 2 * pooled / math.sqrt(n) if n > 1 else float("nan"),
-        "seeds_for_1_point": math.ceil((2 * pooled) ** 2) if n > 1 else None,
+        "detectable_at_2se": 2 * pooled / math.sqrt(n),
+        "detectable_t95": t95(n) * pooled / math.sqrt(n),
+        "seeds_for_1_point": seeds_for(1.0, pooled, lambda k: 2.0),
+        "seeds_for_1_point_t95": seeds_for(1.0, pooled, t95),
     }
     return table
 
@@ -344,24 +370,31 @@ def markdown(summaries: dict[str, dict], chosen: dict[str, dict]) -> str:
         lines.append(f"| {loss} | {params} | {cells[0]} | {cells[1]} | {paper} |")
     lines += [
         "",
-        "| kernel − Gaussian | linear: mean ± SE (points) | beyond 2 SE? | kNN: mean ± SE "
-        "(points) | beyond 2 SE? |",
-        "|---|---|---|---|---|",
+        "| kernel − Gaussian | linear: mean ± SE (points) | beyond 2 SE? | paired t p | kNN: "
+        "mean ± SE (points) | beyond 2 SE? | paired t p |",
+        "|---|---|---|---|---|---|---|",
     ]
     for loss in LOSSES[1:]:
         cells = []
         for m in METRICS:
             d = summaries[m]["vs_gaussian"][loss]
-            cells += [f"{d['mean']:+.2f} ± {d['se']:.2f}", "yes" if d["beyond_2se"] else "no"]
+            cells += [
+                f"{d['mean']:+.2f} ± {d['se']:.2f}",
+                "yes" if d["beyond_2se"] else "no",
+                f"{d['p_paired_t']:.3f}",
+            ]
         lines.append(f"| {loss} | " + " | ".join(cells) + " |")
     lines.append("")
     for m in METRICS:
         r = summaries[m]["resolution"]
+        if "pooled_sd_of_differences" not in r:
+            continue
         lines.append(
             f"- {m}: pooled sd of the paired differences {r['pooled_sd_of_differences']:.2f} "
             f"points over {r['seeds']} seeds; smallest difference detectable at 2 SE "
-            f"{r['detectable_at_2se']:.2f} points; seeds for a 1-point difference: "
-            f"{r['seeds_for_1_point']}"
+            f"{r['detectable_at_2se']:.2f} points, by a 95% paired t-test "
+            f"{r['detectable_t95']:.2f} points; seeds for a 1-point difference: "
+            f"{r['seeds_for_1_point']} (2 SE), {r['seeds_for_1_point_t95']} (t-test)"
         )
     return "\n".join(lines) + "\n"
 

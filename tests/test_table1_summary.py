@@ -42,4 +42,8 @@ def test_paired_differences_and_resolution(table1):
     resolution = summary["resolution"]
     assert resolution["pooled_sd_of_differences"] == pytest.approx(pooled)
     assert resolution["detectable_at_2se"] == pytest.approx(2 * pooled / math.sqrt(3))
-    assert resolution["seeds_for_1_point"] == math.ceil((2 * pooled) ** 2)
+    assert resolution["seeds_for_1_point"] == 2  # 2 * 0.51 / sqrt(2) = 0.72 <= 1
+    # 95% t-test: 4.30 * 0.51 / sqrt(3) = 1.27 > 1, 3.18 * 0.51 / sqrt(4) = 0.81 <= 1.
+    assert resolution["seeds_for_1_point_t95"] == 4
+    assert resolution["detectable_t95"] == pytest.approx(4.3027 * pooled / math.sqrt(3), rel=1e-4)
+    assert lap["p_paired_t"] < 0.05 < summary["vs_gaussian"]["simple-sum"]["p_paired_t"]
