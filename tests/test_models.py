@@ -64,3 +64,31 @@ def test_projection_head_layout():
     assert head(torch.randn(4, 64)).shape == (4, 128)
     with pytest.raises(ValueError, match="out_dim"):
         ProjectionHead(64, 16, 0)
+
+
+@pytest.mark.parametrize(
+    ("stem", "size", "kernel", "pool", "feature_map"),
+    [
+        ("cifar", 64, 3, False, 8),  # TinyImageNet with kinfonce's CIFAR stem
+        ("imagenet", 64, 7, True, 2),  # TinyImageNet as the paper's code builds it
+        ("imagenet-no-maxpool", 96, 7, False, 6),  # STL-10 as the paper's code builds it
+        ("auto", 64, 3, False, 8),
+        ("auto", 96, 7, True, 3),
+    ],
+)
+def test_stem_by_name(stem, size, kernel, pool, feature_map):
+    # Catches a stem option that is ignored, or the max-pool kept or dropped by mistake.
+    backbone = build_backbone("resnet-mini", image_size=size, stem=stem)
+    assert backbone.conv1.kernel_size == (kernel, kernel)
+    assert isinstance(backbone.maxpool, torch.nn.MaxPool2d) == pool
+    feats = torch.nn.Sequential(*list(backbone.children())[:-1])(torch.randn(1, 3, size, size))
+    assert feats.shape[-1] == feature_map
+    with pytest.raises(ValueError, match="stem must be one of"):
+        build_backbone("resnet-mini", stem="imagenet-7x7")
+
+
+def test_projection_head_without_batch_norm():
+    # The MoCo code's head: Linear (with bias) -> ReLU -> Linear.
+    head = ProjectionHead(512, 512, 128, batch_norm=False)
+    assert [type(m).__name__ for m in head] == ["Linear", "ReLU", "Linear"]
+    assert head[0].bias is not None and head(torch.randn(2, 512)).shape == (2, 128)

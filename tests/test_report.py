@@ -12,6 +12,7 @@ import yaml
 
 from kinfonce.config import ClipConfig, PretrainConfig, dump_config
 from kinfonce.report import (
+    comparison_group,
     embed_2d,
     format_duration,
     format_percent,
@@ -112,9 +113,10 @@ def test_training_curves_average_per_step_values(tmp_path):
 
 def test_write_report_makes_markdown_and_png(tmp_path):
     dirs = [make_run(tmp_path / "x", "run"), make_run(tmp_path / "y", "run", epochs=5)]
-    text, md_path, png_path = write_report(dirs, tmp_path / "out")
+    text, md_path, (png_path, comparison) = write_report(dirs, tmp_path / "out")
     assert "x/run" in text and "y/run" in text  # repeated names get their parent
     assert md_path.read_text().count("| simclr |") == 2
+    assert "comparison.png" in md_path.read_text() and comparison.stat().st_size > 0
     image = matplotlib.image.imread(png_path)
     assert image.shape[1] > image.shape[0] > 100  # panels side by side
 
@@ -125,8 +127,8 @@ def test_run_without_logs_still_reports(tmp_path):
         path.rmdir() if path.is_dir() else path.unlink()
     summary = load_run(run)
     assert summary.curves == {}
-    _, _, png = write_report([run], tmp_path / "out")
-    assert png.stat().st_size > 0
+    _, _, figures = write_report([run], tmp_path / "out")
+    assert all(png.stat().st_size > 0 for png in figures)
 
 
 def test_bad_run_directories_raise_clear_errors(tmp_path):
@@ -179,3 +181,12 @@ def test_feature_map_rejects_bad_input(tmp_path):
         plot_feature_map(np.zeros((5, 2)), np.zeros(4), ["a"], tmp_path / "x.png")
     with pytest.raises(ValueError, match="max_points"):
         plot_feature_map(np.zeros((5, 2)), np.zeros(5), ["a"], tmp_path / "x.png", max_points=1)
+
+
+def test_comparison_groups_runs_by_method_and_loss(tmp_path):
+    # Catches runs of different losses (or methods) pooled into one group of the figure.
+    runs = [load_run(make_run(tmp_path, f"{loss}-{i}", loss=loss, linear=0.5 + 0.01 * i))
+            for loss in ("gaussian", "laplacian") for i in range(2)]  # fmt: skip
+    assert [comparison_group(r) for r in runs] == ["gaussian"] * 2 + ["laplacian"] * 2
+    runs[0].config["method"] = "moco"
+    assert comparison_group(runs[0]) == "moco: gaussian"

@@ -18,7 +18,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_SubcommandParser)
     sub.required = True
-    for add in (_add_synthetic, _add_pretrain, _add_tune, _add_clip, _add_eval, _add_report):
+    for add in (
+        _add_synthetic,
+        _add_pretrain,
+        _add_recipes,
+        _add_tune,
+        _add_clip,
+        _add_eval,
+        _add_report,
+    ):
         add(sub)
     return parser
 
@@ -99,11 +107,16 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         description="Pretrain an encoder with a Kernel-InfoNCE loss, then report its linear-probe "
         "and kNN accuracy beside a random-weight encoder and raw pixels. Without arguments: "
         "the embedded digits run (about 35 s on an idle 2-core CPU). Settings come from the defaults, "
-        "then --config, then the flags below.",
+        "then --recipe, then --config, then the flags below.",
+    )
+    parser.add_argument(
+        "--recipe", metavar="NAME", help="start from a recipe of the paper (see `kinfonce recipes`)"
     )
     parser.add_argument("--config", metavar="YAML", help="YAML file of config fields")
     parser.add_argument(
-        "--print-config", action="store_true", help="print the effective config as YAML and exit"
+        "--print-config",
+        action="store_true",
+        help="print the effective config as YAML, each value with its source, and exit",
     )
     parser.add_argument(
         "--resume",
@@ -117,11 +130,14 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from kinfonce.config import build_config, dump_config, flags_to_mapping
+    from kinfonce.config import dump_config, flags_to_mapping
+    from kinfonce.recipes import build_sourced_config
 
-    config = build_config(args.config, flags_to_mapping(args), resume=args.resume is not None)
+    config, sources = build_sourced_config(
+        args.recipe, args.config, flags_to_mapping(args), resume=args.resume is not None
+    )
     if args.print_config:
-        print(dump_config(config.resolved()), end="")
+        print(dump_config(config.resolved(), sources), end="")
         return 0
     from kinfonce.report import format_summary
     from kinfonce.train import run_pretrain
@@ -299,6 +315,24 @@ def _run_clip(args: argparse.Namespace) -> int:
     if metrics:
         print(format_clip_summary(metrics))
         print(f"run directory: {metrics['run_dir']}")
+
+
+def _add_recipes(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "recipes",
+        help="list the recipes of the paper's experiments (Tables 1 and 4)",
+        description="List the recipes that `kinfonce pretrain --recipe NAME` runs: one per cell "
+        "of the paper's Table 1 (SimCLR) and per MoCo row of Table 4, at Appendix B's settings. "
+        "`kinfonce pretrain --recipe NAME --print-config` shows every value with its source.",
+    )
+    parser.set_defaults(func=_run_recipes)
+
+
+def _run_recipes(args: argparse.Namespace) -> int:
+    from kinfonce.recipes import format_recipe_list
+
+    print(format_recipe_list())
+    print("\nshow one with: kinfonce pretrain --recipe NAME --print-config")
     return 0
 
 
@@ -390,14 +424,18 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _add_report(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "report",
-        help="compare pretraining runs: a markdown table and their training curves",
+        help="compare pretraining runs: a markdown table, training curves, accuracy per loss",
         description="Read run directories of `kinfonce pretrain`; print a markdown table "
         "(method, loss and parameters, backbone, data set, epochs, batch size, linear and kNN "
-        "top-1, run time: wall_time_s of metrics.json) and write it with a PNG of the training curves side by side.",
+        "top-1, run time: wall_time_s of metrics.json) and write it with a PNG of the training "
+        "curves side by side and one of the accuracy per loss (a dot per run, e.g. per seed, "
+        "and each loss's mean ± sd).",
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     parser.add_argument(
-        "--out", default="report", help="directory for report.md and curves.png (default: report)"
+        "--out",
+        default="report",
+        help="directory for report.md, curves.png and comparison.png (default: report)",
     )
     parser.set_defaults(func=_run_report)
 
@@ -405,9 +443,9 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def _run_report(args: argparse.Namespace) -> int:
     from kinfonce.report import write_report
 
-    text, md_path, png_path = write_report(args.run_dirs, args.out)
+    text, md_path, figures = write_report(args.run_dirs, args.out)
     print(text)
-    print(f"wrote {md_path} and {png_path}")
+    print(f"wrote {md_path}, " + ", ".join(str(path) for path in figures))
     return 0
 
 

@@ -150,6 +150,10 @@ def check_clip_config(config: ClipConfig) -> None:
             f"loss {config.loss!r} has no bipartite (CLIP) form; choose a Kernel-InfoNCE "
             f"preset: {', '.join(kernels)}"
         )
+    if config.unlabeled:
+        raise KinfonceError(
+            "unlabeled must be false for kinfonce clip: its captions come from class labels"
+        )
     if config.text_encoder not in TEXT_ENCODERS:
         raise KinfonceError(
             f"text_encoder must be one of {sorted(TEXT_ENCODERS)}, got {config.text_encoder!r}"

@@ -1,11 +1,12 @@
 """Training configurations: one dataclass per command, a YAML file and a flag per field.
 
-The effective configuration is built in three layers: the defaults below, then an
-optional YAML file (``--config``), then command-line flags. A key that is not a field
-is an error, never ignored. ``None`` in a loss-parameter field means "the preset's (or
-the method's) default"; in an augmentation field it means "the data set's default"
-(:data:`DATASET_AUGMENTATION`). :meth:`TrainConfig.resolved` fills these in, and the
-resolved form is what a run writes to ``config.yaml``.
+The effective configuration is built in layers: the defaults below, then an optional
+recipe (``--recipe``, :mod:`kinfonce.recipes`), then an optional YAML file (``--config``),
+then command-line flags. A key that is not a field is an error, never ignored. ``None``
+in a loss-parameter field means "the preset's (or the method's) default"; in an
+augmentation field it means "the data set's default" (:data:`DATASET_AUGMENTATION`).
+:meth:`TrainConfig.resolved` fills these in, and the resolved form is what a run
+writes to ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -86,6 +87,12 @@ class TrainConfig:
     train_subset: int | None = _f(
         None, "use a seeded random subset of this many training images (CPU-scale runs)", "data"
     )
+    unlabeled: bool = _f(
+        False,
+        "also pretrain on the data set's unlabelled images (stl10: its 100,000-image "
+        "'unlabeled' split); probes and evaluation use the labelled ones only",
+        "data",
+    )
     # augmentation
     crop_scale_min: float | None = _f(
         None,
@@ -101,7 +108,18 @@ class TrainConfig:
     blur: bool = _f(False, "add Gaussian blur to the views", "augmentation")
     # model
     backbone: str = _f("resnet-mini", "backbone name (see kinfonce.models.BACKBONES)", "model")
+    stem: str = _f(
+        "auto",
+        "backbone stem: auto (cifar up to 64 px, imagenet above), cifar (3x3, stride 1), "
+        "imagenet (7x7, stride 2, max-pool) or imagenet-no-maxpool",
+        "model",
+    )
     proj_hidden_dim: int = _f(2048, "hidden width of the projection head", "model")
+    proj_batch_norm: bool = _f(
+        True,
+        "batch norm after the head's hidden layer (Appendix B); off: MoCo code's head",
+        "model",
+    )
     proj_out_dim: int | None = _f(
         None, "embedding width (None: 128, or 256 for the concatenation presets)", "model"
     )
@@ -116,6 +134,19 @@ class TrainConfig:
     )
     lam: float | None = _f(None, "weight lambda of the gamma=1 term of a sum preset", "loss")
     gamma: float | None = _f(None, "kernel exponent gamma (None: preset default)", "loss")
+    concat_normalization: str | None = _f(
+        None,
+        "concat-sum only: 'halves' puts each half of the embedding on the unit sphere "
+        "(None: this, kinfonce's default), 'whole' the whole embedding before it is split "
+        "(the paper's code)",
+        "loss",
+    )
+    positive_in_denominator: bool = _f(
+        True,
+        "count the positive in the loss's denominator (Eq. 8); off: negatives only, as "
+        "the paper's MoCo code (queue form only)",
+        "loss",
+    )
     # optimisation
     optimizer: str = _f("lars", "optimiser: lars, sgd or adam", "optimisation")
     lr: float | None = _f(
@@ -208,6 +239,10 @@ def config_fields(cls: type[TrainConfig]) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
+#: The fields of ``kinfonce pretrain`` (and of its recipes and searches).
+FIELDS = config_fields(PretrainConfig)
+
+
 def field_type(cls: type[TrainConfig], name: str) -> tuple[type, bool]:
     """(base type, optional) of a field from its annotation."""
     hint = typing.get_type_hints(cls)[name]
@@ -260,10 +295,8 @@ def config_from_mapping(
     return dataclasses.replace(base or cls(), **changes)
 
 
-def load_config_file(
-    path: str | Path, base: TrainConfig | None = None, cls: type[TrainConfig] | None = None
-) -> Any:
-    """Read a YAML mapping of config fields on top of ``base`` (see :func:`config_from_mapping`)."""
+def read_config_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping of config keys in a YAML file (not yet checked against the fields)."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"config file {str(path)!r} does not exist")
@@ -273,12 +306,30 @@ def load_config_file(
         raise KinfonceError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     if not isinstance(values, dict):
         raise KinfonceError(f"config file {str(path)!r} must hold a mapping of config keys")
-    return config_from_mapping(values, base, cls)
+    return values
 
 
-def dump_config(config: TrainConfig) -> str:
-    """The config as plain YAML, fields in declaration order."""
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+def load_config_file(
+    path: str | Path, base: TrainConfig | None = None, cls: type[TrainConfig] | None = None
+) -> Any:
+    """Read a YAML mapping of config fields on top of ``base`` (see :func:`config_from_mapping`)."""
+    return config_from_mapping(read_config_mapping(path), base, cls)
+
+
+def dump_config(config: TrainConfig, sources: dict[str, str] | None = None) -> str:
+    """The config as plain YAML, fields in declaration order.
+
+    With ``sources`` (field -> where its value came from), each line ends in a comment
+    naming that source.
+    """
+    if sources is None:
+        return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    lines = []
+    for name, value in config.to_dict().items():
+        line = yaml.safe_dump({name: value}, default_flow_style=True, width=1 << 16)
+        line = line.strip()[1:-1]  # "{key: value}" -> "key: value"
+        lines.append(f"{line}  # {sources.get(name, 'default')}")
+    return "\n".join(lines) + "\n"
 
 
 def add_config_flags(
@@ -334,21 +385,31 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     ]
 
 
+def config_file_for(
+    config_file: str | Path | None, overrides: dict[str, Any], *, resume: bool = False
+) -> Path | None:
+    """The YAML file a config is read from: ``config_file``; when resuming without one,
+    the run directory's own ``config.yaml`` (of ``overrides["output_dir"]``), so that
+    ``--output-dir RUN --resume`` is enough.
+    """
+    if config_file is None and resume and overrides.get("output_dir"):
+        saved = Path(overrides["output_dir"]) / "config.yaml"
+        if saved.is_file():
+            return saved
+    return None if config_file is None else Path(config_file)
+
+
 def build_config(
     config_file: str | Path | None,
     overrides: dict[str, Any],
     *,
     resume: bool = False,
+    base: TrainConfig | None = None,
     cls: type[TrainConfig] = PretrainConfig,
 ) -> Any:
-    """Defaults of ``cls``, then the YAML file, then ``overrides`` (the flags given).
-
-    When resuming without a config file, the run directory's own ``config.yaml`` (of
-    ``overrides["output_dir"]``) is the base, so ``--output-dir RUN --resume`` is enough.
-    """
-    if config_file is None and resume and overrides.get("output_dir"):
-        saved = Path(overrides["output_dir"]) / "config.yaml"
-        if saved.is_file():
-            config_file = saved
-    base = load_config_file(config_file, cls=cls) if config_file is not None else None
+    """``base`` (default: the defaults of ``cls``; e.g. a recipe), then the YAML file (see
+    :func:`config_file_for`), then ``overrides`` (the flags given)."""
+    path = config_file_for(config_file, overrides, resume=resume)
+    if path is not None:
+        base = load_config_file(path, base, cls)
     return config_from_mapping(overrides, base, cls)

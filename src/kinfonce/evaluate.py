@@ -418,7 +418,10 @@ def evaluate_baselines(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             encoders["random_encoder_"] = build_backbone(
-                config.backbone, in_channels=splits.channels, image_size=splits.image_size
+                config.backbone,
+                in_channels=splits.channels,
+                image_size=splits.image_size,
+                stem=config.stem,
             ).to(device)
         encoders["raw_pixels_"] = torch.nn.Flatten()
     for prefix, encoder in encoders.items():

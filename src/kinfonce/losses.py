@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kinfonce.errors import KinfonceError
@@ -110,6 +111,9 @@ class KernelInfoNCE(nn.Module):
             None: one block up to 2^27 anchor-candidate pairs (2N = 11,585), blocks beyond.
         gather_distributed: Gather the in-batch candidates of all ranks (with gradient) under
             torch.distributed. The queue form gathers nothing: its negatives are the queue.
+        positive_in_denominator: Count the positive in the denominator (Eq. 8). False, for the
+            queue form only, sums over the queue's negatives alone, as the paper's MoCo code
+            does: ``-log K(q, k) / sum_m K(q, Q_m)``.
 
     Note:
         The Gaussian kernel at temperature tau on unit vectors equals NT-Xent (SimCLR's loss) at
@@ -128,6 +132,7 @@ class KernelInfoNCE(nn.Module):
         bipartite: bool = False,
         chunk_size: int | None = None,
         gather_distributed: bool = False,
+        positive_in_denominator: bool = True,
     ) -> None:
         super().__init__()
         self.kernel = as_mixture(ExpKernel(gamma, temperature) if kernel is None else kernel)
@@ -138,11 +143,13 @@ class KernelInfoNCE(nn.Module):
         self.bipartite = bipartite
         self.chunk_size = chunk_size
         self.gather_distributed = gather_distributed
+        self.positive_in_denominator = positive_in_denominator
 
     def extra_repr(self) -> str:
         return (
             f"kernel={self.kernel}, normalize={self.normalize}, bipartite={self.bipartite}, "
-            f"chunk_size={self.chunk_size}, gather_distributed={self.gather_distributed}"
+            f"chunk_size={self.chunk_size}, gather_distributed={self.gather_distributed}, "
+            f"positive_in_denominator={self.positive_in_denominator}"
         )
 
     def forward(self, z0: Tensor, z1: Tensor, queue: Tensor | None = None) -> Tensor:
@@ -158,6 +165,11 @@ class KernelInfoNCE(nn.Module):
         """
         if queue is None:
             check_embeddings(z0=z0, z1=z1)
+            if not self.positive_in_denominator:
+                raise KinfonceError(
+                    "positive_in_denominator=False needs the queue (MoCo) form: pass queue=, "
+                    "or keep the positive in the denominator"
+                )
         else:
             check_embeddings(z0=z0, z1=z1, queue=queue)
             if self.bipartite:
@@ -211,7 +223,8 @@ class KernelInfoNCE(nn.Module):
     def _queue_loss(self, q: Tensor, k: Tensor, queue: Tensor) -> Tensor:
         lse_neg, _ = kernel_logsumexp(q, queue, self.kernel, chunk_size=self.chunk_size)
         lpos = self.kernel.log_pairs(q, k)
-        return (torch.logaddexp(lse_neg, lpos) - lpos).mean()
+        lse = torch.logaddexp(lse_neg, lpos) if self.positive_in_denominator else lse_neg
+        return (lse - lpos).mean()
 
 
 class LossMixture(nn.Module):
@@ -225,10 +238,17 @@ class LossMixture(nn.Module):
         losses: The component losses, each called as ``loss(z0, z1, queue=None)``.
         weights: Their weights, each in [0, 1].
         split_features: Give each loss its own slice of the features.
+        normalize_whole: Put each whole row on the unit sphere before it is split (the paper's
+            code for Concatenation Sum); the component losses should then not normalise again.
     """
 
     def __init__(
-        self, losses: Sequence[nn.Module], weights: Sequence[float], *, split_features: bool = False
+        self,
+        losses: Sequence[nn.Module],
+        weights: Sequence[float],
+        *,
+        split_features: bool = False,
+        normalize_whole: bool = False,
     ) -> None:
         super().__init__()
         if len(losses) != len(weights) or not losses:
@@ -239,6 +259,7 @@ class LossMixture(nn.Module):
         self.weights = [check_weight("weight", w) for w in weights]
         self.losses = nn.ModuleList(losses)
         self.split_features = split_features
+        self.normalize_whole = normalize_whole
         self.out_dim_multiple = len(losses) if split_features else 1
 
     @property
@@ -275,6 +296,11 @@ class LossMixture(nn.Module):
 
     def forward(self, z0: Tensor, z1: Tensor, queue: Tensor | None = None) -> Tensor:
         """(N, D), (N, D), optional (M, D) -> scalar weighted sum of the component losses."""
+        if self.normalize_whole:
+            named = {"z0": z0, "z1": z1} if queue is None else {"z0": z0, "z1": z1, "queue": queue}
+            check_embeddings(**named)
+            z0, z1 = F.normalize(z0, dim=1), F.normalize(z1, dim=1)
+            queue = None if queue is None else F.normalize(queue, dim=1)
         parts = zip(self._parts(z0), self._parts(z1), self._parts(queue), strict=True)
         terms = [
             w * loss(a, b, queue=q)
@@ -341,13 +367,21 @@ def _exp_half(temperature: float = 0.5, **common) -> KernelInfoNCE:
 
 
 def _table2_mixture(
-    temperature1: float, temperature2: float, lam: float, common: dict, split: bool
+    temperature1: float,
+    temperature2: float,
+    lam: float,
+    common: dict,
+    split: bool,
+    normalize_whole: bool = False,
 ) -> LossMixture:
     lam = check_weight("lam", lam)
+    if normalize_whole:
+        common = {**common, "normalize": False}
     return LossMixture(
         [_laplacian(temperature1, **common), _gaussian(temperature2, **common)],
         [lam, 1.0 - lam],
         split_features=split,
+        normalize_whole=normalize_whole,
     )
 
 
@@ -355,8 +389,26 @@ def _simple_sum(temperature1: float = 0.5, temperature2: float = 0.5, lam: float
     return _table2_mixture(temperature1, temperature2, lam, common, split=False)
 
 
-def _concat_sum(temperature1: float = 0.5, temperature2: float = 0.5, lam: float = 0.5, **common):
-    return _table2_mixture(temperature1, temperature2, lam, common, split=True)
+#: Where Concatenation Sum puts its embedding on the unit sphere: each half (kinfonce's
+#: default, so that each kernel sees unit vectors as in Section 2), or the whole 256-d
+#: embedding before it is split (the paper's code, whose projection head normalises).
+CONCAT_NORMALIZATIONS = ("halves", "whole")
+
+
+def _concat_sum(
+    temperature1: float = 0.5,
+    temperature2: float = 0.5,
+    lam: float = 0.5,
+    concat_normalization: str = "halves",
+    **common,
+):
+    if concat_normalization not in CONCAT_NORMALIZATIONS:
+        raise KinfonceError(
+            f"concat_normalization must be one of {list(CONCAT_NORMALIZATIONS)}, "
+            f"got {concat_normalization!r}"
+        )
+    whole = concat_normalization == "whole" and common.get("normalize", True)
+    return _table2_mixture(temperature1, temperature2, lam, common, True, normalize_whole=whole)
 
 
 def _simple_sum_kernel(
@@ -389,7 +441,13 @@ LOSS_PRESETS: dict[str, Callable[..., nn.Module]] = {
     "spectral": _spectral,
 }
 
-_COMMON = ("normalize", "bipartite", "chunk_size", "gather_distributed")
+_COMMON = (
+    "normalize",
+    "bipartite",
+    "chunk_size",
+    "gather_distributed",
+    "positive_in_denominator",
+)
 
 #: Every kernel parameter some preset takes, in display order.
 LOSS_PARAMETERS = ("gamma", "temperature", "temperature1", "temperature2", "lam")

@@ -3,8 +3,10 @@
 Backbones are chosen by name from :data:`BACKBONES`. Each is a torchvision ResNet
 (``BasicBlock``/``Bottleneck`` from ``torchvision.models.resnet``) with
 
-* the CIFAR stem (3x3 convolution, stride 1, no max-pool) for images of 64 px or
-  less, and the standard ImageNet stem (7x7, stride 2, max-pool) otherwise;
+* a stem chosen by name (:data:`STEMS`): by default the CIFAR stem (3x3 convolution,
+  stride 1, no max-pool) for images of 64 px or less and the standard ImageNet stem
+  (7x7, stride 2, max-pool) otherwise; the paper's code uses the ImageNet stem for
+  64 px TinyImageNet and the 7x7 convolution without max-pool for 96 px STL-10;
 * a configurable number of input channels (1 for grey-scale digits);
 * an optional width multiplier (``resnet18-w0.25`` has stages of 16, 32, 64, 128
   channels) for CPU-scale runs. torchvision's constructor fixes the stage widths at
@@ -23,8 +25,16 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from kinfonce.errors import KinfonceError
 
-#: Images at most this many pixels wide get the CIFAR stem.
+#: Images at most this many pixels wide get the CIFAR stem under ``stem="auto"``.
 CIFAR_STEM_MAX_SIZE = 64
+
+#: Stem names: first convolution and whether a 3x3 stride-2 max-pool follows it.
+STEMS: dict[str, str] = {
+    "auto": f"cifar for images of at most {CIFAR_STEM_MAX_SIZE} px, imagenet above",
+    "cifar": "3x3 convolution, stride 1, no max-pool",
+    "imagenet": "7x7 convolution, stride 2, then a 3x3 stride-2 max-pool",
+    "imagenet-no-maxpool": "7x7 convolution, stride 2, no max-pool",
+}
 
 
 @dataclass(frozen=True)
@@ -61,22 +71,26 @@ class ResNetBackbone(nn.Module):
     Args:
         spec: block type, stage depths and width multiplier.
         in_channels: channels of the input images.
-        cifar_stem: 3x3 stride-1 stem without max-pool when True, else the 7x7 stem.
+        stem: "cifar", "imagenet" or "imagenet-no-maxpool" (see :data:`STEMS`).
 
     Shape:
         input (B, in_channels, H, W) float -> output (B, ``feature_dim``).
     """
 
-    def __init__(self, spec: BackboneSpec, in_channels: int = 3, cifar_stem: bool = True):
+    def __init__(self, spec: BackboneSpec, in_channels: int = 3, stem: str = "cifar"):
         super().__init__()
         widths = [max(1, round(w * spec.width)) for w in (64, 128, 256, 512)]
         self.inplanes = widths[0]
-        if cifar_stem:
+        if stem == "cifar":
             self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
-            self.maxpool = nn.Identity()
-        else:
+        elif stem in ("imagenet", "imagenet-no-maxpool"):
             self.conv1 = nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False)
-            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:
+            raise KinfonceError(
+                f"stem must be one of {sorted(set(STEMS) - {'auto'})}, got {stem!r}"
+            )
+        pool = stem == "imagenet"
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if pool else nn.Identity()
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         self.layer1 = self._stage(spec.block, widths[0], spec.layers[0], stride=1)
@@ -116,17 +130,20 @@ class ResNetBackbone(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
 
-def build_backbone(name: str, *, in_channels: int = 3, image_size: int = 32) -> ResNetBackbone:
-    """Build a backbone by name; the stem follows the image size.
+def build_backbone(
+    name: str, *, in_channels: int = 3, image_size: int = 32, stem: str = "auto"
+) -> ResNetBackbone:
+    """Build a backbone by name.
 
     Args:
         name: a key of :data:`BACKBONES`.
         in_channels: channels of the input images.
-        image_size: side of the (square) training images in pixels; <= 64 selects
-            the CIFAR stem.
+        image_size: side of the (square) training images in pixels; under
+            ``stem="auto"``, <= 64 selects the CIFAR stem.
+        stem: a key of :data:`STEMS`.
 
     Raises:
-        ValueError: unknown name, or non-positive channels / size.
+        ValueError: unknown name or stem, or non-positive channels / size.
     """
     if name not in BACKBONES:
         raise KinfonceError(f"backbone must be one of {sorted(BACKBONES)}, got {name!r}")
@@ -134,9 +151,11 @@ def build_backbone(name: str, *, in_channels: int = 3, image_size: int = 32) -> 
         raise KinfonceError(f"in_channels must be >= 1, got {in_channels}")
     if image_size < 1:
         raise KinfonceError(f"image_size must be >= 1, got {image_size}")
-    return ResNetBackbone(
-        BACKBONES[name], in_channels, cifar_stem=image_size <= CIFAR_STEM_MAX_SIZE
-    )
+    if stem not in STEMS:
+        raise KinfonceError(f"stem must be one of {sorted(STEMS)}, got {stem!r}")
+    if stem == "auto":
+        stem = "cifar" if image_size <= CIFAR_STEM_MAX_SIZE else "imagenet"
+    return ResNetBackbone(BACKBONES[name], in_channels, stem=stem)
 
 
 class ProjectionHead(nn.Sequential):
@@ -144,15 +163,20 @@ class ProjectionHead(nn.Sequential):
 
     Shape: (B, in_dim) -> (B, out_dim). The paper uses hidden 2048 and output 128
     (256 for the concatenation kernel, whose loss splits the embedding in halves).
+    With ``batch_norm=False`` it is Linear -> ReLU -> Linear, the MoCo head of the
+    paper's MoCo code (512 -> 512 -> 128).
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128):
+    def __init__(
+        self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, *, batch_norm: bool = True
+    ):
         for arg, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
             if value < 1:
                 raise KinfonceError(f"{arg} must be >= 1, got {value}")
+        middle = [nn.BatchNorm1d(hidden_dim)] if batch_norm else []
         super().__init__(
-            nn.Linear(in_dim, hidden_dim, bias=False),
-            nn.BatchNorm1d(hidden_dim),
+            nn.Linear(in_dim, hidden_dim, bias=not batch_norm),
+            *middle,
             nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, out_dim),
         )

@@ -297,22 +297,84 @@ def plot_curve_panels(
     return save_figure(fig, path)
 
 
-def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[str, Path, Path]:
-    """Load runs, write ``report.md`` and ``curves.png`` into ``out_dir``.
+#: Panels of the comparison figure: (title, key of ``metrics.json``).
+COMPARISON_PANELS = (("linear top-1 (%)", "linear_top1"), ("kNN top-1 (%)", "knn_top1"))
+
+
+def comparison_group(run: RunSummary) -> str:
+    """The group a run is compared in: its loss, with its method when that is not SimCLR."""
+    method, loss = run.config.get("method", "simclr"), run.config.get("loss", "?")
+    return str(loss) if method == "simclr" else f"{method}: {loss}"
+
+
+def plot_loss_comparison(runs: list[RunSummary], path: str | Path) -> Path:
+    """Accuracy per loss: one dot per run, each group's mean ± sd, and a thin line joining
+    the runs of one seed across groups (the pairs of a paired comparison).
+
+    Groups are :func:`comparison_group`, in the order of their first run.
+    """
+    import numpy as np
+
+    groups: dict[str, list[RunSummary]] = defaultdict(list)
+    for run in runs:
+        groups[comparison_group(run)].append(run)
+    names = list(groups)
+    seeds = sorted({r.config.get("seed", 0) for r in runs})
+    spread = 0.15 if len(seeds) > 1 else 0.0
+    offsets = dict(zip(seeds, np.linspace(-spread, spread, len(seeds)), strict=True))
+    fig = new_figure((max(5.5, 1.3 * len(names)) * len(COMPARISON_PANELS) / 1.6, 4))
+    axes = fig.subplots(1, len(COMPARISON_PANELS))
+    for ax, (title, key) in zip(axes, COMPARISON_PANELS, strict=True):
+        by_seed: dict[Any, list[tuple[float, float]]] = defaultdict(list)
+        for x, name in enumerate(names):
+            points = [
+                (
+                    x + offsets[r.config.get("seed", 0)],
+                    100 * r.metrics[key],
+                    r.config.get("seed", 0),
+                )
+                for r in groups[name]
+                if _is_number(r.metrics.get(key))
+            ]
+            if not points:
+                continue
+            for px, py, seed in points:
+                by_seed[seed].append((px, py))
+            values = [py for _, py, _ in points]
+            ax.scatter([px for px, _, _ in points], values, s=14, color="0.4", zorder=2)
+            sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            ax.errorbar(x, np.mean(values), yerr=sd, fmt="D", color="C3", capsize=6, zorder=3)
+        for line in by_seed.values():
+            if len(line) > 1:
+                ax.plot(*zip(*sorted(line), strict=True), color="0.7", lw=0.8, zorder=1)
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("dots: runs (a line joins one seed's); diamonds: mean ± sd", fontsize="small")
+    return save_figure(fig, path)
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[str, Path, list[Path]]:
+    """Load runs, write ``report.md``, ``curves.png`` and ``comparison.png`` into ``out_dir``.
 
     Returns:
-        (markdown text, markdown path, figure path).
+        (markdown text, markdown path, figure paths).
     """
     if not run_dirs:
         raise KinfonceError("run_dirs must name at least one run directory")
     runs = [load_run(d) for d in run_dirs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    figure = plot_training_curves(runs, out / "curves.png")
+    figures = [
+        plot_training_curves(runs, out / "curves.png"),
+        plot_loss_comparison(runs, out / "comparison.png"),
+    ]
     text = markdown_table(runs)
     md_path = out / "report.md"
-    md_path.write_text(f"# kinfonce runs\n\n{text}\n![training curves]({figure.name})\n")
-    return text, md_path, figure
+    md_path.write_text(
+        f"# kinfonce runs\n\n{text}\n" + "".join(f"![{f.stem}]({f.name})\n" for f in figures)
+    )
+    return text, md_path, figures
 
 
 def embed_2d(features, *, seed: int = 0) -> tuple[Any, str]:

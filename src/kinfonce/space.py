@@ -24,16 +24,14 @@ from typing import Any
 import yaml
 
 from kinfonce.config import (
+    FIELDS,
     RUNTIME_FIELDS,
     PretrainConfig,
-    config_fields,
     config_from_mapping,
     field_type,
 )
 from kinfonce.errors import KinfonceError, MissingFileError
 from kinfonce.losses import LOSS_PARAMETERS, preset_params
-
-FIELDS = config_fields(PretrainConfig)
 
 #: Distribution names: the ranges, then the lists of values.
 RANGES = ("uniform", "loguniform", "randint")

@@ -293,6 +293,7 @@ def load_training_splits(config: TrainConfig) -> DatasetSplits:
         download=config.download,
         val_fraction=config.val_fraction,
         seed=config.seed,
+        unlabeled=config.unlabeled,
     )
     return splits.with_train_subset(config.train_subset, config.seed)
 
@@ -351,7 +352,7 @@ def run_training(
     earlier_log = read_csv_log(csv_log) if checkpoint is not None else []
     with quiet_lightning(config.accelerator):
         trainer = make_trainer(config, run_dir, callbacks)
-    check_batch_size(config.batch_size, len(splits.train), trainer.world_size)
+    check_batch_size(config.batch_size, splits.pretraining_size, trainer.world_size)
     module, data = job.build(config, splits)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)

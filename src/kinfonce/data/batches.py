@@ -18,8 +18,10 @@ class PretrainData(L.LightningDataModule):
     Each process gets ``batch_size / world_size`` images per step from a
     ``DistributedSampler`` (also on one process, for its seeded per-epoch order);
     incomplete last batches are dropped, because contrastive batches and batch norm
-    need full batches. Training batches are ``(images, labels, *extra)``: ``extra``
-    holds further per-image tensors (N, ...) such as the captions of each image.
+    need full batches. Training draws from ``splits.pretraining_images()`` (the
+    unlabelled images too, when loaded). Training batches are ``(images, labels, *extra)``:
+    ``extra`` holds further per-image tensors (N, ...) of those images, such as the captions
+    of each image.
     """
 
     def __init__(
@@ -31,7 +33,7 @@ class PretrainData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        train = self.splits.train
+        train = self.splits.pretraining_images()
         dataset = TensorDataset(train.images, train.labels, *self.extra)
         sampler = DistributedSampler(
             dataset,

@@ -12,7 +12,11 @@ from kinfonce.data.digits import load_digits_splits
 from kinfonce.data.imagefolder import load_split_tree
 from kinfonce.data.splits import DatasetSplits, LabeledImages, channel_stats, split_off_validation
 from kinfonce.data.tinyimagenet import find_tinyimagenet_root, load_tinyimagenet_splits
-from kinfonce.data.torchvision_sets import TORCHVISION_LAYOUTS, load_torchvision_splits
+from kinfonce.data.torchvision_sets import (
+    TORCHVISION_LAYOUTS,
+    load_stl10_unlabeled,
+    load_torchvision_splits,
+)
 from kinfonce.data.tree import ImageTree
 from kinfonce.errors import KinfonceError, MissingFileError
 
@@ -24,7 +28,8 @@ DATASETS: dict[str, str] = {
     "digits": "scikit-learn's 8x8 digits as 16x16 gray images, embedded (no download)",
     "cifar10": "CIFAR-10 through torchvision (32x32 RGB, 10 classes)",
     "cifar100": "CIFAR-100 through torchvision (32x32 RGB, 100 classes)",
-    "stl10": "STL-10 labelled splits through torchvision (96x96 RGB, 10 classes)",
+    "stl10": "STL-10 through torchvision (96x96 RGB, 10 classes; its 100,000 unlabelled "
+    "images with unlabeled=True)",
     "tinyimagenet": "Tiny ImageNet from its standard layout (64x64 RGB, 200 classes)",
     f"{IMAGEFOLDER_PREFIX}PATH": "a directory or .zip with train/<class>/* and test/<class>/*",
 }
@@ -124,6 +129,7 @@ def load_dataset(
     download: bool = False,
     val_fraction: float = 0.1,
     seed: int = 0,
+    unlabeled: bool = False,
 ) -> DatasetSplits:
     """Load a data set by name as uint8 tensors with train/val/test splits.
 
@@ -137,6 +143,8 @@ def load_dataset(
         download: fetch torchvision data sets and Tiny ImageNet into ``root`` if absent.
         val_fraction: fraction of the training set held out (stratified) as the validation split.
         seed: seed of the validation split.
+        unlabeled: also load the data set's unlabelled images into ``unlabeled`` (STL-10's
+            100,000; no other data set has any).
 
     Returns:
         ``DatasetSplits``; ``mean``/``std`` are per channel over the whole training set.
@@ -150,12 +158,21 @@ def load_dataset(
         raise _unknown(name)
     if not 0.0 <= val_fraction < 1.0:
         raise KinfonceError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    if unlabeled and name != "stl10":
+        raise KinfonceError(
+            f"unlabeled=True needs a data set with an unlabelled split (stl10), got {name!r}"
+        )
     root_path = Path(root).expanduser() if root is not None else None
     train_full, test, classes, skipped = _load_source(
         name, root_path, cache_root(cache_dir), download
     )
     train, val = split_off_validation(train_full, val_fraction, seed)
     mean, std = channel_stats(train_full.images)
+    extra = None
+    if unlabeled:
+        extra = load_stl10_unlabeled(
+            root_path or cache_root(cache_dir) / "datasets" / name, download
+        )
     return DatasetSplits(
         train=train,
         val=val,
@@ -168,4 +185,5 @@ def load_dataset(
         std=std,
         name=name,
         skipped_files=skipped,
+        unlabeled=extra,
     )

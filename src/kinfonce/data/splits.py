@@ -67,6 +67,8 @@ class DatasetSplits:
         std: per-channel standard deviation of the same.
         name: the data set's name as given to ``load_dataset``.
         skipped_files: image files that could not be decoded and were left out.
+        unlabeled: extra images for pretraining only, every label -1 (STL-10's unlabelled
+            split), or None.
     """
 
     train: LabeledImages
@@ -80,6 +82,21 @@ class DatasetSplits:
     std: tuple[float, ...]
     name: str = ""
     skipped_files: int = field(default=0)
+    unlabeled: LabeledImages | None = None
+
+    @property
+    def pretraining_size(self) -> int:
+        """How many images pretraining draws from (training and unlabelled)."""
+        return len(self.train) + (0 if self.unlabeled is None else len(self.unlabeled))
+
+    def pretraining_images(self) -> LabeledImages:
+        """The images pretraining draws from: the training split, then the unlabelled ones."""
+        if self.unlabeled is None:
+            return self.train
+        return LabeledImages(
+            torch.cat([self.train.images, self.unlabeled.images]),
+            torch.cat([self.train.labels, self.unlabeled.labels]),
+        )
 
     def with_train_subset(self, size: int | None, seed: int) -> DatasetSplits:
         """These splits with a seeded random subset of ``size`` training images (all when None)."""

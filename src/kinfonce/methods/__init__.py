@@ -65,7 +65,10 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     config = config_from_mapping(stored["config"], cls=CONFIG_CLASSES[kind])
     data = stored["data"]
     backbone = build_backbone(
-        config.backbone, in_channels=data["channels"], image_size=data["image_size"]
+        config.backbone,
+        in_channels=data["channels"],
+        image_size=data["image_size"],
+        stem=config.stem,
     )
     prefix = "backbone."
     state = {

@@ -76,9 +76,17 @@ class PretrainMethod(L.LightningModule):
                 f"{config.loss!r} loss, got {out_dim}"
             )
         self.backbone = build_backbone(
-            config.backbone, in_channels=data["channels"], image_size=data["image_size"]
+            config.backbone,
+            in_channels=data["channels"],
+            image_size=data["image_size"],
+            stem=config.stem,
         )
-        self.head = ProjectionHead(self.backbone.feature_dim, config.proj_hidden_dim, out_dim)
+        self.head = ProjectionHead(
+            self.backbone.feature_dim,
+            config.proj_hidden_dim,
+            out_dim,
+            batch_norm=config.proj_batch_norm,
+        )
         self.probe = nn.Linear(self.backbone.feature_dim, data["num_classes"])
         self.views = SimCLRViews(
             data["image_size"],
@@ -96,7 +104,8 @@ class PretrainMethod(L.LightningModule):
         """Parameters for ``make_loss``: the config's, else the method's defaults.
 
         A parameter set in the config that the preset does not take is passed on, so
-        that ``make_loss`` rejects it instead of it being silently ignored.
+        that ``make_loss`` rejects it instead of it being silently ignored; so are the
+        options ``concat_normalization`` (when set) and ``positive_in_denominator`` (when off).
         """
         accepted = set(preset_params(config.loss))
         params = {}
@@ -106,6 +115,10 @@ class PretrainMethod(L.LightningModule):
                 value = cls.loss_defaults.get(name)
             if value is not None:
                 params[name] = value
+        if config.concat_normalization is not None:
+            params["concat_normalization"] = config.concat_normalization
+        if not config.positive_in_denominator:
+            params["positive_in_denominator"] = False
         return params
 
     @classmethod
@@ -161,7 +174,10 @@ class PretrainMethod(L.LightningModule):
                 f"the {self.config.loss!r} loss is not finite at epoch {self.current_epoch}, "
                 f"step {batch_idx}; {divergence_advice(self.config.loss)}"
             )
-        probe_loss = F.cross_entropy(self.probe(features.detach()), labels)
+        # Unlabelled images (label -1, e.g. STL-10's unlabelled split) train no probe.
+        labelled = labels >= 0
+        logits = self.probe(features.detach()[labelled])
+        probe_loss = F.cross_entropy(logits, labels[labelled]) if labelled.any() else 0 * loss
         size = len(labels)
         self.log(
             "train_loss",
