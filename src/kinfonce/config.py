@@ -57,6 +57,9 @@ RUNTIME_FIELDS = frozenset(
         "eval_linear_epochs",
         "eval_knn_k",
         "baselines",
+        "loss_path",
+        "compile",
+        "channels_last",
     }
 )
 
@@ -112,6 +115,11 @@ class PretrainConfig:
     )
     lam: float | None = _f(None, "weight lambda of the gamma=1 term of a sum preset", "loss")
     gamma: float | None = _f(None, "kernel exponent gamma (None: preset default)", "loss")
+    loss_path: str = _f(
+        "auto",
+        "how Kernel-InfoNCE computes its rows: auto (fused on a GPU while it fits), fused, blocked",
+        "loss",
+    )
     # optimisation
     optimizer: str = _f("lars", "optimiser: lars, sgd or adam", "optimisation")
     lr: float | None = _f(
@@ -143,6 +151,14 @@ class PretrainConfig:
     strategy: str = _f("auto", "Lightning strategy: auto, ddp, ddp_spawn, ...", "runtime")
     precision: str = _f("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed", "runtime")
     sync_batchnorm: bool = _f(False, "synchronise batch norm across GPUs under DDP", "runtime")
+    compile: bool = _f(
+        False, "torch.compile the backbone and projection head for training", "runtime"
+    )
+    channels_last: bool = _f(
+        False,
+        "channels-last memory format for the backbone (faster convolutions on GPUs)",
+        "runtime",
+    )
     progress: bool = _f(True, "show progress bars", "runtime")
 
     def to_dict(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from kinfonce.errors import KinfonceError
-from kinfonce.kernel_lse import kernel_logsumexp
+from kinfonce.kernel_lse import check_path, kernel_logsumexp, kernel_nll, resolve_path
 from kinfonce.kernels import (
     ExpKernel,
     MixtureKernel,
@@ -33,9 +33,12 @@ from kinfonce.kernels import (
 )
 
 
-def check_embeddings(**named: Tensor) -> None:
+def check_embeddings(*, check_finite: bool = True, **named: Tensor) -> None:
     """Raises a ValueError naming the argument unless all tensors are finite float (N, D) matrices
-    of one dtype and device with the same D."""
+    of one dtype and device with the same D.
+
+    ``check_finite=False`` leaves out the finiteness test, the one check that waits for a GPU
+    (a host synchronisation); non-finite inputs then give a non-finite loss."""
     ref_name, ref = next(iter(named.items()))
     for name, z in named.items():
         if not isinstance(z, Tensor):
@@ -56,7 +59,7 @@ def check_embeddings(**named: Tensor) -> None:
                 f"{name} must have the feature dimension of {ref_name} ({ref.shape[1]}), "
                 f"got shape {tuple(z.shape)}"
             )
-        if not torch.isfinite(z).all():
+        if check_finite and not torch.isfinite(z).all():
             raise KinfonceError(f"{name} contains non-finite values (nan or inf)")
 
 
@@ -105,10 +108,15 @@ class KernelInfoNCE(nn.Module):
         kernel: An :class:`ExpKernel` or :class:`MixtureKernel` (e.g. ``simple_sum_kernel()``).
         normalize: Project embeddings (each part, for a concatenation kernel) to the unit sphere.
         bipartite: Use the CLIP form.
-        chunk_size: Anchor rows per block; same values and gradients, O(N * chunk_size) memory.
-            None: one block up to 2^27 anchor-candidate pairs (2N = 11,585), blocks beyond.
+        chunk_size: Anchor rows per block of the blocked path; same values and gradients,
+            O(N * chunk_size) memory. None: one block up to 2^27 anchor-candidate pairs
+            (2N = 11,585), blocks beyond.
         gather_distributed: Gather the in-batch candidates of all ranks (with gradient) under
             torch.distributed. The queue form gathers nothing: its negatives are the queue.
+        path: "auto" (default), "fused" or "blocked": how the rows are computed
+            (:func:`kinfonce.kernel_lse.resolve_path`); values agree to float32 rounding.
+        check_finite: Raise on non-finite inputs. The check waits for the GPU (a host
+            synchronisation); a training loop that checks its loss can turn it off.
 
     Note:
         The Gaussian kernel at temperature tau on unit vectors equals NT-Xent (SimCLR's loss) at
@@ -127,21 +135,28 @@ class KernelInfoNCE(nn.Module):
         bipartite: bool = False,
         chunk_size: int | None = None,
         gather_distributed: bool = False,
+        path: str = "auto",
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
         self.kernel = as_mixture(ExpKernel(gamma, temperature) if kernel is None else kernel)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise KinfonceError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+        check_path(path, chunk_size)
         self.out_dim_multiple = self.kernel.parts
         self.normalize = normalize
         self.bipartite = bipartite
         self.chunk_size = chunk_size
         self.gather_distributed = gather_distributed
+        self.path = path
+        self.check_finite = check_finite
+        self._index_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def extra_repr(self) -> str:
         return (
             f"kernel={self.kernel}, normalize={self.normalize}, bipartite={self.bipartite}, "
-            f"chunk_size={self.chunk_size}, gather_distributed={self.gather_distributed}"
+            f"chunk_size={self.chunk_size}, gather_distributed={self.gather_distributed}, "
+            f"path={self.path!r}"
         )
 
     def forward(self, z0: Tensor, z1: Tensor, queue: Tensor | None = None) -> Tensor:
@@ -156,9 +171,9 @@ class KernelInfoNCE(nn.Module):
             Scalar mean loss over the anchors.
         """
         if queue is None:
-            check_embeddings(z0=z0, z1=z1)
+            check_embeddings(z0=z0, z1=z1, check_finite=self.check_finite)
         else:
-            check_embeddings(z0=z0, z1=z1, queue=queue)
+            check_embeddings(z0=z0, z1=z1, queue=queue, check_finite=self.check_finite)
             if self.bipartite:
                 raise KinfonceError("queue must be None for the bipartite (CLIP) form")
         _check_same_shape(z0, z1)
@@ -179,24 +194,31 @@ class KernelInfoNCE(nn.Module):
         return gather_with_grad(z) if self.gather_distributed else (z, 0)
 
     def _rows(self, anchors: Tensor, cands: Tensor, self_idx, pos_idx) -> Tensor:
-        lse, lpos = kernel_logsumexp(
+        return kernel_nll(
             anchors,
             cands,
             self.kernel,
             self_idx=self_idx,
             pos_idx=pos_idx,
+            path=self.path,
             chunk_size=self.chunk_size,
         )
-        return lse - lpos
+
+    def _two_view_indices(self, n: int, total: int, rank: int, device) -> tuple[Tensor, Tensor]:
+        """(self_idx, pos_idx), each (2n,), made once per batch shape (no per-step kernels)."""
+        key = (n, total, rank, str(device))
+        if key not in self._index_cache:
+            local = torch.arange(n, device=device) + rank * n
+            self._index_cache[key] = (
+                torch.cat([local, local + total]),
+                torch.cat([local + total, local]),
+            )
+        return self._index_cache[key]
 
     def _two_view_loss(self, z0: Tensor, z1: Tensor) -> Tensor:
-        n = z0.shape[0]
         all0, rank = self._gather(z0)
         all1, _ = self._gather(z1)
-        total = all0.shape[0]
-        local = torch.arange(n, device=z0.device) + rank * n
-        self_idx = torch.cat([local, local + total])
-        pos_idx = torch.cat([local + total, local])
+        self_idx, pos_idx = self._two_view_indices(z0.shape[0], all0.shape[0], rank, z0.device)
         return self._rows(torch.cat([z0, z1]), torch.cat([all0, all1]), self_idx, pos_idx).mean()
 
     def _bipartite_loss(self, a: Tensor, b: Tensor) -> Tensor:
@@ -208,7 +230,11 @@ class KernelInfoNCE(nn.Module):
         return torch.cat([a_to_b, b_to_a]).mean()
 
     def _queue_loss(self, q: Tensor, k: Tensor, queue: Tensor) -> Tensor:
-        lse_neg, _ = kernel_logsumexp(q, queue, self.kernel, chunk_size=self.chunk_size)
+        chunk = self.chunk_size
+        single = self.kernel.single is not None
+        if resolve_path(self.path, q.shape[0], queue.shape[0], q.device, chunk, single) == "fused":
+            chunk = q.shape[0]  # one block, kept for the backward pass
+        lse_neg, _ = kernel_logsumexp(q, queue, self.kernel, chunk_size=chunk)
         lpos = self.kernel.log_pairs(q, k)
         return (torch.logaddexp(lse_neg, lpos) - lpos).mean()
 
@@ -270,14 +296,22 @@ class SpectralContrastiveLoss(nn.Module):
         normalize: Project embeddings to the unit sphere first (off by default, as in HaoChen et
             al., who leave the embedding's norm free).
         gather_distributed: Gather both views from all ranks (with gradient) before the sums.
+        check_finite: Raise on non-finite inputs (a host synchronisation on a GPU).
     """
 
     out_dim_multiple = 1
 
-    def __init__(self, *, normalize: bool = False, gather_distributed: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        normalize: bool = False,
+        gather_distributed: bool = False,
+        check_finite: bool = True,
+    ) -> None:
         super().__init__()
         self.normalize = normalize
         self.gather_distributed = gather_distributed
+        self.check_finite = check_finite
 
     def forward(self, z0: Tensor, z1: Tensor, queue: Tensor | None = None) -> Tensor:
         """(N, D), (N, D) -> scalar. ``queue`` is not supported (a clear error if given)."""
@@ -285,7 +319,7 @@ class SpectralContrastiveLoss(nn.Module):
             raise KinfonceError(
                 "queue must be None: the spectral contrastive loss has no queue form"
             )
-        check_embeddings(z0=z0, z1=z1)
+        check_embeddings(z0=z0, z1=z1, check_finite=self.check_finite)
         _check_same_shape(z0, z1)
         if self.normalize:
             z0, z1 = nn.functional.normalize(z0, dim=1), nn.functional.normalize(z1, dim=1)
@@ -348,8 +382,12 @@ def _concat_sum_kernel(
     return KernelInfoNCE(kernel=concat_sum_kernel(temperature1, temperature2, lam), **common)
 
 
-def _spectral(normalize: bool = False, gather_distributed: bool = False) -> SpectralContrastiveLoss:
-    return SpectralContrastiveLoss(normalize=normalize, gather_distributed=gather_distributed)
+def _spectral(
+    normalize: bool = False, gather_distributed: bool = False, check_finite: bool = True
+) -> SpectralContrastiveLoss:
+    return SpectralContrastiveLoss(
+        normalize=normalize, gather_distributed=gather_distributed, check_finite=check_finite
+    )
 
 
 #: Loss presets by name: Table 1 rows (Table 2's definitions), Section 5.2's mixture kernels, and
@@ -366,7 +404,7 @@ LOSS_PRESETS: dict[str, Callable[..., nn.Module]] = {
     "spectral": _spectral,
 }
 
-_COMMON = ("normalize", "chunk_size", "gather_distributed")
+_COMMON = ("normalize", "chunk_size", "gather_distributed", "path", "check_finite")
 
 #: Every kernel parameter some preset takes, in display order.
 LOSS_PARAMETERS = ("gamma", "temperature", "temperature1", "temperature2", "lam")
@@ -404,7 +442,7 @@ def make_loss(name: str, **params) -> nn.Module:
         name: One of ``LOSS_PRESETS``.
         **params: The preset's parameters (``preset_params(name)``), e.g. ``temperature``, or
             ``temperature1``, ``temperature2``, ``lam``; and ``normalize``, ``chunk_size``,
-            ``gather_distributed``.
+            ``gather_distributed``, ``path``, ``check_finite``.
     """
     allowed = preset_params(name)
     unknown = sorted(set(params) - set(allowed))

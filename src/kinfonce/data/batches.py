@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import lightning as L
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 
 from kinfonce.data.splits import DatasetSplits
 from kinfonce.errors import KinfonceError
+
+
+class EpochBatchSampler(BatchSampler):
+    """A ``BatchSampler`` that passes ``set_epoch`` on to its sampler (Lightning calls it on
+    the data loader's sampler each epoch)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
 
 
 class PretrainData(L.LightningDataModule):
@@ -15,7 +23,9 @@ class PretrainData(L.LightningDataModule):
     Each process gets ``batch_size / world_size`` images per step from a
     ``DistributedSampler`` (also on one process, for its seeded per-epoch order);
     incomplete last batches are dropped, because contrastive batches and batch norm
-    need full batches.
+    need full batches. A batch is one indexing of the uint8 image tensor (not one per
+    image and a stack), in pinned memory when training on a GPU so that its copy does not
+    wait.
     """
 
     def __init__(self, splits: DatasetSplits, batch_size: int, seed: int):
@@ -34,9 +44,9 @@ class PretrainData(L.LightningDataModule):
             seed=self.seed,
             drop_last=True,
         )
-        return DataLoader(
-            dataset, batch_size=self.batch_size // world, sampler=sampler, drop_last=True
-        )
+        batches = EpochBatchSampler(sampler, self.batch_size // world, drop_last=True)
+        pin = self.trainer.strategy.root_device.type == "cuda"
+        return DataLoader(dataset, sampler=batches, batch_size=None, pin_memory=pin)
 
     def val_dataloader(self) -> DataLoader:
         val = self.splits.val

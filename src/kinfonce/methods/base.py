@@ -7,6 +7,11 @@ and the online linear probe. The probe is a linear classifier trained on detache
 backbone features of the first view with the training labels; its accuracy on the
 labelled validation split is logged every epoch as ``probe_top1`` (the metric the
 paper's tuner maximises, Appendix B). Subclasses implement :meth:`contrastive_step`.
+
+Nothing in a training step waits for the GPU: a non-finite loss is recorded on the
+device and checked every :data:`DIVERGENCE_CHECK_EVERY` steps and at the end of every
+epoch, before validation and checkpoints, where it stops the run with a
+:class:`~kinfonce.errors.DivergedError` that names the first bad step.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ CHECKPOINT_KEY = "kinfonce"
 
 #: Fields of the data description a method needs (from ``DatasetSplits``).
 DATA_FIELDS = ("image_size", "channels", "num_classes", "mean", "std")
+
+#: Training steps between checks that the loss is finite (each check waits for the GPU).
+DIVERGENCE_CHECK_EVERY = 50
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -69,6 +77,8 @@ class PretrainMethod(L.LightningModule):
         self.backbone = build_backbone(
             config.backbone, in_channels=data["channels"], image_size=data["image_size"]
         )
+        if config.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
         self.head = ProjectionHead(self.backbone.feature_dim, config.proj_hidden_dim, out_dim)
         self.probe = nn.Linear(self.backbone.feature_dim, data["num_classes"])
         self.views = SimCLRViews(
@@ -81,6 +91,9 @@ class PretrainMethod(L.LightningModule):
             flip_p=config.flip_p,
         )
         self.eval_transform = EvalTransform(data["mean"], data["std"])
+        # the global step at which the loss was first not finite, -1 while it has been
+        self.register_buffer("first_nonfinite_step", torch.tensor(-1), persistent=False)
+        self._compiled_embed = None
 
     @classmethod
     def loss_params(cls, config: PretrainConfig) -> dict[str, float]:
@@ -101,15 +114,37 @@ class PretrainMethod(L.LightningModule):
 
     @classmethod
     def build_loss(cls, config: PretrainConfig, *, gather_distributed: bool = False) -> nn.Module:
-        """The loss module of the config's preset."""
+        """The loss module of the config's preset.
+
+        Its inputs are not checked for finiteness (a host synchronisation per call on a GPU):
+        a non-finite input gives a non-finite loss, which the training step records.
+        """
+        params = cls.loss_params(config)
+        if config.loss_path != "auto" or "path" in preset_params(config.loss):
+            params["path"] = config.loss_path  # a preset without paths rejects a non-default
         return make_loss(
-            config.loss, **cls.loss_params(config), gather_distributed=gather_distributed
+            config.loss, **params, gather_distributed=gather_distributed, check_finite=False
         )
 
     def setup(self, stage: str) -> None:
         """Rebuild the loss to gather negatives across processes when there are several."""
         if self.trainer.world_size > 1:
             self.criterion = self.build_loss(self.config, gather_distributed=True)
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, F) backbone features and (B, D) projections of float views (B, C, H, W), through
+        ``torch.compile`` when the config asks for it (compiled at the first call)."""
+        if self.config.compile:
+            if self._compiled_embed is None:
+                self._compiled_embed = torch.compile(self._embed)
+            return self._compiled_embed(images)
+        return self._embed(images)
+
+    def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        features = self.backbone(images)
+        return features, self.head(features)
 
     def contrastive_step(
         self, view0: torch.Tensor, view1: torch.Tensor
@@ -134,13 +169,9 @@ class PretrainMethod(L.LightningModule):
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
-            view0, view1 = self.views(images), self.views(images)
+            view0, view1 = self.views.pair(images)
         loss, features = self.contrastive_step(view0, view1)
-        if not torch.isfinite(loss):
-            raise DivergedError(
-                f"the {self.config.loss!r} loss is not finite at epoch {self.current_epoch}, "
-                f"step {batch_idx}; {divergence_advice(self.config.loss)}"
-            )
+        self._record_nonfinite(loss.detach())
         probe_loss = F.cross_entropy(self.probe(features.detach()), labels)
         size = len(labels)
         self.log(
@@ -161,6 +192,27 @@ class PretrainMethod(L.LightningModule):
             batch_size=size,
         )
         return loss + probe_loss
+
+    def _record_nonfinite(self, loss: torch.Tensor) -> None:
+        """Keep the first step with a non-finite loss, on the device (nothing waits for it)."""
+        first = self.first_nonfinite_step
+        bad = ~torch.isfinite(loss) & (first < 0)
+        first.copy_(torch.where(bad, self.global_step, first))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Every :data:`DIVERGENCE_CHECK_EVERY` steps and at the epoch's last batch (before
+        validation and checkpoints): stop a run whose loss was not finite."""
+        if (batch_idx + 1) % DIVERGENCE_CHECK_EVERY == 0 or self.trainer.is_last_batch:
+            self.check_finite_loss()
+
+    def check_finite_loss(self) -> None:
+        """Raise a DivergedError if a training step since the start had a non-finite loss."""
+        step = int(self.first_nonfinite_step)
+        if step >= 0:
+            raise DivergedError(
+                f"the {self.config.loss!r} loss was not finite at training step {step} "
+                f"(epoch {self.current_epoch}); {divergence_advice(self.config.loss)}"
+            )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         images, labels = batch
