@@ -73,7 +73,7 @@ def timed(candidates: dict, z0, z1, repeats: int) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def speed_table(sizes, gammas, dim, tau, repeats, chunk_size):
+def speed_table(sizes, gammas, dim, tau, repeats, chunk_size, path="auto"):
     from lightly.loss import NTXentLoss
 
     rows = []
@@ -85,7 +85,9 @@ def speed_table(sizes, gammas, dim, tau, repeats, chunk_size):
         for gamma in gammas:
             candidates = {
                 "literal": lambda a, b, gamma=gamma: literal_algorithm_2(a, b, gamma, tau),
-                "kinfonce": KernelInfoNCE(gamma=gamma, temperature=tau, chunk_size=chunk_size),
+                "kinfonce": KernelInfoNCE(
+                    gamma=gamma, temperature=tau, chunk_size=chunk_size, path=path
+                ),
                 "blocked": KernelInfoNCE(
                     gamma=gamma, temperature=tau, chunk_size=chunk_size, path="blocked"
                 ),
@@ -183,6 +185,9 @@ def main() -> None:
         "--chunk-size", type=int, default=None, help="kinfonce chunk_size in the speed table"
     )
     parser.add_argument(
+        "--path", default="auto", help="KernelInfoNCE path of the 'kinfonce' column"
+    )
+    parser.add_argument(
         "--big", type=int, default=65536, help="2N of the chunked memory case (0: skip)"
     )
     parser.add_argument("--big-chunk", type=int, default=512, help="chunk_size of the memory case")
@@ -197,7 +202,8 @@ def main() -> None:
 
     print(
         f"# KernelInfoNCE speed: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, tau = {args.tau}, d = {args.dim}"
+        f"{platform.processor() or platform.machine()}, tau = {args.tau}, d = {args.dim}, "
+        f"kinfonce path {args.path!r}"
     )
     print(
         "|    2N | gamma | literal ms | kinfonce ms | blocked ms | speedup | lightly ms "
@@ -206,7 +212,9 @@ def main() -> None:
     print(
         "|------:|------:|-----------:|------------:|-----------:|--------:|-----------:|-------------:|"
     )
-    rows = speed_table(args.sizes, args.gammas, args.dim, args.tau, args.repeats, args.chunk_size)
+    rows = speed_table(
+        args.sizes, args.gammas, args.dim, args.tau, args.repeats, args.chunk_size, args.path
+    )
 
     print("\n# float32 error against float64 (2N = 512, d = 128); ok = within 1e-5 * max(1, |ref|)")
     print("|  tau | gamma | float64 ref | literal f32 | ok | kinfonce f32 | ok |")

@@ -326,7 +326,8 @@ def _fused_logits(anchors, cands, self_idx, pos_idx, kernel: ExpKernel) -> Tenso
     other pass; ``log_softmax`` does not see a row constant).
     """
     rows = torch.arange(anchors.shape[0], device=anchors.device)
-    a_sq, c_sq = anchors.pow(2).sum(-1), cands.pow(2).sum(-1)
+    a_sq = anchors.pow(2).sum(-1)
+    c_sq = a_sq if cands is anchors else cands.pow(2).sum(-1)
     pos_sq = (anchors - cands[pos_idx]).pow(2).sum(-1)  # exact |a - c|^2 of the positives
     tau = kernel.temperature
     if kernel.gamma == 2.0:
@@ -386,8 +387,7 @@ class _FusedNLL(torch.autograd.Function):
         ctx.kept = None
         rows = torch.arange(anchors.shape[0], device=anchors.device)
         weights = log_p.exp_()  # the row softmax, in place of its log
-        minus_one = torch.full((), -1.0, dtype=weights.dtype, device=weights.device)  # no copy
-        weights.index_put_((rows, pos_idx), minus_one, accumulate=True)
+        weights[rows, pos_idx] -= 1.0  # softmax - onehot(pos)
         g = grad.unsqueeze(1)
         if kernel.gamma == 2.0:
             # d logit_ij / d a_i = 2 c_j / tau, d logit_ij / d c_j = 2 (a_i - c_j) / tau

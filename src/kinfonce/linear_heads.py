@@ -67,9 +67,6 @@ class LinearHeads:
             head = _seeded_head(dim, num_classes, seed, device)
             self.params += [head.weight.detach().clone(), head.bias.detach().clone()]
         self.buffers = [torch.zeros_like(p) for p in self.params]
-        # made once on the device: a tensor from a Python number per step would be a
-        # host-to-device copy (which waits for the GPU, and cannot be captured in a graph)
-        self.minus_one = torch.full((), -1.0, device=device)
         self.num_classes = num_classes
         self.momentum, self.weight_decay = momentum, weight_decay
 
@@ -81,8 +78,7 @@ class LinearHeads:
         grads = []
         for x, weight, bias in zip(xs, self.params[::2], self.params[1::2], strict=True):
             scores = torch.addmm(bias, x, weight.T).softmax(dim=1)
-            rows = torch.arange(len(y), device=y.device)
-            scores.index_put_((rows, y), self.minus_one, accumulate=True)
+            scores[torch.arange(len(y), device=y.device), y] -= 1.0
             scores.div_(len(y))  # d(mean cross-entropy) / d logits
             grads += [scores.T @ x, scores.sum(dim=0)]
         # torch.optim.SGD: d = g + wd * p; buf = momentum * buf + d; p -= lr * buf

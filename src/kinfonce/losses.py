@@ -219,7 +219,9 @@ class KernelInfoNCE(nn.Module):
         all0, rank = self._gather(z0)
         all1, _ = self._gather(z1)
         self_idx, pos_idx = self._two_view_indices(z0.shape[0], all0.shape[0], rank, z0.device)
-        return self._rows(torch.cat([z0, z1]), torch.cat([all0, all1]), self_idx, pos_idx).mean()
+        anchors = torch.cat([z0, z1])
+        cands = anchors if all0 is z0 else torch.cat([all0, all1])  # one process: the same rows
+        return self._rows(anchors, cands, self_idx, pos_idx).mean()
 
     def _bipartite_loss(self, a: Tensor, b: Tensor) -> Tensor:
         all_a, rank = self._gather(a)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -254,31 +255,13 @@ def linear_probes(
 
 
 def linear_probe(
-    train_x: Tensor,
-    train_y: Tensor,
-    test_x: Tensor,
-    test_y: Tensor,
-    *,
-    num_classes: int,
-    settings: LinearProbeSettings | None = None,
-    standardize: bool = True,
-    device: str | torch.device | None = None,
-    progress: bool = False,
+    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, **options: Any
 ) -> dict[str, float]:
     """Linear evaluation on cached features (paper, Appendix B): :func:`linear_probes` of one
-    feature set. train_x (N, F), train_y (N,), test_x (M, F), test_y (M,); returns
+    feature set, with the same keyword arguments (``num_classes``, ``settings``, ...).
+    train_x (N, F), train_y (N,), test_x (M, F), test_y (M,); returns
     ``{"top1": float, "top5": float}`` test accuracy as fractions."""
-    return linear_probes(
-        [train_x],
-        train_y,
-        [test_x],
-        test_y,
-        num_classes=num_classes,
-        settings=settings,
-        standardize=standardize,
-        device=device,
-        progress=progress,
-    )[0]
+    return linear_probes([train_x], train_y, [test_x], test_y, **options)[0]
 
 
 def knn_classify(

@@ -70,7 +70,7 @@ def test_per_image_parameters_differ(sampled):
         values = params.jitter[:, column]
         assert values.min() >= low and values.max() <= high
         assert torch.unique(values).numel() > N // 2
-    assert sorted(params.order) == [0, 1, 2, 3]
+    assert len(params.orders) == 1 and sorted(params.orders[0]) == [0, 1, 2, 3]
 
 
 def test_grayscale_decisions_are_applied(sampled):
@@ -221,4 +221,4 @@ def test_views_never_wait_for_the_device_and_are_few_operations(channels, blur):
     with _CountOps() as counter:
         view0, view1 = views.pair(batch)
     assert view0.shape == view1.shape == (64, channels, 32, 32)
-    assert sum(counter.ops.values()) < 250, counter.ops.most_common(10)  # kornia: 730
+    assert sum(counter.ops.values()) < 320, counter.ops.most_common(10)  # kornia: 730

@@ -106,7 +106,9 @@ class ViewParams:
         flip: (n,) bool.
         jitter: (n, 4) brightness, contrast, saturation factors and hue shift (neutral 1, 1, 1, 0
             where the image is not jittered).
-        order: the order of the four jitter steps (indices into those columns).
+        orders: the order of the four jitter steps (indices into those columns), one for each
+            group of consecutive rows: one group per call, two for :meth:`SimCLRViews.pair`
+            (each view's batch has its own order, as when the views are made by two calls).
         grayscale: (n,) bool (all False for single-channel images).
         sigma: (n,) blur standard deviation, 0 where not blurred (all 0 without blur).
     """
@@ -114,7 +116,7 @@ class ViewParams:
     boxes: torch.Tensor
     flip: torch.Tensor
     jitter: torch.Tensor
-    order: list[int]
+    orders: tuple[list[int], ...]
     grayscale: torch.Tensor
     sigma: torch.Tensor
 
@@ -195,34 +197,49 @@ class SimCLRViews(_Normalized):
         self.blur_p, self.blur_sigma = blur_p, tuple(blur_sigma)
         self.last_params: ViewParams | None = None
 
-    def sample(self, n: int, height: int, width: int, device: torch.device) -> ViewParams:
-        """Draw the parameters of ``n`` views of ``height`` x ``width`` images on ``device``."""
+    def sample(
+        self, n: int, height: int, width: int, device: torch.device, groups: int = 1
+    ) -> ViewParams:
+        """Draw the parameters of ``n`` views of ``height`` x ``width`` images on ``device``,
+        with one jitter order per each of ``groups`` equal groups of consecutive rows."""
         boxes = sample_boxes(n, height, width, self.crop_scale, self.crop_ratio, device)
         draws = torch.rand(n, 2, device=device)
-        jitter, order = sample_jitter(n, self.jitter_bounds.to(device), self.jitter_p)
+        jitter, orders = sample_jitter(n, self.jitter_bounds.to(device), self.jitter_p, groups)
         if self.blur_kernel:
             sigma = sample_sigma(n, self.blur_sigma, self.blur_p, device)
         else:
             sigma = torch.zeros(n, device=device)
         flip, grayscale = draws[:, 0] < self.flip_p, draws[:, 1] < self.grayscale_p
-        return ViewParams(boxes, flip, jitter, order, grayscale, sigma)
+        return ViewParams(boxes, flip, jitter, orders, grayscale, sigma)
 
     def apply(self, batch: torch.Tensor, params: ViewParams) -> torch.Tensor:
         """The views of a uint8 batch (n, C, H, W) with the given parameters (one row each)."""
         _check_batch(batch, self.channels)
         size = (self.image_size, self.image_size)
         x = resized_crops(batch.div(255.0), params.boxes, size, params.flip)
-        x = colour_jitter(x, params.jitter, params.order)
+        x = self._jitter(x, params)
         if self.channels == 3:
             x = random_grayscale(x, params.grayscale)
         if self.blur_kernel:
             x = gaussian_blur(x, params.sigma, self.blur_kernel)
         return self.normalize(x)
 
+    @staticmethod
+    def _jitter(x: torch.Tensor, params: ViewParams) -> torch.Tensor:
+        """Colour jitter, each group of rows in its own step order."""
+        groups = len(params.orders)
+        parts = zip(x.chunk(groups), params.jitter.chunk(groups), params.orders, strict=True)
+        jittered = [colour_jitter(images, factors, order) for images, factors, order in parts]
+        return jittered[0] if groups == 1 else torch.cat(jittered)
+
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Views (B, C, image_size, image_size) float32 of a uint8 batch (B, C, H, W)."""
+        return self._views(batch, groups=1)
+
+    def _views(self, batch: torch.Tensor, groups: int) -> torch.Tensor:
         _check_batch(batch, self.channels)
-        self.last_params = self.sample(len(batch), batch.shape[2], batch.shape[3], batch.device)
+        n, _, height, width = batch.shape
+        self.last_params = self.sample(n, height, width, batch.device, groups)
         return self.apply(batch, self.last_params)
 
     def pair(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +250,7 @@ class SimCLRViews(_Normalized):
             the first B for ``view0``.
         """
         _check_batch(batch, self.channels)
-        view0, view1 = self(torch.cat([batch, batch])).chunk(2)
+        view0, view1 = self._views(torch.cat([batch, batch]), groups=2).chunk(2)
         return view0, view1
 
 

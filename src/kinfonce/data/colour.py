@@ -87,23 +87,26 @@ def jitter_bounds(strengths: tuple[float, float, float, float]) -> torch.Tensor:
     return torch.tensor([low, high, list(_NEUTRAL)])
 
 
-def sample_jitter(n: int, bounds: torch.Tensor, p: float) -> tuple[torch.Tensor, list[int]]:
-    """Per-image jitter factors and one step order for the batch.
+def sample_jitter(
+    n: int, bounds: torch.Tensor, p: float, groups: int = 1
+) -> tuple[torch.Tensor, tuple[list[int], ...]]:
+    """Per-image jitter factors and step orders.
 
     Args:
         n: images.
         bounds: :func:`jitter_bounds`, on the device to sample on.
         p: probability that an image is jittered; the others get neutral factors.
+        groups: step orders to draw (one per group of images).
 
     Returns:
-        ((n, 4) factors in the order of :data:`JITTER_STEPS`, on ``bounds``' device; the order
-        of the steps, drawn from the CPU generator, so that no host synchronisation is needed).
+        ((n, 4) factors in the order of :data:`JITTER_STEPS`, on ``bounds``' device; the step
+        orders, drawn from the CPU generator, so that no host synchronisation is needed).
     """
     draws = torch.rand(n, 5, device=bounds.device)
     factors = torch.addcmul(bounds[0], bounds[1] - bounds[0], draws[:, :4])
     factors = torch.where((draws[:, 4] < p).unsqueeze(1), factors, bounds[2])
-    order = torch.randperm(len(JITTER_STEPS)).tolist()
-    return factors, order
+    orders = tuple(torch.randperm(len(JITTER_STEPS)).tolist() for _ in range(groups))
+    return factors, orders
 
 
 def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
