@@ -190,9 +190,10 @@ def _loss_row(name, loss, z0, z1, two_n, gamma, device, reps) -> dict:
     try:
         row["ms"] = 1e3 * median_time(once, device, reps)
         row["peak_mib"] = peak_mib(once, device)
-    except torch.OutOfMemoryError:
-        row["error"] = "out of memory"
-        torch.cuda.empty_cache()
+    except Exception as err:  # out of memory, for one: the other rows still run
+        row["error"] = _short(err)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return row
 
 
@@ -551,11 +552,14 @@ def _short(err: BaseException) -> str:
 def run_part(name: str, device: torch.device, tiny: bool) -> dict:
     print(f"\n## {name} ({device}{', tiny sizes' if tiny else ''})", flush=True)
     started = time.perf_counter()
+    if _JSON is not None:
+        _JSON.unlink(missing_ok=True)  # an earlier run's results are not this one's
     try:
         result = RUNNERS[name](device, tiny)
     except Exception as err:
         traceback.print_exc()
-        result = {"error": _short(err)}
+        kept = json.loads(_JSON.read_text()) if _JSON is not None and _JSON.is_file() else {}
+        result = {**kept, "error": _short(err)}  # with what the part measured before failing
     result["part_s"] = time.perf_counter() - started
     return result
 
