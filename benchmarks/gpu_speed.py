@@ -489,13 +489,13 @@ def eval_part(device: torch.device, tiny: bool) -> dict:
         "linear_top1": metrics["linear_top1"],
     }
     if device.type == "cuda":
-        result["graph_vs_eager_max_rel"] = graph_against_eager(device)
+        result.update(graph_against_eager(device))
     return result
 
 
-def graph_against_eager(device: torch.device) -> float:
+def graph_against_eager(device: torch.device) -> dict:
     """Largest relative difference between the probe's weights after CUDA-graph replay and
-    after the same steps run eagerly."""
+    after the same steps run eagerly, and whether the capture worked."""
     from kinfonce.linear_heads import LinearHeads, train_on_features
 
     gen = torch.Generator().manual_seed(0)
@@ -504,9 +504,13 @@ def graph_against_eager(device: torch.device) -> float:
     params = []
     for graphs in (False, True):
         heads = LinearHeads([512], 10, seed=0, momentum=0.9, weight_decay=1e-6, device=device)
-        train_on_features(heads, [x], y, epochs=3, batch_size=64, lr=0.3, seed=0, graphs=graphs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_on_features(heads, [x], y, epochs=3, batch_size=64, lr=0.3, seed=0, graphs=graphs)
         params.append(heads.params)
-    return max(float((g - e).norm() / e.norm()) for e, g in zip(*params, strict=True))
+    failed = [str(w.message) for w in caught if "capture failed" in str(w.message)]
+    diff = max(float((g - e).norm() / e.norm()) for e, g in zip(*params, strict=True))
+    return {"graph_vs_eager_max_rel": diff, "graph_capture": failed[0] if failed else "ok"}
 
 
 # ------------------------------------------------------------------------------------ pretrain
@@ -614,6 +618,7 @@ def summary(results: dict[str, dict]) -> str:
         result["eval_s"] = round(evaluation["eval_s"], 1)
         if "graph_vs_eager_max_rel" in evaluation:
             result["probe_graph_vs_eager"] = f"{evaluation['graph_vs_eager_max_rel']:.1e}"
+            result["probe_graph_capture"] = evaluation["graph_capture"] == "ok"
     pretrain = results.get("pretrain", {})
     if "pretrain_time_s" in pretrain:
         lines += ["", f"`kinfonce {pretrain['command']}`: fit {pretrain['pretrain_time_s']:.1f} s,"

@@ -18,6 +18,7 @@ a given seed.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -183,8 +184,12 @@ def train_on_features(
     if graphs is None:
         graphs = y.device.type == "cuda"
     if graphs:
-        captured = {size: _Graphed(loop, size) for size in set(sizes)}
-        step = lambda size: captured[size](size)  # noqa: E731
+        try:
+            captured = {size: _Graphed(loop, size) for size in set(sizes)}
+            step = lambda size: captured[size](size)  # noqa: E731
+        except RuntimeError as err:  # a setup that cannot capture: the same steps, eagerly
+            message = f"linear probe: CUDA graph capture failed ({err}); eager steps"
+            warnings.warn(message, stacklevel=2)
     generator = torch.Generator().manual_seed(seed)
     for _ in tqdm(range(epochs), desc="linear probe", disable=not progress, leave=False):
         loop.perm.copy_(torch.randperm(n, generator=generator))
