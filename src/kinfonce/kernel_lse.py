@@ -319,13 +319,12 @@ def kernel_nll(
         return _FusedNLL.apply(anchors, cands, self_idx, pos_idx, single)
 
 
-def _fused_logits(anchors, cands, self_idx, pos_idx, kernel: ExpKernel) -> Tensor:
+def _fused_logits(anchors, cands, self_idx, pos_idx, kernel: ExpKernel, rows) -> Tensor:
     """(Na, Nc) log-kernel with exact positives and the lowest float at the excluded entries.
 
     For gamma = 2 it is shifted by the row constant ``|a_i|^2 / tau`` (one matrix product and no
-    other pass; ``log_softmax`` does not see a row constant).
+    other pass; ``log_softmax`` does not see a row constant). ``rows``: ``arange(Na)``.
     """
-    rows = torch.arange(anchors.shape[0], device=anchors.device)
     a_sq = anchors.pow(2).sum(-1)
     c_sq = a_sq if cands is anchors else cands.pow(2).sum(-1)
     pos_sq = (anchors - cands[pos_idx]).pow(2).sum(-1)  # exact |a - c|^2 of the positives
@@ -350,9 +349,9 @@ def _fused_logits(anchors, cands, self_idx, pos_idx, kernel: ExpKernel) -> Tenso
     return logit
 
 
-def _fused_log_softmax(anchors, cands, self_idx, pos_idx, kernel: ExpKernel):
+def _fused_log_softmax(anchors, cands, self_idx, pos_idx, kernel: ExpKernel, rows):
     """(log_softmax of the logits, the logits when the backward needs them (gamma != 2))."""
-    logit = _fused_logits(anchors, cands, self_idx, pos_idx, kernel)
+    logit = _fused_logits(anchors, cands, self_idx, pos_idx, kernel, rows)
     return torch.log_softmax(logit, dim=1), None if kernel.gamma == 2.0 else logit
 
 
@@ -368,8 +367,8 @@ class _FusedNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchors, cands, self_idx, pos_idx, kernel: ExpKernel):
-        log_p, logit = _fused_log_softmax(anchors, cands, self_idx, pos_idx, kernel)
         rows = torch.arange(anchors.shape[0], device=anchors.device)
+        log_p, logit = _fused_log_softmax(anchors, cands, self_idx, pos_idx, kernel, rows)
         nll = log_p[rows, pos_idx].neg_()
         ctx.kernel = kernel
         ctx.save_for_backward(anchors, cands, self_idx, pos_idx)
@@ -383,9 +382,10 @@ class _FusedNLL(torch.autograd.Function):
     def backward(ctx, grad):
         anchors, cands, self_idx, pos_idx = ctx.saved_tensors
         kernel = ctx.kernel
-        log_p, logit = ctx.kept or _fused_log_softmax(anchors, cands, self_idx, pos_idx, kernel)
-        ctx.kept = None
         rows = torch.arange(anchors.shape[0], device=anchors.device)
+        kept = ctx.kept or _fused_log_softmax(anchors, cands, self_idx, pos_idx, kernel, rows)
+        log_p, logit = kept
+        ctx.kept = None
         weights = log_p.exp_()  # the row softmax, in place of its log
         weights[rows, pos_idx] -= 1.0  # softmax - onehot(pos)
         g = grad.unsqueeze(1)

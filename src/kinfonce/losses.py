@@ -181,14 +181,15 @@ class KernelInfoNCE(nn.Module):
         if z0.dtype in (torch.float16, torch.bfloat16):  # normalise and compare in float32
             z0, z1 = z0.float(), z1.float()
             queue = None if queue is None else queue.float()
-        if self.normalize:
-            z0, z1 = self.kernel.normalize(z0), self.kernel.normalize(z1)
-            queue = None if queue is None else self.kernel.normalize(queue)
+        if queue is None and not self.bipartite:
+            return self._two_view_loss(z0, z1)  # normalises the concatenated views at once
+        z0, z1 = self._normalized(z0), self._normalized(z1)
         if queue is not None:
-            return self._queue_loss(z0, z1, queue)
-        if self.bipartite:
-            return self._bipartite_loss(z0, z1)
-        return self._two_view_loss(z0, z1)
+            return self._queue_loss(z0, z1, self._normalized(queue))
+        return self._bipartite_loss(z0, z1)
+
+    def _normalized(self, z: Tensor) -> Tensor:
+        return self.kernel.normalize(z) if self.normalize else z
 
     def _gather(self, z: Tensor) -> tuple[Tensor, int]:
         return gather_with_grad(z) if self.gather_distributed else (z, 0)
@@ -219,8 +220,9 @@ class KernelInfoNCE(nn.Module):
         all0, rank = self._gather(z0)
         all1, _ = self._gather(z1)
         self_idx, pos_idx = self._two_view_indices(z0.shape[0], all0.shape[0], rank, z0.device)
-        anchors = torch.cat([z0, z1])
-        cands = anchors if all0 is z0 else torch.cat([all0, all1])  # one process: the same rows
+        anchors = self._normalized(torch.cat([z0, z1]))
+        # one process: the same rows (normalising rows commutes with gathering them)
+        cands = anchors if all0 is z0 else self._normalized(torch.cat([all0, all1]))
         return self._rows(anchors, cands, self_idx, pos_idx).mean()
 
     def _bipartite_loss(self, a: Tensor, b: Tensor) -> Tensor:
