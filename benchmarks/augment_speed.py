@@ -111,7 +111,7 @@ def main() -> None:
     def batched() -> None:
         for start in range(0, n, args.batch_size):
             batch = device_images[start : start + args.batch_size]
-            views(batch), views(batch)
+            views.pair(batch)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 

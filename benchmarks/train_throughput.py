@@ -1,7 +1,7 @@
 """Images per second of one SimCLR training step on the CPU, and the share spent on views.
 
 A step is what ``SimCLR.training_step`` does plus the optimiser: two random views of a
-uint8 batch (kornia, on the training device), backbone and projection head on both,
+uint8 batch (made on the training device in one pass), backbone and projection head on both,
 the Simple Sum Kernel-InfoNCE loss, backward, and a LARS step. Views are timed
 separately within the same steps, so the fraction is measured, not estimated.
 Random uint8 images stand in for data (the cost does not depend on pixel values).
@@ -41,7 +41,7 @@ def measure(backbone: str, channels: int, size: int, batch: int, steps: int) -> 
     for step in range(steps + 1):  # the first step warms up and is not counted
         start = time.perf_counter()
         with torch.no_grad():
-            view0, view1 = module.views(images), module.views(images)
+            view0, view1 = module.views.pair(images)
         views_done = time.perf_counter()
         loss, _ = module.contrastive_step(view0, view1)
         optimizer.zero_grad(set_to_none=True)

@@ -34,17 +34,15 @@ pytestmark = pytest.mark.skipif(
 
 
 class MirrorViews(nn.Module):
-    """Deterministic views: odd calls give the normalised image, even calls its mirror."""
+    """Deterministic views: the normalised image and its mirror image."""
 
     def __init__(self, mean, std):
         super().__init__()
         self.transform = EvalTransform(mean, std)
-        self.calls = 0
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
+    def pair(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.transform(batch)
-        return x.flip(-1) if self.calls % 2 == 0 else x
+        return x, x.flip(-1)
 
 
 def without_batchnorm(module: nn.Module) -> nn.Module:

@@ -206,3 +206,34 @@ def test_learning_rate_defaults_per_preset_and_explicit_wins():
     assert PretrainConfig(loss="spectral").resolved().lr == 0.03
     assert PretrainConfig(loss="laplacian").resolved().lr == 1.0
     assert PretrainConfig(loss="spectral", lr=0.5).resolved().lr == 0.5
+
+
+def test_compile_and_channels_last_keep_the_step(monkeypatch):
+    """--compile routes the backbone and head through torch.compile, once (the GPU benchmark
+    measures the real compiler; here a recording stand-in keeps the test fast), and
+    --channels-last changes the backbone's memory format; neither changes the loss, the
+    gradients or the checkpoint's keys (a compiled module saved under another name would)."""
+    compiled = []
+
+    def recording_compile(fn, **kwargs):
+        compiled.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    images = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
+    results = []
+    for options in ({}, {"compile": True, "channels_last": True}):
+        torch.manual_seed(0)
+        module = SimCLR(small(**options), DATA)
+        for _ in range(2):
+            torch.manual_seed(1)
+            loss, _ = module.contrastive_step(*module.views.pair(images))
+        loss.backward()
+        results.append((loss.detach(), module.backbone.conv1.weight.grad, module.state_dict()))
+    assert len(compiled) == 1 and compiled[0].__func__ is SimCLR._embed
+    assert module.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    (loss0, grad0, state0), (loss1, grad1, state1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    # another convolution algorithm for channels-last: float32 rounding, not a different step
+    assert float((grad1 - grad0).norm() / grad0.norm()) < 1e-4
+    assert state1.keys() == state0.keys()

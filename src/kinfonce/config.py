@@ -58,6 +58,9 @@ RUNTIME_FIELDS = frozenset(
         "eval_linear_epochs",
         "eval_knn_k",
         "baselines",
+        "loss_path",
+        "compile",
+        "channels_last",
     }
 )
 
@@ -147,6 +150,11 @@ class TrainConfig:
         "the paper's MoCo code (queue form only)",
         "loss",
     )
+    loss_path: str = _f(
+        "auto",
+        "how Kernel-InfoNCE computes its rows: auto (fused on a GPU while it fits), fused, blocked",
+        "loss",
+    )
     # optimisation
     optimizer: str = _f("lars", "optimiser: lars, sgd or adam", "optimisation")
     lr: float | None = _f(
@@ -178,6 +186,14 @@ class TrainConfig:
     strategy: str = _f("auto", "Lightning strategy: auto, ddp, ddp_spawn, ...", "runtime")
     precision: str = _f("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed", "runtime")
     sync_batchnorm: bool = _f(False, "synchronise batch norm across GPUs under DDP", "runtime")
+    compile: bool = _f(
+        False, "torch.compile the backbone and projection head for training", "runtime"
+    )
+    channels_last: bool = _f(
+        False,
+        "channels-last memory format for the backbone (faster convolutions on GPUs)",
+        "runtime",
+    )
     progress: bool = _f(True, "show progress bars", "runtime")
 
     def to_dict(self) -> dict[str, Any]:

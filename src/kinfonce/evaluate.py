@@ -1,8 +1,10 @@
 """Frozen encoders and checkpoints -> features -> probes -> metrics.
 
-:func:`evaluate_encoder` extracts features of a :class:`kinfonce.data.DatasetSplits` once
-and runs the tensor-level protocols of :mod:`kinfonce.probes` on them; both the end of
-``kinfonce pretrain`` and ``kinfonce eval`` call it, so their numbers agree.
+:func:`evaluate_encoders` extracts features of a :class:`kinfonce.data.DatasetSplits` once
+per encoder, keeps them on the device, and runs the tensor-level protocols of
+:mod:`kinfonce.probes` on them, training the linear heads of all encoders in the same steps;
+:func:`evaluate_encoder` does it for one. The end of ``kinfonce pretrain`` (the encoder and
+its baselines) and ``kinfonce eval`` both go through it, so their numbers agree.
 :func:`linear_probe_augmented` is the slow variant that keeps the encoder in the loop and
 crops and flips every training batch. :func:`evaluate_checkpoint` does the same for a
 ``kinfonce pretrain`` checkpoint.
@@ -11,7 +13,7 @@ crops and flips every training batch. :func:`evaluate_checkpoint` does the same 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from kinfonce.probes import (
     check_features,
     fit_linear_head,
     knn_classify,
-    linear_probe,
+    linear_probes,
     score_head,
     standardizer,
 )
@@ -52,6 +54,7 @@ def extract_features(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    to_cpu: bool = True,
 ) -> Tensor:
     """Encode images with a frozen encoder, deterministically and without gradients.
 
@@ -67,9 +70,10 @@ def extract_features(
         batch_size: images per forward pass.
         device: device to run the encoder on.
         progress: show a progress bar.
+        to_cpu: return the features on the CPU; else they stay on ``device``.
 
     Returns:
-        (N, F) float32 features on the CPU, with ``requires_grad`` False.
+        (N, F) float32 features, with ``requires_grad`` False.
 
     Raises:
         ValueError: on a wrong image tensor, when the encoder cannot take these images,
@@ -87,11 +91,11 @@ def extract_features(
         starts = range(0, images_uint8.shape[0], batch_size)
         for start in tqdm(starts, desc="features", disable=not progress, leave=False):
             batch = transform(images_uint8[start : start + batch_size].to(device))
-            chunks.append(_encode(encoder, batch).float().cpu())
+            chunks.append(_encode(encoder, batch).float())
     features = torch.cat(chunks) if chunks else torch.empty(0, 0)
     if not torch.isfinite(features).all():
         raise KinfonceError("the encoder produced non-finite features (NaN or inf)")
-    return features
+    return features.cpu() if to_cpu else features
 
 
 @contextlib.contextmanager
@@ -153,7 +157,7 @@ def linear_probe_augmented(
     Returns:
         ``{"top1": float, "top5": float}`` test accuracy as fractions.
     """
-    extract = dict(batch_size=feature_batch_size, device=device, progress=progress)
+    extract = dict(batch_size=feature_batch_size, device=device, progress=progress, to_cpu=False)
     train_x = extract_features(encoder, train_images, transform, **extract)
     test_x = extract_features(encoder, test_images, transform, **extract)
     check_features(train_x, train_y, test_x, test_y, num_classes)
@@ -180,8 +184,8 @@ def linear_probe_augmented(
     return score_head(head, norm(test_x), test_y)
 
 
-def evaluate_encoder(
-    encoder: nn.Module,
+def evaluate_encoders(
+    encoders: Mapping[str, nn.Module],
     splits: Any,
     *,
     protocol: str = "both",
@@ -199,34 +203,40 @@ def evaluate_encoder(
     dataset_name: str | None = None,
     progress: bool = False,
     return_features: bool = False,
-) -> dict[str, Any]:
-    """Evaluate a frozen encoder: train on ``splits.train``, report on ``splits.test``.
+) -> dict[str, dict[str, Any]]:
+    """Evaluate frozen encoders: train on ``splits.train``, report on ``splits.test``.
+
+    Features are extracted once per encoder and stay on ``device``; the linear heads of all
+    encoders train in the same steps (:func:`kinfonce.probes.linear_probes`), each with the
+    result it would get alone.
 
     Args:
-        encoder: (B, C, H, W) -> (B, F) feature extractor (a backbone, no projection head).
+        encoders: name -> (B, C, H, W) to (B, F) feature extractor (a backbone, no projection
+            head), e.g. ``{"": backbone, "raw_pixels_": nn.Flatten()}``.
         splits: a :class:`kinfonce.data.DatasetSplits` (fields train, test, num_classes,
             mean, std).
         protocol: "linear", "knn" or "both".
         linear_epochs: epochs of the linear probe (Appendix B: 100).
         seed: seeds the linear probe.
-        device: device for the encoder and the probe.
+        device: device for the encoders and the probes.
         batch_size: images per forward pass during feature extraction.
-        augment: train the linear head with crop/flip augmentation and the encoder in
-            the loop (slow) instead of on cached features (fast).
+        augment: train each linear head with crop/flip augmentation and its encoder in the
+            loop (slow, :func:`linear_probe_augmented`) instead of on cached features.
         linear_lr, linear_batch_size, linear_weight_decay: linear-probe SGD settings.
         knn_k, knn_temperature: kNN settings.
         transform: uint8 -> float input map; default ``EvalTransform(splits.mean, splits.std)``.
-        dataset_name: named in the error raised when the images do not fit the encoder
+        dataset_name: named in the error raised when the images do not fit an encoder
             (default ``splits.name``).
         progress: show progress bars.
-        return_features: also return the test features under ``"test_features"`` (M, F).
+        return_features: also return the test features (M, F) on the CPU under
+            ``"test_features"``.
 
     Returns:
-        Dict with ``linear_top1``, ``linear_top5`` (protocol linear/both) and ``knn_top1``,
-        ``knn_top5`` (knn/both), fractions in [0, 1], plus ``feature_dim``.
+        Per encoder name: ``linear_top1``, ``linear_top5`` (protocol linear/both) and
+        ``knn_top1``, ``knn_top5`` (knn/both), fractions in [0, 1], plus ``feature_dim``.
 
     Raises:
-        ValueError: on an unknown protocol or images that do not fit the encoder.
+        ValueError: on an unknown protocol or images that do not fit an encoder.
     """
     if protocol not in PROTOCOLS:
         raise KinfonceError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -235,12 +245,19 @@ def evaluate_encoder(
 
         transform = EvalTransform(splits.mean, splits.std).to(device)
     name = dataset_name or getattr(splits, "name", "") or None
-    check_encoder_fits(encoder, splits.test.images, transform, name, device)
-    extract = dict(batch_size=batch_size, device=device, progress=progress)
-    train_x = extract_features(encoder, splits.train.images, transform, **extract)
-    test_x = extract_features(encoder, splits.test.images, transform, **extract)
+    extract = dict(batch_size=batch_size, device=device, progress=progress, to_cpu=False)
+    features = {}
+    for key, encoder in encoders.items():
+        check_encoder_fits(encoder, splits.test.images, transform, name, device)
+        train_x = extract_features(encoder, splits.train.images, transform, **extract)
+        features[key] = (
+            train_x,
+            extract_features(encoder, splits.test.images, transform, **extract),
+        )
     train_y, test_y, k = splits.train.labels, splits.test.labels, splits.num_classes
-    metrics: dict[str, Any] = {"feature_dim": train_x.shape[1]}
+    metrics: dict[str, dict[str, Any]] = {
+        key: {"feature_dim": train_x.shape[1]} for key, (train_x, _) in features.items()
+    }
     if protocol in ("linear", "both"):
         settings = LinearProbeSettings(
             epochs=linear_epochs,
@@ -249,21 +266,42 @@ def evaluate_encoder(
             weight_decay=linear_weight_decay,
             seed=seed,
         )
-        run = dict(num_classes=k, settings=settings, device=device, progress=progress)
+        run = dict(num_classes=k, settings=settings, progress=progress)
         if augment:
             images = (splits.train.images, train_y, splits.test.images, test_y)
-            result = linear_probe_augmented(encoder, *images, transform, **run)
+            results = [
+                linear_probe_augmented(
+                    encoder, *images, transform, **run, device=device, feature_batch_size=batch_size
+                )
+                for encoder in encoders.values()
+            ]
         else:
-            result = linear_probe(train_x, train_y, test_x, test_y, **run)
-        metrics.update(linear_top1=result["top1"], linear_top5=result["top5"])
-    if protocol in ("knn", "both"):
-        result = knn_classify(
-            train_x, train_y, test_x, test_y, num_classes=k, k=knn_k, temperature=knn_temperature
-        )
-        metrics.update(knn_top1=result["top1"], knn_top5=result["top5"])
-    if return_features:
-        metrics["test_features"] = test_x
+            train_xs = [train_x for train_x, _ in features.values()]
+            test_xs = [test_x for _, test_x in features.values()]
+            results = linear_probes(train_xs, train_y, test_xs, test_y, **run)
+        for key, result in zip(features, results, strict=True):
+            metrics[key].update(linear_top1=result["top1"], linear_top5=result["top5"])
+    for key, (train_x, test_x) in features.items():
+        if protocol in ("knn", "both"):
+            result = knn_classify(
+                train_x,
+                train_y,
+                test_x,
+                test_y,
+                num_classes=k,
+                k=knn_k,
+                temperature=knn_temperature,
+            )
+            metrics[key].update(knn_top1=result["top1"], knn_top5=result["top5"])
+        if return_features:
+            metrics[key]["test_features"] = test_x.cpu()
     return metrics
+
+
+def evaluate_encoder(encoder: nn.Module, splits: Any, **options: Any) -> dict[str, Any]:
+    """Evaluate one frozen encoder: the metrics of :func:`evaluate_encoders` of
+    ``{"": encoder}``, with the same keyword arguments (``options``)."""
+    return evaluate_encoders({"": encoder}, splits, **options)[""]
 
 
 def check_encoder_fits(
@@ -389,7 +427,8 @@ def evaluate_baselines(
 ) -> dict[str, float]:
     """Final evaluation of a pretrained backbone beside a random-weight copy and raw pixels.
 
-    All three go through :func:`evaluate_encoder` with the same settings; the random
+    All three go through :func:`evaluate_encoders` together on ``device``: their linear
+    heads train in the same steps, each with the result it would get alone. The random
     backbone is drawn with the run's seed.
 
     Args:
@@ -404,16 +443,7 @@ def evaluate_baselines(
     """
     from kinfonce.models import build_backbone
 
-    settings = dict(
-        protocol="both",
-        linear_epochs=config.eval_linear_epochs,
-        seed=config.seed,
-        device=device,
-        knn_k=config.eval_knn_k,
-        progress=config.progress,
-    )
-    metrics = {}
-    encoders = {"": backbone}
+    encoders = {"": backbone.to(device)}
     if config.baselines:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -424,8 +454,15 @@ def evaluate_baselines(
                 stem=config.stem,
             ).to(device)
         encoders["raw_pixels_"] = torch.nn.Flatten()
-    for prefix, encoder in encoders.items():
-        result = evaluate_encoder(encoder, splits, **settings)
-        for key in ("linear_top1", "linear_top5", "knn_top1", "knn_top5"):
-            metrics[prefix + key] = result[key]
-    return metrics
+    results = evaluate_encoders(
+        encoders,
+        splits,
+        protocol="both",
+        linear_epochs=config.eval_linear_epochs,
+        seed=config.seed,
+        device=device,
+        knn_k=config.eval_knn_k,
+        progress=config.progress,
+    )
+    keys = ("linear_top1", "linear_top5", "knn_top1", "knn_top5")
+    return {prefix + key: results[prefix][key] for prefix in encoders for key in keys}

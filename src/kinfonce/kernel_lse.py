@@ -18,6 +18,15 @@ reason this is a hand-written ``torch.autograd.Function``.
 Squared distances come from ``|a|^2 + |c|^2 - 2 a.c`` (one matrix product), clamped at 0; the
 positive pair's entry is recomputed from the exact difference ``|a - c|^2``, so identical views give
 exactly 0 (the expansion's rounding would give ~1e-7, which ``d^gamma`` with small gamma amplifies).
+
+Two paths compute the same values (:func:`kernel_nll` chooses, see :func:`resolve_path`):
+
+* ``"blocked"``: the row blocks above, O(Na * chunk) memory, each block recomputed in the backward
+  pass when there are several;
+* ``"fused"``: for one exponential kernel and a positive per row, the whole matrix at once with
+  ``log_softmax`` (one fused pass, as NT-Xent's ``cross_entropy`` uses) and a closed-form backward
+  of two matrix products. It keeps two (Na, Nc) float32 matrices, fewer than NT-Xent's
+  ``cross_entropy`` on the masked logit matrix, and makes fewer passes over them than the blocks.
 """
 
 from __future__ import annotations
@@ -26,11 +35,20 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from kinfonce.kernels import MixtureKernel
+from kinfonce.errors import KinfonceError
+from kinfonce.kernels import ExpKernel, MixtureKernel
 
 _TINY = torch.finfo(torch.float32).tiny
 #: Largest block, in anchor-candidate pairs, when no chunk size is given (512 MiB per float32 matrix).
 AUTO_BLOCK_PAIRS = 2**27
+#: The ways of computing the loss rows; "auto" picks one per call (:func:`resolve_path`).
+PATHS = ("auto", "fused", "blocked")
+#: (Na, Nc) float32 matrices the fused path holds at its peak (NT-Xent's cross_entropy holds three).
+FUSED_MATRICES = 2
+#: On a GPU, "auto" fuses while those matrices take at most this share of the device's memory.
+FUSED_MEMORY_SHARE = 0.25
+#: Rows of the fused backward's elementwise work per pass for gamma != 2 (bounds its temporary).
+_FACTOR_BLOCK_PAIRS = 2**26
 
 
 def _powered(sq: Tensor, gamma: float) -> Tensor:
@@ -207,9 +225,206 @@ def kernel_logsumexp(
     """
     if chunk_size is None:
         chunk_size = max(1, AUTO_BLOCK_PAIRS // max(1, cands.shape[0]))
-    dtype = anchors.dtype
-    if dtype in (torch.float16, torch.bfloat16):
-        anchors, cands = anchors.float(), cands.float()
+    anchors, cands = _as_float32(anchors, cands)
     with torch.autocast(device_type=anchors.device.type, enabled=False):
         lse, lpos = _KernelLogSumExp.apply(anchors, cands, self_idx, pos_idx, kernel, chunk_size)
     return lse, lpos
+
+
+def _as_float32(anchors: Tensor, cands: Tensor) -> tuple[Tensor, Tensor]:
+    if anchors.dtype in (torch.float16, torch.bfloat16):
+        return anchors.float(), cands.float()
+    return anchors, cands
+
+
+def check_path(path: str, chunk_size: int | None = None) -> None:
+    """Raises unless ``path`` is one of :data:`PATHS` and goes with ``chunk_size``."""
+    if path not in PATHS:
+        raise KinfonceError(f"path must be one of {PATHS}, got {path!r}")
+    if path == "fused" and chunk_size is not None:
+        raise KinfonceError(
+            f"chunk_size={chunk_size} needs path='blocked' (or 'auto'); the fused path has no blocks"
+        )
+
+
+def resolve_path(
+    path: str,
+    n_anchors: int,
+    n_cands: int,
+    device: torch.device,
+    chunk_size: int | None = None,
+    single: bool = True,
+) -> str:
+    """The path ``"auto"`` stands for, or ``path`` itself after checking it.
+
+    ``"auto"`` is ``"fused"`` on a GPU for one exponential kernel (``single``) while the fused
+    path's :data:`FUSED_MATRICES` float32 (Na, Nc) matrices take at most
+    :data:`FUSED_MEMORY_SHARE` of its memory and no ``chunk_size`` is given, and ``"blocked"``
+    otherwise; on a CPU always: there the fused path was no faster
+    (``benchmarks/loss_speed.py``; slower for gamma = 0.5, whose backward pass needs a power),
+    while the blocked one keeps one block for the backward pass up to :data:`AUTO_BLOCK_PAIRS`.
+    """
+    check_path(path, chunk_size)
+    if path != "auto":
+        return path
+    if chunk_size is not None:
+        return "blocked"
+    if device.type != "cuda" or not single:
+        return "blocked"
+    memory = torch.cuda.get_device_properties(device).total_memory
+    fits = FUSED_MATRICES * 4 * n_anchors * n_cands <= FUSED_MEMORY_SHARE * memory
+    return "fused" if fits else "blocked"
+
+
+def kernel_nll(
+    anchors: Tensor,
+    cands: Tensor,
+    kernel: MixtureKernel,
+    *,
+    pos_idx: Tensor,
+    self_idx: Tensor | None = None,
+    path: str = "auto",
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per anchor, ``lse_i - lpos_i = -log(K(A_i, C_pos(i)) / sum_{j != self(i)} K(A_i, C_j))``.
+
+    The rows of Eq. 8 that the two-view and bipartite losses average.
+
+    Args:
+        anchors: (Na, D) float tensor.
+        cands: (Nc, D) float tensor of the same dtype and device.
+        kernel: The (mixture) kernel.
+        pos_idx: (Na,) long tensor: each anchor's positive candidate.
+        self_idx: Optional (Na,) long tensor: the candidate excluded from row i's sum.
+        path: "fused", "blocked" or "auto" (:func:`resolve_path`). A mixture of several kernels
+            takes the blocked path's code with one block when fused.
+        chunk_size: Rows per block of the blocked path (see :func:`kernel_logsumexp`).
+
+    Returns:
+        (Na,) float32, differentiable w.r.t. ``anchors`` and ``cands``; the same values on both
+        paths up to float32 rounding.
+    """
+    single = kernel.single
+    path = resolve_path(
+        path, anchors.shape[0], cands.shape[0], anchors.device, chunk_size, single is not None
+    )
+    if path == "blocked" or single is None:
+        chunk = chunk_size if path == "blocked" else max(1, anchors.shape[0])
+        lse, lpos = kernel_logsumexp(
+            anchors, cands, kernel, self_idx=self_idx, pos_idx=pos_idx, chunk_size=chunk
+        )
+        return lse - lpos
+    anchors, cands = _as_float32(anchors, cands)
+    with torch.autocast(device_type=anchors.device.type, enabled=False):
+        return _FusedNLL.apply(anchors, cands, self_idx, pos_idx, single)
+
+
+def _fused_logits(anchors, cands, self_idx, pos_idx, kernel: ExpKernel, rows) -> Tensor:
+    """(Na, Nc) log-kernel with exact positives and the lowest float at the excluded entries.
+
+    For gamma = 2 it is shifted by the row constant ``|a_i|^2 / tau`` (one matrix product and no
+    other pass; ``log_softmax`` does not see a row constant). ``rows``: ``arange(Na)``.
+    """
+    a_sq = anchors.pow(2).sum(-1)
+    c_sq = a_sq if cands is anchors else cands.pow(2).sum(-1)
+    pos_sq = (anchors - cands[pos_idx]).pow(2).sum(-1)  # exact |a - c|^2 of the positives
+    tau = kernel.temperature
+    if kernel.gamma == 2.0:
+        # (2 a.c - |c|^2) / tau = -d^2 / tau + |a|^2 / tau
+        logit = torch.addmm(c_sq.unsqueeze(0), anchors, cands.T, beta=-1.0 / tau, alpha=2.0 / tau)
+        logit[rows, pos_idx] = (a_sq - pos_sq) / tau
+    else:
+        logit = torch.addmm(c_sq.unsqueeze(0), anchors, cands.T, alpha=-2.0)
+        logit.add_(a_sq.unsqueeze(1)).clamp_min_(0.0)
+        logit[rows, pos_idx] = pos_sq
+        if kernel.gamma == 1.0:
+            logit.sqrt_()
+        elif kernel.gamma == 0.5:
+            logit.sqrt_().sqrt_()
+        else:
+            logit.pow_(kernel.gamma / 2)
+        logit.mul_(-1.0 / tau)
+    if self_idx is not None:  # the lowest finite value, so that 0 * logit stays 0
+        logit[rows, self_idx] = torch.finfo(logit.dtype).min
+    return logit
+
+
+def _fused_log_softmax(anchors, cands, self_idx, pos_idx, kernel: ExpKernel, rows):
+    """(log_softmax of the logits, the logits when the backward needs them (gamma != 2))."""
+    logit = _fused_logits(anchors, cands, self_idx, pos_idx, kernel, rows)
+    return torch.log_softmax(logit, dim=1), None if kernel.gamma == 2.0 else logit
+
+
+class _FusedNLL(torch.autograd.Function):
+    """``-log_softmax(logit)[i, pos(i)]`` of one exponential kernel, with a closed-form backward.
+
+    With ``W = softmax - onehot(pos)`` and row weights ``g`` (the incoming gradient), the gradient
+    w.r.t. the squared distances is ``g_i W_ij dlog k / d(d^2)_ij``; for gamma = 2 that factor
+    is the constant ``-1 / tau``, otherwise ``(gamma / 2) log k / d^2`` (0 where d = 0), computed
+    in row blocks from the kept log-kernel. The sums over rows and columns come out of the two
+    matrix products (an extra column of ones or of ``g``).
+    """
+
+    @staticmethod
+    def forward(ctx, anchors, cands, self_idx, pos_idx, kernel: ExpKernel):
+        rows = torch.arange(anchors.shape[0], device=anchors.device)
+        log_p, logit = _fused_log_softmax(anchors, cands, self_idx, pos_idx, kernel, rows)
+        nll = log_p[rows, pos_idx].neg_()
+        ctx.kernel = kernel
+        ctx.save_for_backward(anchors, cands, self_idx, pos_idx)
+        # kept outside save_for_backward: the backward pass consumes them in place; a second
+        # backward pass (retain_graph) recomputes them
+        ctx.kept = (log_p, logit)
+        return nll
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        anchors, cands, self_idx, pos_idx = ctx.saved_tensors
+        kernel = ctx.kernel
+        rows = torch.arange(anchors.shape[0], device=anchors.device)
+        kept = ctx.kept or _fused_log_softmax(anchors, cands, self_idx, pos_idx, kernel, rows)
+        log_p, logit = kept
+        ctx.kept = None
+        weights = log_p.exp_()  # the row softmax, in place of its log
+        weights[rows, pos_idx] -= 1.0  # softmax - onehot(pos)
+        g = grad.unsqueeze(1)
+        if kernel.gamma == 2.0:
+            # d logit_ij / d a_i = 2 c_j / tau, d logit_ij / d c_j = 2 (a_i - c_j) / tau
+            scale = 2.0 / kernel.temperature
+            col = weights.T @ torch.cat([anchors * g, g], dim=1)  # [W^T (g A), W^T g]
+            grad_a = (weights @ cands).mul_(g * scale)
+            return grad_a, (col[:, :-1] - col[:, -1:] * cands).mul_(scale), None, None, None
+        # V = W log k / d^2 (times factor); d(d^2_ij) / d a_i = 2 (a_i - c_j), and the 2 and the
+        # gamma / 2 of d log k / d(d^2) make gamma
+        scale = kernel.gamma * _distance_factor_(weights, logit, kernel)
+        ones = torch.ones_like(cands[:, :1])
+        row = weights @ torch.cat([cands, ones], dim=1)  # (Na, D + 1): [V C, rowsum V]
+        col = weights.T @ torch.cat([anchors * g, g], dim=1)  # (Nc, D + 1): [V^T (g A), V^T g]
+        grad_a = (row[:, -1:] * anchors - row[:, :-1]).mul_(g * scale)
+        grad_c = (col[:, -1:] * cands - col[:, :-1]).mul_(scale)
+        return grad_a, grad_c, None, None, None
+
+
+def _distance_factor_(weights: Tensor, logit: Tensor, kernel: ExpKernel) -> float:
+    """``weights *= log k / d^2`` in place, 0 where d = 0, up to the returned constant factor.
+
+    With ``t = d^gamma = -tau log k``: ``log k / d^2 = -(1 / tau) t^(1 - 2 / gamma)``
+    (for gamma = 1, ``1 / (tau^2 log k)``). Where d = 0 that is infinite (or 0 * inf), and the
+    convention is a zero gradient: non-finite entries are set to 0 (the excluded entries hold
+    the lowest float and a weight of 0, which gives 0). The temporary of a general gamma is made
+    in row blocks.
+    """
+    tau = kernel.temperature
+    if kernel.gamma == 1.0:
+        weights.div_(logit)
+        factor = 1.0 / tau**2
+    else:
+        rows = max(1, _FACTOR_BLOCK_PAIRS // max(1, logit.shape[1]))
+        exponent = 1.0 - 2.0 / kernel.gamma
+        for start in range(0, logit.shape[0], rows):
+            block = logit[start : start + rows].mul(-tau).pow_(exponent)
+            weights[start : start + rows].mul_(block)
+        factor = -1.0 / tau
+    weights.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    return factor

@@ -145,6 +145,8 @@ class MixtureKernel:
 
     def normalize(self, z: Tensor) -> Tensor:
         """Projects every part of every row of ``z`` (N, D) to the unit sphere."""
+        if self.parts == 1:
+            return F.normalize(z, dim=-1)
         return torch.cat([F.normalize(p, dim=-1) for p in self.split(z)], dim=-1)
 
     def log_kernel(self, sq_parts: Sequence[Tensor]) -> Tensor:

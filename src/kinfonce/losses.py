@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kinfonce.errors import KinfonceError
-from kinfonce.kernel_lse import kernel_logsumexp
+from kinfonce.kernel_lse import check_path, kernel_logsumexp, kernel_nll, resolve_path
 from kinfonce.kernels import (
     ExpKernel,
     KernelTerm,
@@ -35,9 +35,12 @@ from kinfonce.kernels import (
 )
 
 
-def check_embeddings(**named: Tensor) -> None:
+def check_embeddings(*, check_finite: bool = True, **named: Tensor) -> None:
     """Raises a ValueError naming the argument unless all tensors are finite float (N, D) matrices
-    of one dtype and device with the same D."""
+    of one dtype and device with the same D.
+
+    ``check_finite=False`` leaves out the finiteness test, the one check that waits for a GPU
+    (a host synchronisation); non-finite inputs then give a non-finite loss."""
     ref_name, ref = next(iter(named.items()))
     for name, z in named.items():
         if not isinstance(z, Tensor):
@@ -58,7 +61,7 @@ def check_embeddings(**named: Tensor) -> None:
                 f"{name} must have the feature dimension of {ref_name} ({ref.shape[1]}), "
                 f"got shape {tuple(z.shape)}"
             )
-        if not torch.isfinite(z).all():
+        if check_finite and not torch.isfinite(z).all():
             raise KinfonceError(f"{name} contains non-finite values (nan or inf)")
 
 
@@ -107,13 +110,18 @@ class KernelInfoNCE(nn.Module):
         kernel: An :class:`ExpKernel` or :class:`MixtureKernel` (e.g. ``simple_sum_kernel()``).
         normalize: Project embeddings (each part, for a concatenation kernel) to the unit sphere.
         bipartite: Use the CLIP form.
-        chunk_size: Anchor rows per block; same values and gradients, O(N * chunk_size) memory.
-            None: one block up to 2^27 anchor-candidate pairs (2N = 11,585), blocks beyond.
+        chunk_size: Anchor rows per block of the blocked path; same values and gradients,
+            O(N * chunk_size) memory. None: one block up to 2^27 anchor-candidate pairs
+            (2N = 11,585), blocks beyond.
         gather_distributed: Gather the in-batch candidates of all ranks (with gradient) under
             torch.distributed. The queue form gathers nothing: its negatives are the queue.
         positive_in_denominator: Count the positive in the denominator (Eq. 8). False, for the
             queue form only, sums over the queue's negatives alone, as the paper's MoCo code
             does: ``-log K(q, k) / sum_m K(q, Q_m)``.
+        path: "auto" (default), "fused" or "blocked": how the rows are computed
+            (:func:`kinfonce.kernel_lse.resolve_path`); values agree to float32 rounding.
+        check_finite: Raise on non-finite inputs. The check waits for the GPU (a host
+            synchronisation); a training loop that checks its loss can turn it off.
 
     Note:
         The Gaussian kernel at temperature tau on unit vectors equals NT-Xent (SimCLR's loss) at
@@ -133,23 +141,29 @@ class KernelInfoNCE(nn.Module):
         chunk_size: int | None = None,
         gather_distributed: bool = False,
         positive_in_denominator: bool = True,
+        path: str = "auto",
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
         self.kernel = as_mixture(ExpKernel(gamma, temperature) if kernel is None else kernel)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise KinfonceError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+        check_path(path, chunk_size)
         self.out_dim_multiple = self.kernel.parts
         self.normalize = normalize
         self.bipartite = bipartite
         self.chunk_size = chunk_size
         self.gather_distributed = gather_distributed
         self.positive_in_denominator = positive_in_denominator
+        self.path = path
+        self.check_finite = check_finite
+        self._index_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def extra_repr(self) -> str:
         return (
             f"kernel={self.kernel}, normalize={self.normalize}, bipartite={self.bipartite}, "
             f"chunk_size={self.chunk_size}, gather_distributed={self.gather_distributed}, "
-            f"positive_in_denominator={self.positive_in_denominator}"
+            f"positive_in_denominator={self.positive_in_denominator}, path={self.path!r}"
         )
 
     def forward(self, z0: Tensor, z1: Tensor, queue: Tensor | None = None) -> Tensor:
@@ -164,14 +178,14 @@ class KernelInfoNCE(nn.Module):
             Scalar mean loss over the anchors.
         """
         if queue is None:
-            check_embeddings(z0=z0, z1=z1)
+            check_embeddings(z0=z0, z1=z1, check_finite=self.check_finite)
             if not self.positive_in_denominator:
                 raise KinfonceError(
                     "positive_in_denominator=False needs the queue (MoCo) form: pass queue=, "
                     "or keep the positive in the denominator"
                 )
         else:
-            check_embeddings(z0=z0, z1=z1, queue=queue)
+            check_embeddings(z0=z0, z1=z1, queue=queue, check_finite=self.check_finite)
             if self.bipartite:
                 raise KinfonceError("queue must be None for the bipartite (CLIP) form")
         _check_same_shape(z0, z1)
@@ -179,38 +193,49 @@ class KernelInfoNCE(nn.Module):
         if z0.dtype in (torch.float16, torch.bfloat16):  # normalise and compare in float32
             z0, z1 = z0.float(), z1.float()
             queue = None if queue is None else queue.float()
-        if self.normalize:
-            z0, z1 = self.kernel.normalize(z0), self.kernel.normalize(z1)
-            queue = None if queue is None else self.kernel.normalize(queue)
+        if queue is None and not self.bipartite:
+            return self._two_view_loss(z0, z1)  # normalises the concatenated views at once
+        z0, z1 = self._normalized(z0), self._normalized(z1)
         if queue is not None:
-            return self._queue_loss(z0, z1, queue)
-        if self.bipartite:
-            return self._bipartite_loss(z0, z1)
-        return self._two_view_loss(z0, z1)
+            return self._queue_loss(z0, z1, self._normalized(queue))
+        return self._bipartite_loss(z0, z1)
+
+    def _normalized(self, z: Tensor) -> Tensor:
+        return self.kernel.normalize(z) if self.normalize else z
 
     def _gather(self, z: Tensor) -> tuple[Tensor, int]:
         return gather_with_grad(z) if self.gather_distributed else (z, 0)
 
     def _rows(self, anchors: Tensor, cands: Tensor, self_idx, pos_idx) -> Tensor:
-        lse, lpos = kernel_logsumexp(
+        return kernel_nll(
             anchors,
             cands,
             self.kernel,
             self_idx=self_idx,
             pos_idx=pos_idx,
+            path=self.path,
             chunk_size=self.chunk_size,
         )
-        return lse - lpos
+
+    def _two_view_indices(self, n: int, total: int, rank: int, device) -> tuple[Tensor, Tensor]:
+        """(self_idx, pos_idx), each (2n,), made once per batch shape (no per-step kernels)."""
+        key = (n, total, rank, str(device))
+        if key not in self._index_cache:
+            local = torch.arange(n, device=device) + rank * n
+            self._index_cache[key] = (
+                torch.cat([local, local + total]),
+                torch.cat([local + total, local]),
+            )
+        return self._index_cache[key]
 
     def _two_view_loss(self, z0: Tensor, z1: Tensor) -> Tensor:
-        n = z0.shape[0]
         all0, rank = self._gather(z0)
         all1, _ = self._gather(z1)
-        total = all0.shape[0]
-        local = torch.arange(n, device=z0.device) + rank * n
-        self_idx = torch.cat([local, local + total])
-        pos_idx = torch.cat([local + total, local])
-        return self._rows(torch.cat([z0, z1]), torch.cat([all0, all1]), self_idx, pos_idx).mean()
+        self_idx, pos_idx = self._two_view_indices(z0.shape[0], all0.shape[0], rank, z0.device)
+        anchors = self._normalized(torch.cat([z0, z1]))
+        # one process: the same rows (normalising rows commutes with gathering them)
+        cands = anchors if all0 is z0 else self._normalized(torch.cat([all0, all1]))
+        return self._rows(anchors, cands, self_idx, pos_idx).mean()
 
     def _bipartite_loss(self, a: Tensor, b: Tensor) -> Tensor:
         all_a, rank = self._gather(a)
@@ -221,7 +246,11 @@ class KernelInfoNCE(nn.Module):
         return torch.cat([a_to_b, b_to_a]).mean()
 
     def _queue_loss(self, q: Tensor, k: Tensor, queue: Tensor) -> Tensor:
-        lse_neg, _ = kernel_logsumexp(q, queue, self.kernel, chunk_size=self.chunk_size)
+        chunk = self.chunk_size
+        single = self.kernel.single is not None
+        if resolve_path(self.path, q.shape[0], queue.shape[0], q.device, chunk, single) == "fused":
+            chunk = q.shape[0]  # one block, kept for the backward pass
+        lse_neg, _ = kernel_logsumexp(q, queue, self.kernel, chunk_size=chunk)
         lpos = self.kernel.log_pairs(q, k)
         lse = torch.logaddexp(lse_neg, lpos) if self.positive_in_denominator else lse_neg
         return (lse - lpos).mean()
@@ -319,14 +348,22 @@ class SpectralContrastiveLoss(nn.Module):
         normalize: Project embeddings to the unit sphere first (off by default, as in HaoChen et
             al., who leave the embedding's norm free).
         gather_distributed: Gather both views from all ranks (with gradient) before the sums.
+        check_finite: Raise on non-finite inputs (a host synchronisation on a GPU).
     """
 
     out_dim_multiple = 1
 
-    def __init__(self, *, normalize: bool = False, gather_distributed: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        normalize: bool = False,
+        gather_distributed: bool = False,
+        check_finite: bool = True,
+    ) -> None:
         super().__init__()
         self.normalize = normalize
         self.gather_distributed = gather_distributed
+        self.check_finite = check_finite
 
     def forward(self, z0: Tensor, z1: Tensor, queue: Tensor | None = None) -> Tensor:
         """(N, D), (N, D) -> scalar. ``queue`` is not supported (a clear error if given)."""
@@ -334,7 +371,7 @@ class SpectralContrastiveLoss(nn.Module):
             raise KinfonceError(
                 "queue must be None: the spectral contrastive loss has no queue form"
             )
-        check_embeddings(z0=z0, z1=z1)
+        check_embeddings(z0=z0, z1=z1, check_finite=self.check_finite)
         _check_same_shape(z0, z1)
         if self.normalize:
             z0, z1 = nn.functional.normalize(z0, dim=1), nn.functional.normalize(z1, dim=1)
@@ -423,8 +460,12 @@ def _concat_sum_kernel(
     return KernelInfoNCE(kernel=concat_sum_kernel(temperature1, temperature2, lam), **common)
 
 
-def _spectral(normalize: bool = False, gather_distributed: bool = False) -> SpectralContrastiveLoss:
-    return SpectralContrastiveLoss(normalize=normalize, gather_distributed=gather_distributed)
+def _spectral(
+    normalize: bool = False, gather_distributed: bool = False, check_finite: bool = True
+) -> SpectralContrastiveLoss:
+    return SpectralContrastiveLoss(
+        normalize=normalize, gather_distributed=gather_distributed, check_finite=check_finite
+    )
 
 
 #: Loss presets by name: Table 1 rows (Table 2's definitions), Section 5.2's mixture kernels, and
@@ -447,6 +488,8 @@ _COMMON = (
     "chunk_size",
     "gather_distributed",
     "positive_in_denominator",
+    "path",
+    "check_finite",
 )
 
 #: Every kernel parameter some preset takes, in display order.
@@ -485,7 +528,7 @@ def make_loss(name: str, **params) -> nn.Module:
         name: One of ``LOSS_PRESETS``.
         **params: The preset's parameters (``preset_params(name)``), e.g. ``temperature``, or
             ``temperature1``, ``temperature2``, ``lam``; and ``normalize``, ``chunk_size``,
-            ``gather_distributed``.
+            ``gather_distributed``, ``path``, ``check_finite``.
     """
     allowed = preset_params(name)
     unknown = sorted(set(params) - set(allowed))

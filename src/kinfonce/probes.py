@@ -10,15 +10,15 @@ is :mod:`kinfonce.evaluate`'s job.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from kinfonce.errors import DivergedError, KinfonceError
+from kinfonce.errors import KinfonceError
+from kinfonce.linear_heads import LinearHeads, train_on_features, train_streamed
 from kinfonce.threads import one_cpu_thread
 
 
@@ -112,10 +112,21 @@ class LinearProbeSettings:
             )
 
 
-def _seeded_head(feature_dim: int, num_classes: int, seed: int, device) -> nn.Linear:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return nn.Linear(feature_dim, num_classes).to(device)
+def _heads(feature_dims: Sequence[int], num_classes: int, settings: LinearProbeSettings, device):
+    s = settings
+    return LinearHeads(
+        feature_dims,
+        num_classes,
+        seed=s.seed,
+        momentum=s.momentum,
+        weight_decay=s.weight_decay,
+        device=device,
+    )
+
+
+def _schedule(settings: LinearProbeSettings) -> dict:
+    s = settings
+    return dict(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed)
 
 
 def fit_linear_head(
@@ -128,10 +139,8 @@ def fit_linear_head(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> nn.Linear:
-    """Train a linear head with SGD and a per-step cosine schedule from ``settings.lr`` to 0.
-
-    A plain loop instead of a Lightning Trainer: on cached features each step is one small
-    matrix product, and a Trainer's per-step hooks and logging would dominate it.
+    """Train a linear head with SGD and a per-step cosine schedule from ``settings.lr`` to 0, on
+    features made per batch (:func:`kinfonce.linear_heads.train_streamed`).
 
     Args:
         batch_features: maps (B,) sample indices to the (B, F) head input on ``device``.
@@ -143,32 +152,39 @@ def fit_linear_head(
     Returns:
         The trained (F -> C) head in eval mode.
     """
-    s = settings
-    head = _seeded_head(feature_dim, num_classes, s.seed, device)
-    optimizer = torch.optim.SGD(
-        head.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
-    )
-    n = train_y.shape[0]
-    steps_per_epoch = math.ceil(n / s.batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=s.epochs * steps_per_epoch, eta_min=0.0
-    )
-    generator = torch.Generator().manual_seed(s.seed)
-    train_y = train_y.to(device)
-    for _ in tqdm(range(s.epochs), desc="linear probe", disable=not progress, leave=False):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, s.batch_size):
-            idx = order[start : start + s.batch_size]
-            loss = nn.functional.cross_entropy(head(batch_features(idx)), train_y[idx.to(device)])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-        if not all(torch.isfinite(p).all() for p in head.parameters()):
-            raise DivergedError(
-                f"linear probe diverged (non-finite weights); lower lr (now {s.lr})"
-            )
-    return head.eval()
+    heads = _heads([feature_dim], num_classes, settings, device)
+    features = lambda idx: [batch_features(idx)]  # noqa: E731
+    train_streamed(heads, features, train_y, **_schedule(settings), progress=progress)
+    return heads.modules()[0]
+
+
+def fit_linear_heads(
+    train_xs: Sequence[Tensor],
+    train_y: Tensor,
+    *,
+    num_classes: int,
+    settings: LinearProbeSettings,
+    progress: bool = False,
+) -> list[nn.Linear]:
+    """Train one linear head per feature tensor, all in the same SGD steps and batch order.
+
+    Each head gets what it would get alone: the seeded initialisation, the seeded batch order
+    and the same updates (:mod:`kinfonce.linear_heads`; CUDA graphs on a GPU).
+
+    Args:
+        train_xs: (N, F_h) float32 features per head, all on the device to train on.
+        train_y: (N,) labels (moved to that device).
+        num_classes: C.
+        settings: the SGD settings.
+
+    Returns:
+        The trained (F_h -> C) heads in eval mode, on the features' device.
+    """
+    device = train_xs[0].device
+    heads = _heads([x.shape[1] for x in train_xs], num_classes, settings, device)
+    y = train_y.to(device)
+    train_on_features(heads, train_xs, y, **_schedule(settings), progress=progress)
+    return heads.modules()
 
 
 def standardizer(train_x: Tensor) -> Callable[[Tensor], Tensor]:
@@ -180,52 +196,72 @@ def standardizer(train_x: Tensor) -> Callable[[Tensor], Tensor]:
 
 def score_head(head: nn.Linear, test_x: Tensor, test_y: Tensor) -> dict[str, float]:
     with torch.no_grad():
-        logits = head(test_x.to(head.weight.device)).cpu()
-    return topk_accuracy(logits, test_y)
+        logits = head(test_x.to(head.weight.device))
+    return topk_accuracy(logits, test_y.to(logits.device))
 
 
-def linear_probe(
-    train_x: Tensor,
+def linear_probes(
+    train_xs: Sequence[Tensor],
     train_y: Tensor,
-    test_x: Tensor,
+    test_xs: Sequence[Tensor],
     test_y: Tensor,
     *,
     num_classes: int,
     settings: LinearProbeSettings | None = None,
     standardize: bool = True,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     progress: bool = False,
-) -> dict[str, float]:
-    """Linear evaluation on cached features (paper, Appendix B).
+) -> list[dict[str, float]]:
+    """Linear evaluation (paper, Appendix B) of several feature sets of the same images at once.
 
     Features are standardized per dimension with the training statistics (an affine map
-    that a linear head could absorb; it only conditions SGD), then a linear layer is
-    trained by :func:`fit_linear_head` with cross-entropy.
+    that a linear head could absorb; it only conditions SGD), then one linear layer per
+    feature set is trained with cross-entropy by :func:`fit_linear_heads`; each result is
+    the one :func:`linear_probe` gives for that feature set alone.
 
     Args:
-        train_x: (N, F) training features. train_y: (N,) labels in [0, num_classes).
-        test_x: (M, F) test features. test_y: (M,) labels.
+        train_xs: (N, F_h) training features per set. train_y: (N,) labels in [0, num_classes).
+        test_xs: (M, F_h) test features per set. test_y: (M,) labels.
         num_classes: number of classes C.
         settings: SGD settings (default: Appendix B's).
         standardize: standardize features with training statistics first.
+        device: where to train (default: the training features' device).
 
     Returns:
-        ``{"top1": float, "top5": float}`` test accuracy as fractions.
+        ``{"top1": float, "top5": float}`` test accuracy as fractions, one per feature set.
     """
-    check_features(train_x, train_y, test_x, test_y, num_classes)
-    norm = standardizer(train_x) if standardize else (lambda x: x)
-    train_in = norm(train_x.float()).to(device)
+    if len(train_xs) != len(test_xs) or not train_xs:
+        raise KinfonceError(
+            f"train_xs and test_xs must be non-empty lists of equal length, got "
+            f"{len(train_xs)} and {len(test_xs)}"
+        )
+    for train_x, test_x in zip(train_xs, test_xs, strict=True):
+        check_features(train_x, train_y, test_x, test_y, num_classes)
+    device = train_xs[0].device if device is None else torch.device(device)
+    norms = [standardizer(x) if standardize else (lambda x: x) for x in train_xs]
+    train_in = [norm(x.float()).to(device) for norm, x in zip(norms, train_xs, strict=True)]
     with one_cpu_thread():
-        head = fit_linear_head(
-            lambda idx: train_in[idx.to(device)],
+        heads = fit_linear_heads(
+            train_in,
             train_y,
-            train_x.shape[1],
             num_classes=num_classes,
             settings=settings or LinearProbeSettings(),
-            device=device,
             progress=progress,
         )
-    return score_head(head, norm(test_x.float()), test_y)
+    return [
+        score_head(head, norm(x.float()), test_y)
+        for head, norm, x in zip(heads, norms, test_xs, strict=True)
+    ]
+
+
+def linear_probe(
+    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, **options: Any
+) -> dict[str, float]:
+    """Linear evaluation on cached features (paper, Appendix B): :func:`linear_probes` of one
+    feature set, with the same keyword arguments (``num_classes``, ``settings``, ...).
+    train_x (N, F), train_y (N,), test_x (M, F), test_y (M,); returns
+    ``{"top1": float, "top5": float}`` test accuracy as fractions."""
+    return linear_probes([train_x], train_y, [test_x], test_y, **options)[0]
 
 
 def knn_classify(
@@ -253,6 +289,8 @@ def knn_classify(
         temperature: vote temperature T.
         chunk_size: test rows per similarity block ((chunk, N) memory).
 
+    Runs on the training features' device (all blocks queued without waiting for it).
+
     Returns:
         ``{"top1": float, "top5": float}`` as fractions.
     """
@@ -261,12 +299,14 @@ def knn_classify(
         raise KinfonceError(f"k must be an integer >= 1, got {k!r}")
     _check_positive("temperature", temperature)
     k = min(int(k), train_x.shape[0])
+    device = train_x.device
     train_n = nn.functional.normalize(train_x.float(), dim=1)
-    test_n = nn.functional.normalize(test_x.float(), dim=1)
+    test_n = nn.functional.normalize(test_x.float().to(device), dim=1)
+    train_y = train_y.to(device)
     votes = []
     for start in range(0, test_n.shape[0], chunk_size):
         sim, idx = (test_n[start : start + chunk_size] @ train_n.T).topk(k, dim=1)
         weights = (sim / temperature).exp()
-        scores = torch.zeros(sim.shape[0], num_classes)
+        scores = torch.zeros(sim.shape[0], num_classes, device=device)
         votes.append(scores.scatter_add_(1, train_y[idx], weights))
-    return topk_accuracy(torch.cat(votes), test_y)
+    return topk_accuracy(torch.cat(votes), test_y.to(device))

@@ -34,6 +34,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
 
 from kinfonce.config import (
     PretrainConfig,
@@ -44,8 +45,9 @@ from kinfonce.config import (
 )
 from kinfonce.data import DatasetSplits, load_dataset
 from kinfonce.data.batches import PretrainData, check_batch_size
-from kinfonce.errors import KinfonceError, MissingFileError
+from kinfonce.errors import DivergedError, KinfonceError, MissingFileError
 from kinfonce.evaluate import evaluate_baselines
+from kinfonce.kernel_lse import PATHS
 from kinfonce.losses import LOSS_PRESETS
 from kinfonce.methods import METHODS, PretrainMethod, load_checkpoint
 from kinfonce.methods.base import CHECKPOINT_KEY, data_description
@@ -71,6 +73,7 @@ def check_common_choices(config: TrainConfig) -> None:
         ("backbone", config.backbone, BACKBONES),
         ("loss", config.loss, LOSS_PRESETS),
         ("optimizer", config.optimizer, OPTIMIZERS),
+        ("loss_path", config.loss_path, PATHS),
     ):
         if value not in valid:
             raise KinfonceError(f"{field} must be one of {sorted(valid)}, got {value!r}")
@@ -164,11 +167,21 @@ def check_resumable(checkpoint_path: Path, config: TrainConfig) -> None:
         )
 
 
+class ResumableExceptionCheckpoint(OnExceptionCheckpoint):
+    """Saves ``interrupted.ckpt`` when the run stops on an exception (Ctrl-C, a crash), except
+    on a :class:`DivergedError`: its weights went through steps with a non-finite loss, and
+    the run would diverge again from them."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
+        if not isinstance(exception, DivergedError):
+            super().on_exception(trainer, pl_module, exception)
+
+
 def make_trainer(
     config: TrainConfig, run_dir: Path, callbacks: Sequence[L.Callback] = ()
 ) -> L.Trainer:
     """A Trainer with progress bar, CSV + TensorBoard logs and per-epoch checkpoints."""
-    from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     checkpoints = run_dir / "checkpoints"
@@ -204,7 +217,7 @@ def make_trainer(
             ModelCheckpoint(
                 dirpath=checkpoints, filename="last", every_n_epochs=1, enable_version_counter=False
             ),
-            OnExceptionCheckpoint(dirpath=checkpoints, filename="interrupted"),
+            ResumableExceptionCheckpoint(dirpath=checkpoints, filename="interrupted"),
             *callbacks,
         ],
     )
@@ -378,7 +391,9 @@ def run_training(
     metrics = {}
     if evaluate:
         eval_started = time.perf_counter()
-        metrics = job.evaluate(module, splits, config, str(module.device))
+        # Lightning moved the module back to the CPU when fit ended: evaluate where it trained
+        device = str(trainer.strategy.root_device)
+        metrics = job.evaluate(module, splits, config, device)
         metrics["evaluation_time_s"] = time.perf_counter() - eval_started
     logged = trainer.callback_metrics
     for key in FINAL_LOGGED:

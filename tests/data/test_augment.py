@@ -1,7 +1,10 @@
 """Statistics and contract of the batched SimCLR views (fixed seeds)."""
 
+import collections
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kinfonce.data.augment import EvalTransform, SimCLRViews, blur_kernel_size
 
@@ -31,9 +34,9 @@ def sampled():
 
 def test_crop_area_fractions_span_configured_range(sampled):
     views, _ = sampled
-    src = views.pipeline.crop._params["src"]  # (B, 4, 2) corners, inclusive pixel coordinates
-    width = src[:, 1, 0] - src[:, 0, 0] + 1
-    height = src[:, 2, 1] - src[:, 0, 1] + 1
+    top, left, height, width = views.last_params.boxes.unbind(1)
+    assert top.min() >= 0 and left.min() >= 0
+    assert (top + height).max() <= 32 and (left + width).max() <= 32  # boxes inside the image
     area = (width * height) / (32 * 32)
     assert area.min() >= 0.08 * 0.8  # pixel rounding only
     assert area.max() <= 1.0
@@ -49,7 +52,11 @@ def test_crop_area_fractions_span_configured_range(sampled):
 @pytest.mark.parametrize(("step", "rate"), [("flip", 0.5), ("jitter", 0.8), ("grayscale", 0.2)])
 def test_step_rates_match_probabilities(sampled, step, rate):
     views, _ = sampled
-    applied = getattr(views.pipeline, step)._params["batch_prob"].float()
+    params = views.last_params
+    if step == "jitter":  # jittered images have at least one non-neutral factor
+        applied = (params.jitter != torch.tensor([1.0, 1.0, 1.0, 0.0])).any(dim=1).float()
+    else:
+        applied = getattr(params, step).float()
     assert applied.shape == (N,)
     tolerance = 4.5 * (rate * (1 - rate) / N) ** 0.5
     assert abs(applied.mean().item() - rate) < tolerance
@@ -57,23 +64,18 @@ def test_step_rates_match_probabilities(sampled, step, rate):
 
 def test_per_image_parameters_differ(sampled):
     views, _ = sampled
-    boxes = views.pipeline.crop._params["src"].reshape(N, -1)
-    assert torch.unique(boxes, dim=0).shape[0] > N // 2
-    jitter = views.pipeline.jitter._params
-    for key, low, high in (
-        ("brightness_factor", 0.2, 1.8),
-        ("contrast_factor", 0.2, 1.8),
-        ("saturation_factor", 0.2, 1.8),
-        ("hue_factor", -0.2, 0.2),
-    ):
-        values = jitter[key]
+    params = views.last_params
+    assert torch.unique(params.boxes, dim=0).shape[0] > N // 2
+    for column, low, high in ((0, 0.2, 1.8), (1, 0.2, 1.8), (2, 0.2, 1.8), (3, -0.2, 0.2)):
+        values = params.jitter[:, column]
         assert values.min() >= low and values.max() <= high
         assert torch.unique(values).numel() > N // 2
+    assert len(params.orders) == 1 and sorted(params.orders[0]) == [0, 1, 2, 3]
 
 
 def test_grayscale_decisions_are_applied(sampled):
     views, out = sampled
-    gray = views.pipeline.grayscale._params["batch_prob"].bool()
+    gray = views.last_params.grayscale
     # equal means and stds keep gray images' channels equal after normalisation
     spread = (out.amax(dim=1) - out.amin(dim=1)).amax(dim=(1, 2))
     assert (spread[gray] < 1e-4).all()
@@ -88,7 +90,7 @@ def test_flip_decisions_are_applied():
     batch = _batch(400)
     out = _run(views, batch)
     plain = EvalTransform(MEAN3, STD3)(batch)
-    flipped = views.pipeline.flip._params["batch_prob"].bool()
+    flipped = views.last_params.flip
     assert 0 < flipped.sum() < 400
     torch.testing.assert_close(out[flipped], plain[flipped].flip(-1), atol=1e-5, rtol=0)
     torch.testing.assert_close(out[~flipped], plain[~flipped], atol=1e-5, rtol=0)
@@ -138,31 +140,35 @@ def test_seeded_views_reproduce_and_calls_differ():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         assert not torch.equal(views(batch), views(batch))
+        view0, view1 = views.pair(batch)
+        assert view0.shape == view1.shape == (32, 3, 32, 32)
+        assert not torch.equal(view0, view1)  # the two views of an image are drawn independently
 
 
 def test_single_channel_input_gets_brightness_and_contrast_only():
     views = SimCLRViews(16, (0.3,), (0.3,))
-    assert "grayscale" not in dict(views.pipeline.named_children())
     out = _run(views, _batch(300, size=16, channels=1))
     assert out.shape == (300, 1, 16, 16) and torch.isfinite(out).all()
-    params = views.pipeline.jitter._params
-    assert (params["saturation_factor"] == 1).all() and (params["hue_factor"] == 0).all()
-    assert params["brightness_factor"].std() > 0.1
+    params = views.last_params
+    assert not params.grayscale.any()
+    assert (params.jitter[:, 2] == 1).all() and (params.jitter[:, 3] == 0).all()
+    assert params.jitter[:, 0].std() > 0.1
 
 
 def test_blur_kernel_and_rate():
     assert [blur_kernel_size(s) for s in (16, 32, 64, 96, 224)] == [3, 3, 7, 9, 23]
-    assert "blur" not in dict(SimCLRViews(32, MEAN3, STD3).pipeline.named_children())
+    assert SimCLRViews(32, MEAN3, STD3).blur_kernel == 0
     views = SimCLRViews(96, MEAN3, STD3, blur=True)
-    assert views.pipeline.blur.flags["kernel_size"] in (9, (9, 9))
+    assert views.blur_kernel == 9
     out = _run(views, _batch(16, size=96))
     assert out.shape == (16, 3, 96, 96) and torch.isfinite(out).all()
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        params = views.pipeline.blur.forward_parameters((N, 3, 96, 96))
-    assert abs(params["batch_prob"].float().mean().item() - 0.5) < 4.5 * (0.25 / N) ** 0.5
-    sigma = params["sigma"]
-    assert sigma.min() >= 0.1 and sigma.max() <= 2.0 and torch.unique(sigma).numel() > N // 2
+        sigma = views.sample(N, 96, 96, torch.device("cpu")).sigma
+    blurred = sigma > 0
+    assert abs(blurred.float().mean().item() - 0.5) < 4.5 * (0.25 / N) ** 0.5
+    sigma = sigma[blurred]
+    assert sigma.min() >= 0.1 and sigma.max() <= 2.0 and torch.unique(sigma).numel() > N // 4
 
 
 @pytest.mark.parametrize(
@@ -190,3 +196,29 @@ def test_bad_batches_are_rejected():
         views(_batch(2, channels=1))
     with pytest.raises(ValueError, match="uint8"):
         EvalTransform(MEAN3, STD3)(_batch(2)[0])
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("channels", "blur"), [(3, True), (1, False)])
+def test_views_never_wait_for_the_device_and_are_few_operations(channels, blur):
+    """On a GPU, a step that reads a value back (an item, a boolean mask, a tolist) makes the
+    host wait, and each operation is a kernel launch; kornia's modules, used before, did both
+    (365 operations and several reads per view). On the meta device any such read raises,
+    and the count of operations of both views of a batch is bounded (a per-image loop would
+    scale with the batch)."""
+    stats = ((0.5,) * channels, (0.25,) * channels)
+    views = SimCLRViews(32, *stats, blur=blur).to("meta")
+    batch = torch.empty(64, channels, 40, 40, dtype=torch.uint8, device="meta")
+    with _CountOps() as counter:
+        view0, view1 = views.pair(batch)
+    assert view0.shape == view1.shape == (64, channels, 32, 32)
+    assert sum(counter.ops.values()) < 320, counter.ops.most_common(10)  # kornia: 730

@@ -13,6 +13,14 @@ from . import reference as ref
 GAMMAS = [0.5, 1.0, 1.5, 2.0]
 TAUS = [1e-3, 1e-2, 0.1, 0.5, 5.0]
 SIZES = [1, 2, 7, 64]
+#: Every path the loss can take: the fused matrix, and row blocks recomputed in the backward pass
+#: (chunk 5: several blocks from n = 3 on). A bug in either path's arithmetic fails here.
+PATHS = {"fused": dict(path="fused"), "blocked": dict(path="blocked", chunk_size=5)}
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request) -> dict:
+    return PATHS[request.param]
 
 
 def close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -31,59 +39,59 @@ def views(n: int, d: int = 16, seed: int = 0, noise: float = 0.5):
 @pytest.mark.parametrize("gamma", GAMMAS)
 @pytest.mark.parametrize("tau", TAUS)
 @pytest.mark.parametrize("n", SIZES)
-def test_two_view_matches_algorithm_2(gamma, tau, n):
+def test_two_view_matches_algorithm_2(gamma, tau, n, path):
     z0, z1 = views(n, seed=n)
-    loss = KernelInfoNCE(gamma=gamma, temperature=tau)
+    loss = KernelInfoNCE(gamma=gamma, temperature=tau, **path)
     close(loss(z0, z1), ref.two_view(z0, z1, [(1.0, gamma, tau, 0)]))
 
 
 @pytest.mark.parametrize("gamma", GAMMAS)
 @pytest.mark.parametrize("tau", TAUS)
 @pytest.mark.parametrize("n", SIZES)
-def test_queue_form_matches_reference(gamma, tau, n):
+def test_queue_form_matches_reference(gamma, tau, n, path):
     z0, z1 = views(n, seed=n + 1)
     queue = torch.randn(32, 16, generator=torch.Generator().manual_seed(7))
-    loss = KernelInfoNCE(gamma=gamma, temperature=tau)
+    loss = KernelInfoNCE(gamma=gamma, temperature=tau, **path)
     close(loss(z0, z1, queue=queue), ref.with_queue(z0, z1, queue, [(1.0, gamma, tau, 0)]))
 
 
 @pytest.mark.parametrize("gamma", GAMMAS)
 @pytest.mark.parametrize("tau", TAUS)
 @pytest.mark.parametrize("n", SIZES)
-def test_bipartite_form_matches_reference(gamma, tau, n):
+def test_bipartite_form_matches_reference(gamma, tau, n, path):
     a, b = views(n, seed=n + 2)
-    loss = KernelInfoNCE(gamma=gamma, temperature=tau, bipartite=True)
+    loss = KernelInfoNCE(gamma=gamma, temperature=tau, bipartite=True, **path)
     close(loss(a, b), ref.bipartite(a, b, [(1.0, gamma, tau, 0)]))
 
 
 @pytest.mark.parametrize("tau", TAUS)
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
-def test_mixture_kernels_inside_one_ratio(tau, n, lam):
+def test_mixture_kernels_inside_one_ratio(tau, n, lam, path):
     """Section 5.2: Simple Sum and Concatenation Sum kernels inside one InfoNCE ratio."""
     z0, z1 = views(n, seed=n + 3)
     tau2 = 2 * tau
     terms = [(lam, 1.0, tau, 0), (1 - lam, 2.0, tau2, 0)]
-    simple = KernelInfoNCE(kernel=simple_sum_kernel(tau, tau2, lam))
+    simple = KernelInfoNCE(kernel=simple_sum_kernel(tau, tau2, lam), **path)
     close(simple(z0, z1), ref.two_view(z0, z1, [t for t in terms if t[0] > 0]))
     concat_terms = [(lam, 1.0, tau, 0), (1 - lam, 2.0, tau2, 1)]
-    concat = KernelInfoNCE(kernel=concat_sum_kernel(tau, tau2, lam))
+    concat = KernelInfoNCE(kernel=concat_sum_kernel(tau, tau2, lam), **path)
     want = ref.two_view(z0, z1, [t for t in concat_terms if t[0] > 0], parts=2)
     close(concat(z0, z1), want)
 
 
 @pytest.mark.parametrize("tau", TAUS)
 @pytest.mark.parametrize("n", SIZES)
-def test_table2_loss_mixtures(tau, n):
+def test_table2_loss_mixtures(tau, n, path):
     """Table 2: lam * C(gamma=1, tau1) + (1 - lam) * C(gamma=2, tau2), whole or split features."""
     z0, z1 = views(n, seed=n + 4)
     lam, tau2 = 0.8, 2 * tau
-    simple = make_loss("simple-sum", temperature1=tau, temperature2=tau2, lam=lam)
+    simple = make_loss("simple-sum", temperature1=tau, temperature2=tau2, lam=lam, **path)
     want = lam * ref.two_view(z0, z1, [(1.0, 1.0, tau, 0)]) + (1 - lam) * ref.two_view(
         z0, z1, [(1.0, 2.0, tau2, 0)]
     )
     close(simple(z0, z1), want)
-    concat = make_loss("concat-sum", temperature1=tau, temperature2=tau2, lam=lam)
+    concat = make_loss("concat-sum", temperature1=tau, temperature2=tau2, lam=lam, **path)
     left, right = (z0[:, :8], z1[:, :8]), (z0[:, 8:], z1[:, 8:])
     want = lam * ref.two_view(*left, [(1.0, 1.0, tau, 0)]) + (1 - lam) * ref.two_view(
         *right, [(1.0, 2.0, tau2, 0)]
@@ -124,7 +132,7 @@ def test_chunking_keeps_values_and_gradients(case, chunk):
     kwargs, queue = CHUNK_CASES[case]
     z0, z1 = views(37, seed=chunk)
     inputs = [z0, z1] + ([torch.randn(19, 16)] if queue else [])
-    plain = KernelInfoNCE(**kwargs)
+    plain = KernelInfoNCE(**kwargs, path="blocked")  # one block, kept for the backward pass
     chunked = KernelInfoNCE(**kwargs, chunk_size=chunk)
     v0, g0 = _value_and_grads(plain, *inputs)
     v1, g1 = _value_and_grads(chunked, *inputs)
@@ -135,19 +143,21 @@ def test_chunking_keeps_values_and_gradients(case, chunk):
 
 @pytest.mark.parametrize("gamma", GAMMAS)
 @pytest.mark.parametrize("tau", [0.05, 0.5])
-def test_float32_gradients_match_float64_reference(gamma, tau):
+def test_float32_gradients_match_float64_reference(gamma, tau, path):
     z0, z1 = views(24, seed=3)
-    _, got = _value_and_grads(KernelInfoNCE(gamma=gamma, temperature=tau), z0, z1)
+    _, got = _value_and_grads(KernelInfoNCE(gamma=gamma, temperature=tau, **path), z0, z1)
     x0, x1 = z0.double().requires_grad_(True), z1.double().requires_grad_(True)
     ref.two_view(x0, x1, [(1.0, gamma, tau, 0)]).backward()
     torch.testing.assert_close(got[0].double(), x0.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got[1].double(), x1.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_gaussian_equals_nt_xent_at_half_temperature():
+def test_gaussian_equals_nt_xent_at_half_temperature(path):
     z0, z1 = views(32)
     for tau in (0.05, 0.2, 1.0):
-        close(KernelInfoNCE(gamma=2.0, temperature=tau)(z0, z1), ref.nt_xent(z0, z1, tau / 2))
+        close(
+            KernelInfoNCE(gamma=2.0, temperature=tau, **path)(z0, z1), ref.nt_xent(z0, z1, tau / 2)
+        )
 
 
 def test_gaussian_equals_lightly_nt_xent():
@@ -160,10 +170,10 @@ def test_gaussian_equals_lightly_nt_xent():
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
-def test_unnormalized_plane_points():
+def test_unnormalized_plane_points(path):
     """normalize=False works on raw vectors, e.g. 2-D points of the synthetic experiment."""
     z0, z1 = views(10, d=2)
-    loss = KernelInfoNCE(gamma=2.0, temperature=0.5, normalize=False)
+    loss = KernelInfoNCE(gamma=2.0, temperature=0.5, normalize=False, **path)
     close(loss(z0, z1), ref.two_view(z0, z1, [(1.0, 2.0, 0.5, 0)], normalize=False))
 
 
@@ -183,6 +193,20 @@ def test_automatic_blocks_beyond_the_pair_limit(monkeypatch):
     v0, g0 = _value_and_grads(KernelInfoNCE(gamma=1.0, temperature=0.2), z0, z1)
     monkeypatch.setattr(kernel_lse, "AUTO_BLOCK_PAIRS", 3 * 40)  # 3 rows of 40 candidates
     v1, g1 = _value_and_grads(KernelInfoNCE(gamma=1.0, temperature=0.2), z0, z1)
+    torch.testing.assert_close(v1, v0, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES)
+def test_fused_and_blocked_paths_agree(case):
+    """Values and gradients of the two paths agree to float32 rounding (a wrong closed-form
+    gradient in either path fails here, also where the float64 references are not run)."""
+    kwargs, queue = CHUNK_CASES[case]
+    z0, z1 = views(37, seed=11)
+    inputs = [z0, z1] + ([torch.randn(19, 16)] if queue else [])
+    v0, g0 = _value_and_grads(KernelInfoNCE(**kwargs, path="blocked", chunk_size=4), *inputs)
+    v1, g1 = _value_and_grads(KernelInfoNCE(**kwargs, path="fused"), *inputs)
     torch.testing.assert_close(v1, v0, rtol=1e-6, atol=1e-6)
     for a, b in zip(g1, g0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from kinfonce import KernelInfoNCE, LossMixture, SpectralContrastiveLoss, make_loss
-from kinfonce.kernel_lse import kernel_logsumexp
+from kinfonce.kernel_lse import kernel_logsumexp, resolve_path
 from kinfonce.kernels import (
     ExpKernel,
     KernelTerm,
@@ -136,6 +138,8 @@ def test_presets_build_and_run():
         (lambda: KernelInfoNCE(gamma=0.0), r"gamma must be a number in \(0, 2\]"),
         (lambda: KernelInfoNCE(gamma=2.5), "gamma"),
         (lambda: KernelInfoNCE(chunk_size=0), "chunk_size"),
+        (lambda: KernelInfoNCE(path="flash"), "path must be one of"),
+        (lambda: KernelInfoNCE(path="fused", chunk_size=8), "chunk_size=8 needs path='blocked'"),
         (lambda: simple_sum_kernel(lam=1.5), r"lam must be a number in \[0, 1\]"),
         (lambda: make_loss("simple-sum", lam=-0.1), "lam"),
         (lambda: LossMixture([KernelInfoNCE()], [2.0]), "weight"),
@@ -173,3 +177,32 @@ def test_spectral_loss_closed_form():
     ones = torch.ones(3, 2) / 2**0.5
     # all pairs identical unit vectors: -2 + 1
     assert float(SpectralContrastiveLoss()(ones, ones)) == pytest.approx(-1.0)
+
+
+def test_auto_path_fuses_on_a_gpu_only_while_it_fits(monkeypatch):
+    """The fused path holds two (Na, Nc) float32 matrices (NT-Xent's cross_entropy three); 'auto'
+    takes it on a GPU while they use at most a quarter of its memory, and the blocked path on a
+    CPU, with a chunk size, or for a kernel mixture. A rule that fused beyond the memory would
+    run out of it; one that never fused would leave the GPU at the blocked path's speed."""
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=141e9)
+    )
+    cuda = torch.device("cuda")
+    assert resolve_path("auto", 32768, 32768, cuda) == "fused"  # 8.6 GB of 35
+    assert resolve_path("auto", 131072, 131072, cuda) == "blocked"  # 137 GB
+    assert resolve_path("auto", 1024, 1024, cuda, chunk_size=64) == "blocked"
+    assert resolve_path("auto", 1024, 1024, cuda, single=False) == "blocked"
+    assert resolve_path("auto", 1024, 1024, torch.device("cpu")) == "blocked"
+    assert resolve_path("fused", 10**6, 10**6, torch.device("cpu")) == "fused"
+
+
+@pytest.mark.parametrize("path", ["fused", "blocked"])
+def test_unchecked_non_finite_inputs_give_a_non_finite_loss(path):
+    """check_finite=False (the training step's setting, no host synchronisation) must still let a
+    NaN through to the loss value, where the training loop's divergence check sees it."""
+    z0, z1 = torch.randn(6, 8), torch.randn(6, 8)
+    z1[2, 3] = float("nan")
+    for gamma in (0.5, 1.0, 2.0):
+        loss = KernelInfoNCE(gamma=gamma, path=path, check_finite=False)
+        assert not torch.isfinite(loss(z0, z1))
+    assert not torch.isfinite(make_loss("spectral", check_finite=False)(z0, z1))

@@ -6,10 +6,18 @@ from collections.abc import Sequence
 
 import lightning as L
 from torch import Tensor
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 
 from kinfonce.data.splits import DatasetSplits
 from kinfonce.errors import KinfonceError
+
+
+class EpochBatchSampler(BatchSampler):
+    """A ``BatchSampler`` that passes ``set_epoch`` on to its sampler (Lightning calls it on
+    the data loader's sampler each epoch)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
 
 
 class PretrainData(L.LightningDataModule):
@@ -21,7 +29,8 @@ class PretrainData(L.LightningDataModule):
     need full batches. Training draws from ``splits.pretraining_images()`` (the
     unlabelled images too, when loaded). Training batches are ``(images, labels, *extra)``:
     ``extra`` holds further per-image tensors (N, ...) of those images, such as the captions
-    of each image.
+    of each image. A batch is one indexing of these tensors (not one per image and a
+    stack), in pinned memory when training on a GPU so that its copy does not wait.
     """
 
     def __init__(
@@ -43,9 +52,9 @@ class PretrainData(L.LightningDataModule):
             seed=self.seed,
             drop_last=True,
         )
-        return DataLoader(
-            dataset, batch_size=self.batch_size // world, sampler=sampler, drop_last=True
-        )
+        batches = EpochBatchSampler(sampler, self.batch_size // world, drop_last=True)
+        pin = self.trainer.strategy.root_device.type == "cuda"
+        return DataLoader(dataset, sampler=batches, batch_size=None, pin_memory=pin)
 
     def val_dataloader(self) -> DataLoader:
         val = self.splits.val

@@ -1,59 +1,104 @@
-"""Random resized crops of a batch, resampled in one ``grid_sample`` call.
+"""Random resized crops and horizontal flips of a batch, in one ``grid_sample`` call.
 
-Why hand-written: kornia's ``RandomResizedCrop`` draws the crops per image as wanted, but in its
-default "slice" mode resizes each crop with its own ``interpolate`` call (a Python loop over the
-batch), and its "resample" mode goes through a general perspective warp; on a CPU either costs
-more than the whole colour jitter. Here kornia still draws the boxes; one affine grid per image
-maps the output's pixel centres into its box (half-pixel convention, coordinates clamped to the
-box's edge pixels), which gives the same pixels as cropping then resizing each image bilinearly
-(``align_corners=False``), as kornia's slice mode and torchvision's tensor resize do.
+The boxes are drawn as torchvision's ``RandomResizedCrop`` draws them (ten tries of an area
+fraction and a log-uniform aspect ratio, the first that fits wins, else the central crop of the
+closest ratio), for all images at once on their device, without a host synchronisation. One
+sampling grid per image maps the output's pixel centres into its box (half-pixel convention,
+coordinates clamped to the box's edge pixels), which gives the same pixels as cropping and then
+resizing bilinearly with ``align_corners=False`` and no antialiasing (torchvision's
+``resized_crop(..., antialias=False)``, tested); a flip mirrors the grid's columns.
+
+Why hand-written: per-image crops with kornia or torchvision run one small kernel sequence per
+image (or a general perspective warp), which dominates the views on a GPU.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
 
-import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BatchRandomResizedCrop"]
+__all__ = ["TRIES", "resized_crops", "sample_boxes"]
+
+#: Tries per image before falling back to the central crop, as torchvision makes.
+TRIES = 10
 
 
-class BatchRandomResizedCrop(K.RandomResizedCrop):
-    """``kornia.augmentation.RandomResizedCrop`` (same arguments and sampled boxes, bilinear,
-    ``align_corners=False``) resampling the whole batch at once.
+def sample_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    device: torch.device | str,
+) -> torch.Tensor:
+    """Crop boxes of ``n`` images of ``height`` x ``width``.
 
-    Input float (B, C, H, W); output (B, C, *size). The boxes are in ``_params["src"]`` as
-    (B, 4, 2) corner pixels (x, y): top-left, top-right, bottom-right, bottom-left, inclusive.
+    Args:
+        scale: range of the box's area as a fraction of the image's.
+        ratio: range of the box's aspect ratio (width / height), drawn log-uniformly.
+
+    Returns:
+        (n, 4) float32 ``(top, left, box_height, box_width)`` in whole pixels, on ``device``.
     """
+    area = height * width
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    draws = torch.rand(n, 2, TRIES, device=device)
+    target = area * (scale[0] + (scale[1] - scale[0]) * draws[:, 0])
+    aspect = torch.exp(log_low + (log_high - log_low) * draws[:, 1])
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)  # the first try that fits (0 if none does)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    # fallback: the whole image, cut to the nearest allowed aspect ratio, centred
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fallback = (round(width / ratio[0]), width)
+    elif in_ratio > ratio[1]:
+        fallback = (height, round(height * ratio[1]))
+    else:
+        fallback = (height, width)
+    found = fits.any(dim=1)
+    h = torch.where(found, h, float(fallback[0]))
+    w = torch.where(found, w, float(fallback[1]))
+    offsets = torch.rand(n, 2, device=device)
+    top = torch.where(found, torch.floor(offsets[:, 0] * (height - h + 1)), (height - h) // 2)
+    left = torch.where(found, torch.floor(offsets[:, 1] * (width - w + 1)), (width - w) // 2)
+    return torch.stack([top, left, h, w], dim=1)
 
-    def __init__(self, size: tuple[int, int], **kwargs: Any) -> None:
-        super().__init__(size, align_corners=False, **kwargs)
 
-    def apply_transform(
-        self,
-        input: torch.Tensor,
-        params: dict[str, torch.Tensor],
-        flags: dict[str, Any],
-        transform: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        batch, channels, height, width = input.shape
-        box = params["src"].to(device=input.device, dtype=input.dtype)
-        left, top = box[:, 0, 0], box[:, 0, 1]
-        right, bottom = box[:, 2, 0], box[:, 2, 1]
-        theta = torch.zeros(batch, 2, 3, dtype=input.dtype, device=input.device)
-        theta[:, 0, 0] = (right + 1 - left) / width
-        theta[:, 0, 2] = (left + right + 1) / width - 1
-        theta[:, 1, 1] = (bottom + 1 - top) / height
-        theta[:, 1, 2] = (top + bottom + 1) / height - 1
-        grid = F.affine_grid(theta, [batch, channels, *flags["size"]], align_corners=False)
-        # keep samples within the box: edge pixels repeat, as when resizing the cropped image
-        low = torch.stack([(2 * left + 1) / width - 1, (2 * top + 1) / height - 1], dim=-1)
-        high = torch.stack([(2 * right + 1) / width - 1, (2 * bottom + 1) / height - 1], dim=-1)
-        grid = torch.maximum(
-            torch.minimum(grid, high.view(batch, 1, 1, 2)), low.view(batch, 1, 1, 2)
-        )
-        return F.grid_sample(
-            input, grid, mode="bilinear", padding_mode="border", align_corners=False
-        )
+def _axis_grid(start: torch.Tensor, length: torch.Tensor, out: int, size: int) -> torch.Tensor:
+    """(n, out) normalised sample coordinates along one axis of a box, edge pixels clamped."""
+    centres = torch.arange(out, device=start.device, dtype=start.dtype).add_(0.5)
+    # source pixel of each output pixel centre within the box, as interpolate() computes it
+    source = centres * (length / out).unsqueeze(1) - 0.5
+    source = torch.minimum(source.clamp_(min=0.0), (length - 1).unsqueeze(1)) + start.unsqueeze(1)
+    return source.mul_(2.0).add_(1.0).div_(size).sub_(1.0)  # grid_sample: (2x + 1) / size - 1
+
+
+def resized_crops(
+    images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], flip: torch.Tensor
+) -> torch.Tensor:
+    """Crop each image to its box, resize it to ``size`` bilinearly, and mirror it where asked.
+
+    Args:
+        images: float (n, C, H, W).
+        boxes: (n, 4) ``(top, left, box_height, box_width)`` from :func:`sample_boxes`.
+        size: (height, width) of the output.
+        flip: (n,) bool, mirror the output horizontally.
+
+    Returns:
+        float (n, C, *size).
+    """
+    n, _, height, width = images.shape
+    boxes = boxes.to(images.dtype)
+    ys = _axis_grid(boxes[:, 0], boxes[:, 2], size[0], height)
+    xs = _axis_grid(boxes[:, 1], boxes[:, 3], size[1], width)
+    xs = torch.where(flip.unsqueeze(1), xs.flip(1), xs)
+    grid = torch.stack(
+        [xs.unsqueeze(1).expand(n, size[0], size[1]), ys.unsqueeze(2).expand(n, size[0], size[1])],
+        dim=-1,
+    )
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)

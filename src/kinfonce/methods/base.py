@@ -9,6 +9,11 @@ labelled validation split is logged every epoch as ``probe_top1`` (the metric th
 paper's tuner maximises, Appendix B). Subclasses implement :meth:`contrastive_step`,
 and may draw other inputs than two views (:meth:`make_inputs`), train more modules
 (:meth:`trained_modules`) and log more validation metrics (:meth:`log_validation`).
+
+Nothing in a training step waits for the GPU: a non-finite loss is recorded on the
+device and checked every :data:`DIVERGENCE_CHECK_EVERY` steps and at the end of every
+epoch, before validation and checkpoints, where it stops the run with a
+:class:`~kinfonce.errors.DivergedError` that names the first bad step.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ CHECKPOINT_KEY = "kinfonce"
 
 #: Fields of the data description a method needs (from ``DatasetSplits``).
 DATA_FIELDS = ("image_size", "channels", "num_classes", "mean", "std")
+
+#: Training steps between checks that the loss is finite (each check waits for the GPU).
+DIVERGENCE_CHECK_EVERY = 50
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -87,6 +95,8 @@ class PretrainMethod(L.LightningModule):
             out_dim,
             batch_norm=config.proj_batch_norm,
         )
+        if config.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
         self.probe = nn.Linear(self.backbone.feature_dim, data["num_classes"])
         self.views = SimCLRViews(
             data["image_size"],
@@ -98,6 +108,9 @@ class PretrainMethod(L.LightningModule):
             flip_p=config.flip_p,
         )
         self.eval_transform = EvalTransform(data["mean"], data["std"])
+        # the global step at which the loss was first not finite, -1 while it has been
+        self.register_buffer("first_nonfinite_step", torch.tensor(-1), persistent=False)
+        self._compiled_embed = None
 
     @classmethod
     def loss_params(cls, config: TrainConfig) -> dict[str, float]:
@@ -123,12 +136,16 @@ class PretrainMethod(L.LightningModule):
 
     @classmethod
     def build_loss(cls, config: TrainConfig, *, gather_distributed: bool = False) -> nn.Module:
-        """The loss module of the config's preset, in the method's form."""
+        """The loss module of the config's preset, in the method's form.
+
+        Its inputs are not checked for finiteness (a host synchronisation per call on a GPU):
+        a non-finite input gives a non-finite loss, which the training step records.
+        """
+        params = {**cls.loss_params(config), **cls.loss_options}
+        if config.loss_path != "auto" or "path" in preset_params(config.loss):
+            params["path"] = config.loss_path  # a preset without paths rejects a non-default
         return make_loss(
-            config.loss,
-            **cls.loss_params(config),
-            **cls.loss_options,
-            gather_distributed=gather_distributed,
+            config.loss, **params, gather_distributed=gather_distributed, check_finite=False
         )
 
     def setup(self, stage: str) -> None:
@@ -138,8 +155,22 @@ class PretrainMethod(L.LightningModule):
 
     def make_inputs(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The random inputs of :meth:`contrastive_step`: two views of the batch's images."""
-        images = batch[0]
-        return self.views(images), self.views(images)
+        return self.views.pair(batch[0])
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, F) backbone features and (B, D) projections of float views (B, C, H, W), through
+        ``torch.compile`` when the config asks for it (compiled at the first call)."""
+        if self.config.compile:
+            if self._compiled_embed is None:
+                self._compiled_embed = torch.compile(self._embed)
+            return self._compiled_embed(images)
+        return self._embed(images)
+
+    def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        features = self.backbone(images)
+        return features, self.head(features)
 
     def contrastive_step(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss of one batch.
@@ -169,15 +200,14 @@ class PretrainMethod(L.LightningModule):
             torch.manual_seed(seed)
             inputs = self.make_inputs(batch)
         loss, features = self.contrastive_step(*inputs)
-        if not torch.isfinite(loss):
-            raise DivergedError(
-                f"the {self.config.loss!r} loss is not finite at epoch {self.current_epoch}, "
-                f"step {batch_idx}; {divergence_advice(self.config.loss)}"
-            )
-        # Unlabelled images (label -1, e.g. STL-10's unlabelled split) train no probe.
-        labelled = labels >= 0
-        logits = self.probe(features.detach()[labelled])
-        probe_loss = F.cross_entropy(logits, labels[labelled]) if labelled.any() else 0 * loss
+        self._record_nonfinite(loss.detach())
+        # Unlabelled images (label -1, e.g. STL-10's unlabelled split) train no probe; masked
+        # rather than indexed, so that nothing waits for the GPU.
+        labelled = (labels >= 0).float()
+        per_image = F.cross_entropy(
+            self.probe(features.detach()), labels.clamp_min(0), reduction="none"
+        )
+        probe_loss = (per_image * labelled).sum() / labelled.sum().clamp_min(1.0)
         size = len(labels)
         self.log(
             "train_loss",
@@ -197,6 +227,27 @@ class PretrainMethod(L.LightningModule):
             batch_size=size,
         )
         return loss + probe_loss
+
+    def _record_nonfinite(self, loss: torch.Tensor) -> None:
+        """Keep the first step with a non-finite loss, on the device (nothing waits for it)."""
+        first = self.first_nonfinite_step
+        bad = ~torch.isfinite(loss) & (first < 0)
+        first.copy_(torch.where(bad, self.global_step, first))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Every :data:`DIVERGENCE_CHECK_EVERY` steps and at the epoch's last batch (before
+        validation and checkpoints): stop a run whose loss was not finite."""
+        if (batch_idx + 1) % DIVERGENCE_CHECK_EVERY == 0 or self.trainer.is_last_batch:
+            self.check_finite_loss()
+
+    def check_finite_loss(self) -> None:
+        """Raise a DivergedError if a training step since the start had a non-finite loss."""
+        step = int(self.first_nonfinite_step)
+        if step >= 0:
+            raise DivergedError(
+                f"the {self.config.loss!r} loss was not finite at training step {step} "
+                f"(epoch {self.current_epoch}); {divergence_advice(self.config.loss)}"
+            )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         images, labels = batch

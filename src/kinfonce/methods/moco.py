@@ -72,8 +72,7 @@ class MoCo(PretrainMethod):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss of queries against keys and queue, (B, F) backbone features of ``view0``)."""
         self._momentum_update()
-        features = self.backbone(view0)
-        queries = self.head(features)
+        features, queries = self.embed(view0)
         with torch.no_grad():
             keys = self.key_head(self.key_backbone(view1))
         loss = self.criterion(queries, keys, queue=self.queue.clone().to(queries.dtype))

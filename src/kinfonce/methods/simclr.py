@@ -26,6 +26,6 @@ class SimCLR(PretrainMethod):
         self, view0: torch.Tensor, view1: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss of the pair batch, (B, F) backbone features of ``view0``)."""
-        features = self.backbone(torch.cat([view0, view1]))
-        z0, z1 = self.head(features).chunk(2)
+        features, projections = self.embed(torch.cat([view0, view1]))
+        z0, z1 = projections.chunk(2)
         return self.criterion(z0, z1), features[: len(view0)]

@@ -1,0 +1,50 @@
+"""benchmarks/gpu_speed.py at tiny sizes on the CPU, the way the GPU run drives it: each part
+writes its JSON file, and the summary of the files has every figure of the RESULT line.
+
+A GPU's time is short and lent rarely: a part that fails there for a reason a CPU shows too (a
+renamed function, a wrong key in the summary) costs the whole measurement. This catches those.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_speed.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_part_runs_and_the_summary_has_every_figure(tmp_path, monkeypatch, capsys):
+    gpu_speed = load_script()
+    cpu = torch.device("cpu")
+    for part in gpu_speed.PARTS:
+        monkeypatch.setattr(gpu_speed, "_JSON", tmp_path / f"{part}.json")
+        result = gpu_speed.keep(gpu_speed.run_part(part, cpu, tiny=True))
+        assert "error" not in result, (part, result)
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["gpu_speed.py", "--summary", str(tmp_path)])
+    gpu_speed.main()
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("RESULT ")
+    figures = dict(item.split("=", 1) for item in last.split()[1:])
+    assert figures["failed_parts"] == "none"
+    for key in (
+        "loss_time_over_ntxent_g2_2n256",
+        "loss_time_over_ntxent_g1_2n256",
+        "step_images_per_s",
+        "views_share",
+        "peer_images_per_s",
+        "step_over_peer",
+        "eval_s",
+        "pretrain_eval_s",
+    ):
+        assert float(figures[key]) > 0, key
