@@ -261,7 +261,7 @@ def test_asha_stops_early_and_failures_are_recorded(search):
     for row in rows.values():
         if row["status"] == "failed":
             # Bug caught: a failed trial that stops the search, or loses its reason.
-            assert float(row["lr"]) == 1e20 and "non-finite" in row["error"]
+            assert float(row["lr"]) == 1e20 and "not finite" in row["error"]
     summary = (root / "search" / "summary.md").read_text()
     assert "## Failed trials (2)" in summary
     assert (root / "search" / "probe_curves.png").stat().st_size > 10_000
