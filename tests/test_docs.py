@@ -111,3 +111,24 @@ def test_shell_commands_parse(page, capsys):
         if cls is not None and not args.config:
             mapping = flags_to_mapping(args, cls)
             build_config(None, mapping, resume=args.resume is not None, cls=cls).resolved()
+
+
+def test_guide_lists_every_preset_with_its_defaults_and_learning_rate():
+    # Catches the guide's preset table drifting from the presets' defaults or learning rates.
+    import re
+
+    from kinfonce.config import PretrainConfig
+    from kinfonce.losses import LOSS_PRESETS, preset_defaults
+
+    rows = {}
+    for line in (DOCS / "guide.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 3:
+            for name in re.findall(r"`([a-z0-9.-]+)`", cells[0]):
+                rows[name] = cells
+    assert set(LOSS_PRESETS) <= set(rows)
+    for name in LOSS_PRESETS:
+        _, params, lr = rows[name]
+        for key, value in preset_defaults(name).items():
+            assert f"`{key}` {value}" in params, (name, key)
+        assert float(lr) == PretrainConfig(loss=name).resolved().lr, name
