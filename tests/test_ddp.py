@@ -57,8 +57,9 @@ def without_batchnorm(module: nn.Module) -> nn.Module:
 class SimCLRWithoutGather(SimCLR):
     """The negative control: each process keeps only its own negatives (a real DDP bug)."""
 
-    def setup(self, stage: str) -> None:
-        pass
+    @classmethod
+    def build_loss(cls, config: PretrainConfig, *, gather_distributed: bool = True) -> nn.Module:
+        return super().build_loss(config, gather_distributed=False)
 
 
 #: Per-tensor relative difference of the parameter updates allowed between one process and

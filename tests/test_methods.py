@@ -17,11 +17,11 @@ from kinfonce.config import (
     dump_config,
     flags_to_mapping,
     load_config_file,
+    validate,
 )
 from kinfonce.data.batches import check_batch_size
 from kinfonce.methods import METHODS, MoCo, SimCLR, load_checkpoint, load_encoder
 from kinfonce.methods.base import CHECKPOINT_KEY
-from kinfonce.train import check_choices
 
 DATA = {"image_size": 16, "channels": 1, "num_classes": 10, "mean": (0.3,), "std": (0.4,)}
 
@@ -50,7 +50,7 @@ def test_parameter_the_preset_does_not_take_is_an_error():
 
 def test_concat_preset_doubles_embedding_and_checks_width():
     assert SimCLR(small(loss="concat-sum"), DATA).head[-1].out_features == 256
-    with pytest.raises(ValueError, match="proj_out_dim must be a multiple of 2"):
+    with pytest.raises(ValueError, match="proj_out_dim must be a positive multiple of 2"):
         SimCLR(small(loss="concat-sum", proj_out_dim=127), DATA)
 
 
@@ -95,7 +95,7 @@ def test_moco_momentum_update_is_an_ema():
 )  # fmt: skip
 def test_unknown_choices_list_valid_names(field, value, valid):
     with pytest.raises(ValueError, match=f"{field} must be one of .*{valid}"):
-        check_choices(small(**{field: value}))
+        validate(small(**{field: value}))
 
 
 def test_batch_size_checks_explain():
@@ -237,3 +237,30 @@ def test_compile_and_channels_last_keep_the_step(monkeypatch):
     # another convolution algorithm for channels-last: float32 rounding, not a different step
     assert float((grad1 - grad0).norm() / grad0.norm()) < 1e-4
     assert state1.keys() == state0.keys()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c.update({CHECKPOINT_KEY: ["not", "a", "mapping"]}), "not a mapping"),
+        (lambda c: c[CHECKPOINT_KEY].pop("config"), "no 'config' mapping"),
+        (lambda c: c[CHECKPOINT_KEY]["data"].pop("channels"), r"lacks \['channels'\]"),
+        (lambda c: c.pop("state_dict"), "no 'state_dict'"),
+        (lambda c: c[CHECKPOINT_KEY]["config"].update(backbone=7), "do not make an encoder"),
+        (lambda c: c[CHECKPOINT_KEY]["data"].update(channels="x"), "do not make an encoder"),
+    ],
+)
+def test_malformed_kinfonce_entry_is_a_clear_error(tmp_path, capsys, change, message):
+    """Issue 10, case 8: a malformed 'kinfonce' entry raised KeyError or TypeError."""
+    module = SimCLR(small(), DATA)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    change(checkpoint)
+    path = tmp_path / "odd.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=message):
+        load_encoder(path)
+    from kinfonce.cli import main
+
+    assert main(["eval", str(path), "--out", str(tmp_path / "eval")]) == 2
+    assert "malformed" in capsys.readouterr().err

@@ -18,7 +18,8 @@ from kinfonce.cli import main
 from kinfonce.config import PretrainConfig
 from kinfonce.errors import DivergedError
 from kinfonce.methods import base, load_checkpoint, load_encoder
-from kinfonce.train import RUN_DIR_ENV, resolve_run_dir, run_pretrain
+from kinfonce.rundir import RUN_DIR_ENV, resolve_run_dir
+from kinfonce.train import run_pretrain
 
 METRIC_KEYS = ("linear_top1", "knn_top1", "random_encoder_linear_top1", "raw_pixels_linear_top1")
 

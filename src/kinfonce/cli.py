@@ -72,8 +72,10 @@ def _add_synthetic(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:
+    from kinfonce.fileio import check_writable_dir
     from kinfonce.synthetic import SyntheticConfig, run_experiment
 
+    check_writable_dir(args.out, "--out")
     config = SyntheticConfig(
         num_clusters=args.clusters,
         cluster_size=args.size,
@@ -123,7 +125,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         nargs="?",
         const="last",
         metavar="CKPT",
-        help="continue the run in --output-dir from its newest checkpoint, or from CKPT",
+        help="continue the run in --output-dir from its furthest readable checkpoint, or from CKPT",
     )
     add_config_flags(parser)
     parser.set_defaults(func=_run_pretrain)
@@ -288,7 +290,7 @@ def _add_clip(sub: argparse._SubParsersAction) -> None:
         nargs="?",
         const="last",
         metavar="CKPT",
-        help="continue the run in --output-dir from its newest checkpoint, or from CKPT",
+        help="continue the run in --output-dir from its furthest readable checkpoint, or from CKPT",
     )
     add_config_flags(parser, ClipConfig)
     parser.set_defaults(func=_run_clip)
@@ -388,9 +390,17 @@ def _run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kinfonce.evaluate import evaluate_checkpoint
+    from kinfonce.fileio import check_writable_dir
     from kinfonce.report import format_eval_table, write_eval_outputs
 
     checkpoint = Path(args.checkpoint)
+    if args.out:
+        out = Path(args.out)
+    elif checkpoint.parent.name == "checkpoints":
+        out = checkpoint.parent.parent / "eval"
+    else:
+        out = checkpoint.with_name(checkpoint.stem + "-eval")
+    check_writable_dir(out, "--out")
     metrics, splits = evaluate_checkpoint(
         checkpoint,
         dataset=args.dataset,
@@ -405,12 +415,6 @@ def _run_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
     )
-    if args.out:
-        out = Path(args.out)
-    elif checkpoint.parent.name == "checkpoints":
-        out = checkpoint.parent.parent / "eval"
-    else:
-        out = checkpoint.with_name(checkpoint.stem + "-eval")
     print(f"{checkpoint} on {metrics['dataset']} ({len(splits.test.labels)} test images)")
     print(format_eval_table(metrics))
     written = write_eval_outputs(
@@ -441,8 +445,10 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
+    from kinfonce.fileio import check_writable_dir
     from kinfonce.report import write_report
 
+    check_writable_dir(args.out, "--out")
     text, md_path, figures = write_report(args.run_dirs, args.out)
     print(text)
     print(f"wrote {md_path}, " + ", ".join(str(path) for path in figures))
@@ -459,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     except KinfonceError as err:  # a user error: one line; any other exception keeps its traceback
         print(f"kinfonce {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was saved is said where it happened
+        print(f"kinfonce {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from kinfonce.captions import PairedCaptions, class_captions, draw_captions
-from kinfonce.config import TEXT_ENCODERS, ClipConfig
+from kinfonce.config import TEXT_ENCODERS, ClipConfig, validate
 from kinfonce.data import DatasetSplits
 from kinfonce.data.batches import PretrainData
 from kinfonce.errors import KinfonceError
@@ -37,7 +37,7 @@ from kinfonce.methods.base import DATA_FIELDS, PretrainMethod, data_description
 from kinfonce.probes import topk_accuracy
 from kinfonce.report import format_summary
 from kinfonce.text import HEADS, build_text_encoder, minilm_missing
-from kinfonce.train import TrainingJob, check_common_choices, load_training_splits, run_training
+from kinfonce.train import TrainingJob, load_training_splits, run_training
 
 
 def loss_kernel(criterion: nn.Module) -> MixtureKernel:
@@ -142,8 +142,8 @@ class ClipMethod(PretrainMethod):
 
 
 def check_clip_config(config: ClipConfig) -> None:
-    """Raise a KinfonceError naming the field for anything ``kinfonce clip`` cannot run."""
-    check_common_choices(config)
+    """Raise a KinfonceError naming the field for what ``kinfonce clip`` adds to
+    :func:`kinfonce.config.validate`."""
     if "bipartite" not in preset_params(config.loss):
         kernels = sorted(n for n in LOSS_PRESETS if "bipartite" in preset_params(n))
         raise KinfonceError(
@@ -240,7 +240,7 @@ def evaluate_clip(
 
 
 #: ``kinfonce clip``.
-CLIP_JOB = TrainingJob("clip", check_clip_config, _build_clip, evaluate_clip)
+CLIP_JOB = TrainingJob("clip", _build_clip, evaluate_clip, check=check_clip_config)
 
 
 def run_clip(
@@ -267,8 +267,8 @@ def pair_graph_report(config: ClipConfig) -> str:
     Built from the pairs a run of ``config`` trains on (its data set, training subset and
     caption draw), with :func:`kinfonce.graph.summarize_pair_graph`.
     """
-    config = config.resolved()
-    check_clip_config(config)
+    check_clip_config(config.resolved())
+    config = validate(config)
     splits = load_training_splits(config)
     columns = sorted({1, config.rewrites})
     summaries = []

@@ -6,15 +6,19 @@ then command-line flags. A key that is not a field is an error, never ignored. `
 in a loss-parameter field means "the preset's (or the method's) default"; in an
 augmentation field it means "the data set's default" (:data:`DATASET_AUGMENTATION`).
 :meth:`TrainConfig.resolved` fills these in, and the resolved form is what a run
-writes to ``config.yaml``.
+writes to ``config.yaml``. :func:`validate` checks every field of it before a run
+touches the disk.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +93,12 @@ class TrainConfig:
     )
     train_subset: int | None = _f(
         None, "use a seeded random subset of this many training images (CPU-scale runs)", "data"
+    )
+    image_size: int | None = _f(
+        None,
+        "side in pixels that every image of an image tree (imagefolder, tinyimagenet) is "
+        "resized to (None: the most common size)",
+        "data",
     )
     unlabeled: bool = _f(
         False,
@@ -209,6 +219,10 @@ class TrainConfig:
             fill["lr"] = PRESET_LR.get(self.loss, DEFAULT_LR)
         return dataclasses.replace(self, **fill)
 
+    def method_class(self) -> Any:
+        """The LightningModule class this configuration trains (a ``PretrainMethod``)."""
+        raise NotImplementedError
+
 
 @dataclass
 class PretrainConfig(TrainConfig):
@@ -217,6 +231,14 @@ class PretrainConfig(TrainConfig):
     method: str = _f("simclr", "pretraining method: simclr or moco", "model")
     moco_momentum: float = _f(0.99, "EMA momentum of the MoCo key encoder", "model")
     queue_size: int = _f(4096, "number of keys in the MoCo queue", "model")
+
+    def method_class(self) -> Any:
+        """``METHODS[method]``; a KinfonceError lists the methods for an unknown one."""
+        from kinfonce.methods import METHODS
+
+        if self.method not in METHODS:
+            raise KinfonceError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        return METHODS[self.method]
 
 
 #: Text encoders of ``kinfonce clip``: name -> what it is.
@@ -244,6 +266,12 @@ class ClipConfig(TrainConfig):
         64, "width of the small text encoder (and of the MiniLM projection)", "text"
     )
     text_layers: int = _f(2, "transformer layers of the small text encoder", "text")
+
+    def method_class(self) -> Any:
+        """:class:`kinfonce.clip.ClipMethod`."""
+        from kinfonce.clip import ClipMethod
+
+        return ClipMethod
 
 
 #: Config class of each command, the ``kind`` a checkpoint records.
@@ -391,13 +419,20 @@ def flags_to_mapping(
     return {name: getattr(args, name) for name in config_fields(cls) if hasattr(args, name)}
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equality that also holds between two NaNs."""
+    both_nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+    return both_nan or a == b
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two config dicts, ignoring :data:`RUNTIME_FIELDS`."""
+    """Human-readable differences between two config dicts, ignoring :data:`RUNTIME_FIELDS`
+    (NaN equals NaN)."""
     keys = (set(saved) | set(current)) - RUNTIME_FIELDS
     return [
         f"{key}: checkpoint has {saved.get(key)!r}, now {current.get(key)!r}"
         for key in sorted(keys)
-        if saved.get(key) != current.get(key)
+        if not _same(saved.get(key), current.get(key))
     ]
 
 
@@ -413,6 +448,109 @@ def config_file_for(
         if saved.is_file():
             return saved
     return None if config_file is None else Path(config_file)
+
+
+_FINITE = "a finite number"
+#: (field, test, what is allowed) for every numeric field of the config classes (a class
+#: without the field skips it); None passes where a field is optional. NaN fails every test.
+NUMBER_RULES: tuple[tuple[str, typing.Callable[[float], bool], str], ...] = (
+    ("val_fraction", lambda v: 0 < v < 1, "in (0, 1): the online probe needs a validation split"),
+    ("train_subset", lambda v: v >= 1, ">= 1"),
+    ("image_size", lambda v: v >= 1, ">= 1 (pixels)"),
+    ("crop_scale_min", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("flip_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("jitter_strength", lambda v: 0 <= v < math.inf, f"{_FINITE} >= 0"),
+    ("proj_hidden_dim", lambda v: v >= 1, ">= 1"),
+    ("proj_out_dim", lambda v: v >= 1, ">= 1"),
+    ("moco_momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("queue_size", lambda v: v >= 1, ">= 1"),
+    ("lr", lambda v: 0 < v < math.inf, f"{_FINITE} > 0"),
+    ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("weight_decay", lambda v: 0 <= v < math.inf, f"{_FINITE} >= 0"),
+    ("trust_coefficient", lambda v: 0 < v < math.inf, f"{_FINITE} > 0"),
+    ("warmup_epochs", lambda v: 0 <= v < math.inf, f"{_FINITE} >= 0 (epochs)"),
+    ("probe_lr", lambda v: 0 <= v < math.inf, f"{_FINITE} >= 0 (0: a frozen probe)"),
+    ("batch_size", lambda v: v >= 1, ">= 1"),
+    ("epochs", lambda v: v >= 1, ">= 1"),
+    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    ("eval_linear_epochs", lambda v: v >= 1, ">= 1"),
+    ("eval_knn_k", lambda v: v >= 1, ">= 1"),
+    ("num_nodes", lambda v: v >= 1, ">= 1"),
+)
+#: Lightning's ``devices``: "auto", -1 (all), a count, or device indices like "0,1" or "0,".
+DEVICES_PATTERN = re.compile(r"auto|-1|[1-9]\d*|(\d+,)+\d*")
+#: Lightning precision settings (and their short aliases).
+PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+PRECISIONS += ("64", "32", "16", "bf16")
+
+
+def _choice(field_name: str, value: str, valid: typing.Iterable[str]) -> None:
+    if value not in valid:
+        raise KinfonceError(f"{field_name} must be one of {sorted(valid)}, got {value!r}")
+
+
+def _check_runtime(config: TrainConfig) -> None:
+    """Lightning's settings and the output directory."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from kinfonce.fileio import check_writable_dir
+
+    _choice("accelerator", config.accelerator, {"auto", "gpu", *AcceleratorRegistry})
+    _choice("strategy", config.strategy, {"auto", *StrategyRegistry})
+    _choice("precision", config.precision, PRECISIONS)
+    if not DEVICES_PATTERN.fullmatch(config.devices):
+        raise KinfonceError(
+            f"devices must be 'auto', -1 (all), a count >= 1 or device indices like '0,1', "
+            f"got {config.devices!r}"
+        )
+    if config.output_dir is not None:
+        check_writable_dir(config.output_dir, "output_dir")
+
+
+def validate(config: ConfigT) -> ConfigT:
+    """Check every field of a configuration; nothing is written.
+
+    Types are checked (and converted) as for a YAML file; numbers against
+    :data:`NUMBER_RULES`; names against their registries; the loss is built once by the
+    method that would train it (a dry run of its parameters) and the embedding width
+    checked against it; Lightning's settings are parsed; ``output_dir`` must be a
+    directory that can be written.
+
+    Returns:
+        The resolved configuration with every value of its field's type.
+
+    Raises:
+        KinfonceError: the first field that is wrong, with what is allowed.
+    """
+    from kinfonce.data.datasets import check_dataset_name
+    from kinfonce.kernel_lse import PATHS
+    from kinfonce.losses import LOSS_PRESETS
+    from kinfonce.models import BACKBONES
+    from kinfonce.optim import OPTIMIZERS
+
+    config = config_from_mapping(config.resolved().to_dict(), cls=type(config))
+    for name, test, allowed in NUMBER_RULES:
+        value = getattr(config, name, None)
+        if value is not None and not test(value):
+            raise KinfonceError(f"{name} must be {allowed}, got {value!r}")
+    for name, valid in {
+        "backbone": BACKBONES,
+        "loss": LOSS_PRESETS,
+        "optimizer": OPTIMIZERS,
+        "loss_path": PATHS,
+    }.items():
+        _choice(name, getattr(config, name), valid)
+    check_dataset_name(config.dataset, config.image_size)
+    config.method_class().check_loss(config)
+    _check_runtime(config)
+    if config.warmup_epochs >= config.epochs:
+        warnings.warn(
+            f"warmup_epochs {config.warmup_epochs:g} >= epochs {config.epochs}: the learning "
+            "rate rises until the last step and never decays",
+            stacklevel=2,
+        )
+    return config
 
 
 def build_config(

@@ -393,6 +393,7 @@ def evaluate_checkpoint(
         download=download or (bool(config["download"]) and own_data),
         val_fraction=config["val_fraction"],
         seed=config["seed"],
+        image_size=config["image_size"] if own_data else None,
     )
     _check_data_fits_checkpoint(splits, config, str(checkpoint))
     if own_data:  # the training subset pretraining used, hence its probe's figures

@@ -36,8 +36,8 @@ from kinfonce.kernels import (
 
 
 def check_embeddings(*, check_finite: bool = True, **named: Tensor) -> None:
-    """Raises a ValueError naming the argument unless all tensors are finite float (N, D) matrices
-    of one dtype and device with the same D.
+    """Raises a ValueError naming the argument unless all tensors are finite, non-empty float (N, D)
+    matrices of one dtype and device with the same D.
 
     ``check_finite=False`` leaves out the finiteness test, the one check that waits for a GPU
     (a host synchronisation); non-finite inputs then give a non-finite loss."""
@@ -61,6 +61,10 @@ def check_embeddings(*, check_finite: bool = True, **named: Tensor) -> None:
                 f"{name} must have the feature dimension of {ref_name} ({ref.shape[1]}), "
                 f"got shape {tuple(z.shape)}"
             )
+        if z.shape[0] == 0:
+            raise KinfonceError(
+                f"{name} is empty (shape {tuple(z.shape)}); it needs at least 1 row"
+            )
         if check_finite and not torch.isfinite(z).all():
             raise KinfonceError(f"{name} contains non-finite values (nan or inf)")
 
@@ -75,17 +79,14 @@ def _check_same_shape(z0: Tensor, z1: Tensor) -> None:
 def gather_with_grad(z: Tensor) -> tuple[Tensor, int]:
     """All-gathers ``z`` (n, D) from every rank with gradient: returns ((world * n, D), rank).
 
-    Requires an initialised process group and the same ``n`` on every rank. The backward pass sums
-    the gradients of all ranks (``torch.distributed.nn.all_gather``), so each rank's gradient is
-    ``world_size`` times the gradient of the mean loss over all ranks; data-parallel training, which
-    averages gradients over ranks, gets exactly the full-batch gradient.
+    Needs the same ``n`` on every rank. The backward pass sums the gradients of all ranks
+    (``torch.distributed.nn.all_gather``), so each rank's gradient is ``world_size`` times the
+    gradient of the mean loss over all ranks; data-parallel training, which averages gradients over
+    ranks, gets exactly the full-batch gradient. Without an initialised process group the world is
+    this one process, as in lightly's and solo-learn's losses: ``(z, 0)``, so that one training
+    script runs on one device and on many.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "gather_distributed=True needs an initialised torch.distributed process group "
-            "(torch.distributed.init_process_group); use gather_distributed=False on one process"
-        )
-    if dist.get_world_size() == 1:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return z, 0
     from torch.distributed.nn.functional import all_gather
 
@@ -114,7 +115,8 @@ class KernelInfoNCE(nn.Module):
             O(N * chunk_size) memory. None: one block up to 2^27 anchor-candidate pairs
             (2N = 11,585), blocks beyond.
         gather_distributed: Gather the in-batch candidates of all ranks (with gradient) under
-            torch.distributed. The queue form gathers nothing: its negatives are the queue.
+            torch.distributed; without a process group, the batch itself (a world of one). The
+            queue form gathers nothing: its negatives are the queue.
         positive_in_denominator: Count the positive in the denominator (Eq. 8). False, for the
             queue form only, sums over the queue's negatives alone, as the paper's MoCo code
             does: ``-log K(q, k) / sum_m K(q, Q_m)``.
@@ -122,6 +124,10 @@ class KernelInfoNCE(nn.Module):
             (:func:`kinfonce.kernel_lse.resolve_path`); values agree to float32 rounding.
         check_finite: Raise on non-finite inputs. The check waits for the GPU (a host
             synchronisation); a training loop that checks its loss can turn it off.
+
+    Raises (when called):
+        ValueError: an empty input, or fewer than 2 pairs in the two-view and bipartite forms
+            (one pair has no negatives, and its loss would be 0 whatever the embeddings).
 
     Note:
         The Gaussian kernel at temperature tau on unit vectors equals NT-Xent (SimCLR's loss) at
@@ -228,9 +234,18 @@ class KernelInfoNCE(nn.Module):
             )
         return self._index_cache[key]
 
+    @staticmethod
+    def _check_negatives(total: int) -> None:
+        if total < 2:
+            raise KinfonceError(
+                f"the batch must hold at least 2 pairs (N >= 2, over all processes), got {total}: "
+                "with one pair an anchor has no negatives and the loss is 0 whatever the embeddings"
+            )
+
     def _two_view_loss(self, z0: Tensor, z1: Tensor) -> Tensor:
         all0, rank = self._gather(z0)
         all1, _ = self._gather(z1)
+        self._check_negatives(all0.shape[0])
         self_idx, pos_idx = self._two_view_indices(z0.shape[0], all0.shape[0], rank, z0.device)
         anchors = self._normalized(torch.cat([z0, z1]))
         # one process: the same rows (normalising rows commutes with gathering them)
@@ -240,6 +255,7 @@ class KernelInfoNCE(nn.Module):
     def _bipartite_loss(self, a: Tensor, b: Tensor) -> Tensor:
         all_a, rank = self._gather(a)
         all_b, _ = self._gather(b)
+        self._check_negatives(all_a.shape[0])
         pos = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
         a_to_b = self._rows(a, all_b, None, pos)
         b_to_a = self._rows(b, all_a, None, pos)

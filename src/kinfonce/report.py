@@ -1,8 +1,9 @@
 """Compare pretraining runs: a markdown table and one figure of their training curves.
 
 A run directory is what ``kinfonce pretrain`` writes: ``config.yaml`` (the effective
-config), ``metrics.json`` (final metrics) and ``logs/`` with a Lightning CSVLogger
-``metrics.csv`` (per-epoch ``train_loss`` and ``probe_top1``).
+config), ``metrics.json`` (final metrics) and ``logs/metrics.csv`` (per-epoch
+``train_loss`` and ``probe_top1``, written by :mod:`kinfonce.epochlog`; older runs hold a
+Lightning CSVLogger file, read the same way).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 
 from kinfonce.errors import KinfonceError, MissingFileError
+from kinfonce.fileio import atomic_write, write_text_atomic
 from kinfonce.losses import LOSS_PARAMETERS
 
 #: Figure panels: (title, CSV column of ``kinfonce pretrain``'s log).
@@ -67,12 +69,12 @@ def new_figure(figsize: tuple[float, float]) -> Any:
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
-    """Lay out and write (creating the folder) a matplotlib figure; returns the path."""
+    """Lay out and write (creating the folder, atomically) a matplotlib figure; returns the path."""
     fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    return out
+    return atomic_write(
+        out, lambda file: fig.savefig(file, dpi=120, format=out.suffix[1:] or "png")
+    )
 
 
 def read_csv_log(path: Path) -> list[dict[str, str]]:
@@ -81,24 +83,6 @@ def read_csv_log(path: Path) -> list[dict[str, str]]:
         return []
     with path.open(newline="") as file:
         return list(csv.DictReader(file))
-
-
-def merge_csv_log(path: Path, earlier: list[dict[str, str]]) -> None:
-    """Put the rows of the epochs before a resume back in front of the resumed run's rows.
-
-    Lightning's CSVLogger starts a fresh file when it opens a directory that has one.
-    """
-    later = read_csv_log(path)
-    if not earlier:
-        return
-    first_new_epoch = min((int(row["epoch"]) for row in later), default=1 << 62)
-    rows = [row for row in earlier if int(row["epoch"]) < first_new_epoch] + later
-    fields = sorted({key for row in rows for key in row})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _read_mapping(path: Path, parse) -> dict[str, Any]:
@@ -114,13 +98,14 @@ def _read_mapping(path: Path, parse) -> dict[str, Any]:
 
 
 def find_metrics_csv(run_dir: Path) -> Path | None:
-    """The newest CSVLogger ``metrics.csv`` under ``run_dir/logs``, or None."""
+    """The newest ``metrics.csv`` under ``run_dir/logs`` (the epoch log, or an older run's
+    CSVLogger file), or None."""
     found = sorted((run_dir / "logs").rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
 
 
 def read_training_curves(csv_path: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """Per-epoch curves of a CSVLogger file, keyed by the titles of :data:`CURVE_PANELS`.
+    """Per-epoch curves of a CSV log, keyed by the titles of :data:`CURVE_PANELS`.
 
     Epochs are counted from 1 (Lightning logs them from 0). Rows with an empty cell are
     skipped; several values of one epoch (per-step logging) are averaged.
@@ -508,8 +493,9 @@ def write_eval_outputs(
         )
     record = {k: v for k, v in metrics.items() if k != "test_features"}
     record.update(checkpoint=str(checkpoint), test_images=len(splits.test.labels))
-    written["metrics"] = out / "metrics.json"
-    written["metrics"].write_text(json.dumps(record, indent=2) + "\n")
+    written["metrics"] = write_text_atomic(
+        out / "metrics.json", json.dumps(record, indent=2) + "\n"
+    )
     return written
 
 

@@ -29,6 +29,7 @@ from kinfonce.config import (
     PretrainConfig,
     config_from_mapping,
     field_type,
+    validate,
 )
 from kinfonce.errors import KinfonceError, MissingFileError
 from kinfonce.losses import LOSS_PARAMETERS, preset_params
@@ -235,9 +236,5 @@ def _check_values(key: str, dim: Dimension, base: PretrainConfig) -> None:
 
 
 def check_trial_config(config: PretrainConfig) -> None:
-    """Check the names and the loss of a configuration without loading data (cheap)."""
-    from kinfonce.methods import METHODS
-    from kinfonce.train import check_choices
-
-    check_choices(config)
-    METHODS[config.method].build_loss(config.resolved())
+    """Check every field and the loss of a configuration without loading data (cheap)."""
+    validate(config)

@@ -139,7 +139,7 @@ def test_undecodable_and_truncated_files_are_skipped_and_counted(tmp_path):
     (tree / "test" / "cat" / "0.png").write_bytes(b"")
     with pytest.warns(UserWarning) as record:
         data = load_dataset(f"imagefolder:{tree}", cache_dir=tmp_path / "cache")
-    messages = sorted(str(w.message) for w in record)
+    messages = sorted(str(w.message) for w in record if str(w.message).startswith("skipped"))
     assert len(messages) == 2  # one per split
     assert messages[0].startswith("skipped 1 undecodable") and "test/cat/0.png" in messages[0]
     assert messages[1].startswith("skipped 2 undecodable") and "truncated.jpg" in messages[1]
@@ -225,3 +225,79 @@ def test_cifar10_torchvision_layout(tmp_path, monkeypatch):
     test = written["test_batch"]
     assert torch.equal(data.test.images, torch.from_numpy(test["data"]).view(6, 3, 32, 32))
     assert data.test.labels.tolist() == test["labels"]
+
+
+# Issue 10, case 7: image trees.
+
+
+def _write_sized_tree(root: Path, odd: dict[str, tuple[int, int]]) -> None:
+    """Three classes of 2 train and 1 test 32x32 JPEGs, plus ``odd`` PNGs (name -> (w, h))
+    in train/cat/, named so that they sort first."""
+    _write_tree(root, {"train": 0, "test": 0})
+    for split, count in (("train", 2), ("test", 1)):
+        for name in COLOURS:
+            for i in range(count):
+                (root / split / name / f"{i}.jpg").write_bytes(
+                    _image_bytes(COLOURS[name], (32, 32), "JPEG")
+                )
+    for name, size in odd.items():
+        (root / "train" / "cat" / name).write_bytes(_image_bytes(COLOURS["cat"], size))
+
+
+def test_most_common_size_wins_over_the_first_image(tmp_path):
+    """The first image decided the size: one 200x100 PNG made CIFAR-sized images 100x100,
+    a 5x3 one 3x3, without a word. Now the most common size wins, with a warning."""
+    tree = tmp_path / "tree"
+    _write_sized_tree(tree, {"000-wide.png": (200, 100), "001-tiny.png": (5, 3)})
+    with pytest.warns(UserWarning, match=r"resized 2 of 11 images .* to 32x32 px") as record:
+        data = load_dataset(f"imagefolder:{tree}", cache_dir=tmp_path / "cache", val_fraction=0)
+    assert data.image_size == 32 and len(data.train) == 8
+    assert not any("tiny" in str(w.message) for w in record)
+    with pytest.warns(UserWarning, match=r"resized 11 of 11 images .* to 12x12 px \(given"):
+        chosen = load_dataset(
+            f"imagefolder:{tree}", cache_dir=tmp_path / "cache", val_fraction=0, image_size=12
+        )
+    assert chosen.image_size == 12
+    with pytest.warns(UserWarning, match=r"tiny \(8x8 px\)"):
+        load_dataset(
+            f"imagefolder:{tree}", cache_dir=tmp_path / "cache", val_fraction=0, image_size=8
+        )
+    with pytest.raises(ValueError, match="image_size applies to image trees"):
+        load_dataset("digits", image_size=32)
+
+
+def test_bad_crc_in_a_deflated_zip_and_a_decompression_bomb_are_skipped(tmp_path, monkeypatch):
+    """A bad CRC-32 in a deflated member (BadZipFile) and a decompression bomb
+    (DecompressionBombError) aborted the whole load with a traceback."""
+    tree = tmp_path / "tree"
+    _write_tree(tree, {"train": 3, "test": 1})
+    (tree / "train" / "dog" / "bomb.png").write_bytes(_image_bytes(COLOURS["dog"], (40, 40)))
+    (tree / "train" / "emu" / "bomb.jpg").write_bytes(
+        _image_bytes(COLOURS["emu"], (40, 40), "JPEG")
+    )
+    archive = tmp_path / "tree.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as out:
+        for path in sorted(tree.rglob("*")):
+            if path.is_file():
+                out.write(path, path.relative_to(tree).as_posix())
+    raw = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as zipped:
+        member = zipped.getinfo("train/cat/1.png")
+    start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
+    raw[start + member.compress_size // 2] ^= 0xFF  # corrupt the deflated stream in place
+    archive.write_bytes(bytes(raw))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # 40x40 > 2 * 400: a "bomb" here
+    with pytest.warns(UserWarning, match="skipped 3 undecodable") as record:
+        data = load_dataset(f"imagefolder:{archive}", cache_dir=tmp_path / "cache")
+    text = " ".join(str(w.message) for w in record)
+    assert "train/cat/1.png (BadZipFile: Bad CRC-32" in text
+    assert "bomb.png (DecompressionBombError" in text and "bomb.jpg (DecompressionBombError" in text
+    assert data.skipped_files == 3 and len(data.train) + len(data.val) == 9 - 1
+
+
+def test_a_single_class_is_refused(tmp_path):
+    """One class trained and reported 100% accuracy, without a warning."""
+    tree = tmp_path / "tree"
+    _write_tree(tree, {"train": 2, "test": 1}, classes={"cat": COLOURS["cat"]})
+    with pytest.raises(ValueError, match=r"1 class folder\(s\) \(\['cat'\]\).*at least 2 classes"):
+        load_dataset(f"imagefolder:{tree}", cache_dir=tmp_path / "cache")

@@ -68,11 +68,14 @@ def test_identical_views_give_finite_gradients(gamma, normalize):
 
 
 def test_zero_distance_pair_exerts_no_force():
-    """Two anchors whose views coincide, and nothing else: the pull between them is 0."""
+    """A query equal to its key: the pull between them is 0 (the key's gradient comes from
+    that pull alone), and the push of a negative stays finite."""
     z = torch.tensor([[1.0, 0.0]])
     z0, z1 = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
-    KernelInfoNCE(gamma=0.5, temperature=0.1, normalize=False)(z0, z1).backward()
-    assert torch.all(z0.grad == 0) and torch.all(z1.grad == 0)
+    negative = torch.tensor([[0.0, 1.0]])
+    KernelInfoNCE(gamma=0.5, temperature=0.1, normalize=False)(z0, z1, negative).backward()
+    assert torch.all(z1.grad == 0)
+    assert torch.isfinite(z0.grad).all() and z0.grad.abs().sum() > 0
 
 
 def test_half_precision_inputs_are_computed_in_float32():
@@ -164,10 +167,53 @@ def test_bad_input_names_the_argument(call, match):
         call()
 
 
-def test_gather_without_process_group_is_a_runtime_error():
-    loss = KernelInfoNCE(gather_distributed=True)
-    with pytest.raises(RuntimeError, match="gather_distributed=True needs an initialised"):
-        loss(torch.randn(4, 8), torch.randn(4, 8))
+# Issue 10, case 9: library edge cases.
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [KernelInfoNCE(), KernelInfoNCE(bipartite=True), make_loss("simple-sum")],
+    ids=["two-view", "bipartite", "simple-sum"],
+)
+def test_fewer_than_two_pairs_is_an_error_not_a_number(loss):
+    """N = 1 returned 0.0 (no negatives) and N = 0 returned nan, silently."""
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        loss(torch.randn(1, 8), torch.randn(1, 8))
+    with pytest.raises(ValueError, match="z0 is empty"):
+        loss(torch.randn(0, 8), torch.randn(0, 8))
+
+
+def test_empty_queue_is_explained():
+    """An empty (0, D) queue raised an unexplained IndexError."""
+    with pytest.raises(ValueError, match=r"queue is empty \(shape \(0, 8\)\)"):
+        KernelInfoNCE()(torch.randn(4, 8), torch.randn(4, 8), queue=torch.randn(0, 8))
+    # One query against a non-empty queue is well defined.
+    assert torch.isfinite(KernelInfoNCE()(torch.randn(1, 8), torch.randn(1, 8), torch.randn(3, 8)))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda gather: KernelInfoNCE(gamma=1.0, gather_distributed=gather),
+        lambda gather: KernelInfoNCE(bipartite=True, gather_distributed=gather),
+        lambda gather: make_loss("concat-sum", gather_distributed=gather),
+        lambda gather: make_loss("spectral", gather_distributed=gather),
+    ],
+    ids=["two-view", "bipartite", "concat-sum", "spectral"],
+)
+def test_gather_on_a_single_process_is_a_world_of_one(build):
+    """gather_distributed=True without a process group raised; like lightly's and
+    solo-learn's losses it now means a world size of 1, so one script runs anywhere."""
+    assert not torch.distributed.is_initialized()
+    z0, z1 = _double(6, 8), _double(6, 8, seed=1)
+    gathered = build(True)(z0, z1)
+    gathered.backward()
+    grads = z0.grad.clone(), z1.grad.clone()
+    z0.grad, z1.grad = None, None
+    plain = build(False)(z0, z1)
+    plain.backward()
+    assert torch.equal(gathered, plain)
+    assert torch.equal(grads[0], z0.grad) and torch.equal(grads[1], z1.grad)
 
 
 def test_spectral_loss_closed_form():

@@ -25,7 +25,7 @@ from kinfonce.data.splits import LabeledImages
 __all__ = ["CACHE_ENV", "CachedImages", "cache_key", "cache_root", "load_cached", "save_cached"]
 
 CACHE_ENV = "KINFONCE_CACHE"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: image size chosen by the most common size, not the first image
 _SPLITS = ("train", "test")
 
 

@@ -36,8 +36,27 @@ DATASETS: dict[str, str] = {
 """Known names and what each gives."""
 
 
-def _unknown(name: object) -> ValueError:
-    return ValueError(f"unknown data set name {name!r}; known names: {', '.join(DATASETS)}")
+#: Data sets decoded from image files, whose image size can be chosen (``image_size``).
+TREE_DATASETS = ("tinyimagenet", IMAGEFOLDER_PREFIX)
+#: Below this side (pixels) a warning says the images are tiny: random crops keep few
+#: pixels, and a ResNet's downsampling leaves little of them.
+TINY_IMAGE_SIZE = 16
+
+
+def _unknown(name: object) -> KinfonceError:
+    return KinfonceError(f"unknown data set name {name!r}; known names: {', '.join(DATASETS)}")
+
+
+def check_dataset_name(name: object, image_size: int | None = None) -> None:
+    """Raise a KinfonceError for an unknown name, or an ``image_size`` for a data set of
+    fixed-size arrays (only image trees are decoded at a chosen size)."""
+    if not isinstance(name, str) or not (name in DATASETS or name.startswith(IMAGEFOLDER_PREFIX)):
+        raise _unknown(name)
+    if image_size is not None and not name.startswith(TREE_DATASETS):
+        raise KinfonceError(
+            f"image_size applies to image trees (imagefolder:PATH, tinyimagenet) only; "
+            f"{name!r} has images of a fixed size, so leave image_size unset"
+        )
 
 
 def _decoded_with_cache(
@@ -63,31 +82,34 @@ def _decoded_with_cache(
     return cached
 
 
-def _imagefolder(path: Path, cache_dir: Path) -> CachedImages:
+def _imagefolder(path: Path, cache_dir: Path, image_size: int | None) -> CachedImages:
     tree = ImageTree(path)
 
     def decode() -> CachedImages:
-        splits, classes, skipped = load_split_tree(tree)
+        splits, classes, skipped = load_split_tree(tree, image_size=image_size)
         meta = {"source": str(path), "skipped": len(skipped), "skipped_files": skipped}
         return CachedImages(splits["train"], splits["test"], classes, meta)
 
-    return _decoded_with_cache(f"imagefolder-{path.stem}", tree.identity(), cache_dir, decode)
+    identity = [tree.identity(), image_size]
+    return _decoded_with_cache(f"imagefolder-{path.stem}", identity, cache_dir, decode)
 
 
-def _tinyimagenet(root: Path, cache_dir: Path, download: bool) -> CachedImages:
+def _tinyimagenet(
+    root: Path, cache_dir: Path, download: bool, image_size: int | None
+) -> CachedImages:
     tree_root = find_tinyimagenet_root(root, download)
     tree = ImageTree(tree_root)
 
     def decode() -> CachedImages:
-        splits, classes, skipped = load_tinyimagenet_splits(tree_root)
+        splits, classes, skipped = load_tinyimagenet_splits(tree_root, image_size)
         meta = {"source": str(tree_root), "skipped": len(skipped), "skipped_files": skipped}
         return CachedImages(splits["train"], splits["test"], classes, meta)
 
-    return _decoded_with_cache("tinyimagenet", tree.identity(), cache_dir, decode)
+    return _decoded_with_cache("tinyimagenet", [tree.identity(), image_size], cache_dir, decode)
 
 
 def _load_source(
-    name: str, root: Path | None, cache_dir: Path, download: bool
+    name: str, root: Path | None, cache_dir: Path, download: bool, image_size: int | None
 ) -> tuple[LabeledImages, LabeledImages, list[str], int]:
     """(train, test, class names, skipped file count) of the named source."""
     if name == "digits":
@@ -109,14 +131,14 @@ def _load_source(
                 f"imagefolder path {path} does not exist: give a directory or .zip holding "
                 "train/<class>/* and test/<class>/*"
             )
-        data = _imagefolder(path, cache_dir)
+        data = _imagefolder(path, cache_dir, image_size)
         return data.train, data.test, data.class_names, int(data.meta.get("skipped", 0))
     default_root = cache_dir / "datasets" / name
     if name in TORCHVISION_LAYOUTS:
         train, test, classes = load_torchvision_splits(name, root or default_root, download)
         return train, test, classes, 0
     if name == "tinyimagenet":
-        data = _tinyimagenet(root or default_root, cache_dir, download)
+        data = _tinyimagenet(root or default_root, cache_dir, download, image_size)
         return data.train, data.test, data.class_names, int(data.meta.get("skipped", 0))
     raise _unknown(name)
 
@@ -130,6 +152,7 @@ def load_dataset(
     val_fraction: float = 0.1,
     seed: int = 0,
     unlabeled: bool = False,
+    image_size: int | None = None,
 ) -> DatasetSplits:
     """Load a data set by name as uint8 tensors with train/val/test splits.
 
@@ -145,27 +168,37 @@ def load_dataset(
         seed: seed of the validation split.
         unlabeled: also load the data set's unlabelled images into ``unlabeled`` (STL-10's
             100,000; no other data set has any).
+        image_size: for image trees (``imagefolder:``, ``tinyimagenet``), the side every image
+            is resized to; None: the most common size (a warning counts the resized images).
 
     Returns:
         ``DatasetSplits``; ``mean``/``std`` are per channel over the whole training set.
 
     Raises:
-        ValueError: unknown name (the message lists the known ones), bad ``val_fraction``, train
-            and test class sets that differ.
+        ValueError: unknown name (the message lists the known ones), bad ``val_fraction`` or
+            ``image_size``, train and test class sets that differ, fewer than 2 classes.
         FileNotFoundError: the data are absent; the message says how to obtain them.
     """
-    if not isinstance(name, str):
-        raise _unknown(name)
+    check_dataset_name(name, image_size)
     if not 0.0 <= val_fraction < 1.0:
         raise KinfonceError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if unlabeled and name != "stl10":
         raise KinfonceError(
             f"unlabeled=True needs a data set with an unlabelled split (stl10), got {name!r}"
         )
+    if image_size is not None and image_size < 1:
+        raise KinfonceError(f"image_size must be >= 1 (pixels), got {image_size!r}")
     root_path = Path(root).expanduser() if root is not None else None
     train_full, test, classes, skipped = _load_source(
-        name, root_path, cache_root(cache_dir), download
+        name, root_path, cache_root(cache_dir), download, image_size
     )
+    side = int(train_full.images.shape[-1])
+    if side < TINY_IMAGE_SIZE:
+        warnings.warn(
+            f"the images of {name} are tiny ({side}x{side} px): random crops keep few pixels "
+            "and the backbone's downsampling fewer; set image_size (--image-size) to enlarge them",
+            stacklevel=2,
+        )
     train, val = split_off_validation(train_full, val_fraction, seed)
     mean, std = channel_stats(train_full.images)
     extra = None

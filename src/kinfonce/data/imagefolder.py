@@ -7,6 +7,7 @@ into one uint8 array that the cache then keeps on disk.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import PurePosixPath
 
@@ -40,16 +41,22 @@ def _find_split_root(names: Sequence[str], splits: Sequence[str]) -> str:
 
 
 def load_split_tree(
-    tree: ImageTree, splits: Sequence[str] = ("train", "test")
+    tree: ImageTree, splits: Sequence[str] = ("train", "test"), image_size: int | None = None
 ) -> tuple[dict[str, LabeledImages], list[str], list[str]]:
     """Decode ``<split>/<class>/<image>`` for each split of a tree.
+
+    Args:
+        tree: the directory or zip.
+        splits: the split folders.
+        image_size: see :func:`decode_labelled_splits`.
 
     Returns:
         (images per split, class names sorted, skipped-file lines).
 
     Raises:
         FileNotFoundError: a split folder is missing or holds no image.
-        ValueError: the splits' class sets differ (the message names the differences).
+        ValueError: the splits' class sets differ (the message names the differences), or
+            there are fewer than 2 classes.
     """
     names = [n for n in tree.names() if _is_image(n)]
     prefix = _find_split_root(names, splits)
@@ -76,33 +83,65 @@ def load_split_tree(
                 f"class folders differ between {splits[0]}/ and {split}/ in {tree.path}: "
                 f"only in {splits[0]}: {only_ref}; only in {split}: {only_other}"
             )
+    if len(reference) < 2:
+        raise KinfonceError(
+            f"{tree.path} holds {len(reference)} class folder(s) ({reference}) under "
+            f"{splits[0]}/: a classification probe needs at least 2 classes"
+        )
     index = {cls: i for i, cls in enumerate(reference)}
     labelled = {
         split: [(name, index[cls]) for cls, name in found] for split, found in members.items()
     }
-    result, skipped = decode_labelled_splits(tree, labelled)
+    result, skipped = decode_labelled_splits(tree, labelled, image_size)
     return result, reference, skipped
 
 
 def decode_labelled_splits(
-    tree: ImageTree, members: dict[str, list[tuple[str, int]]]
+    tree: ImageTree, members: dict[str, list[tuple[str, int]]], image_size: int | None = None
 ) -> tuple[dict[str, LabeledImages], list[str]]:
-    """Decode each split's (member, label) pairs, all at the first decoded image's size.
+    """Decode each split's (member, label) pairs, all at one square size.
+
+    Args:
+        tree: where the files are.
+        members: split -> (member name, label) pairs.
+        image_size: the side in pixels; None: the most common size over all splits
+            (:func:`kinfonce.data.decode.most_common_size`). A warning counts the images
+            resized to it.
 
     Returns:
         (images per split, skipped-file lines of all splits).
     """
+    shapes = {
+        split: decode.read_shapes(tree, [n for n, _ in pairs], desc=f"reading {split} sizes")
+        for split, pairs in members.items()
+    }
+    chosen = "given"
+    if image_size is None:
+        image_size = decode.most_common_size([s for found in shapes.values() for s in found])
+        chosen = "the most common size"
     result: dict[str, LabeledImages] = {}
     skipped: list[str] = []
-    size = None
+    resized = 0
     for split, pairs in members.items():
         labels = np.asarray([label for _, label in pairs], dtype=np.int64)
         decoded = decode.decode_images(
-            tree, [n for n, _ in pairs], size=size, desc=f"decoding {split}"
+            tree,
+            [n for n, _ in pairs],
+            size=image_size,
+            shapes=shapes[split],
+            desc=f"decoding {split}",
         )
-        size = decoded.images.shape[-1]
         skipped += decoded.skipped
+        resized += decoded.resized
         result[split] = LabeledImages(
             torch.from_numpy(decoded.images), torch.from_numpy(labels[decoded.kept])
+        )
+    total = sum(len(images) for images in result.values())
+    if resized:
+        warnings.warn(
+            f"resized {resized} of {total} images in {tree.path} to {image_size}x{image_size} "
+            f"px ({chosen}; shorter side scaled, then centre-cropped); set image_size "
+            "(--image-size) to choose another size",
+            stacklevel=3,
         )
     return result, skipped

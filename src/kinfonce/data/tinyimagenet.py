@@ -61,9 +61,10 @@ def _class_names(tree_root: Path, wnids: list[str]) -> list[str]:
 
 
 def load_tinyimagenet_splits(
-    root: Path,
+    root: Path, image_size: int | None = None
 ) -> tuple[dict[str, LabeledImages], list[str], list[str]]:
-    """Decode Tiny ImageNet under ``root`` (see :func:`find_tinyimagenet_root`).
+    """Decode Tiny ImageNet under ``root`` (see :func:`find_tinyimagenet_root`), at
+    ``image_size`` (None: the most common size, 64).
 
     Returns:
         ({"train": ..., "test": ...}, class names, skipped-file lines).
@@ -98,5 +99,5 @@ def load_tinyimagenet_splits(
         "train": [(n, index[PurePosixPath(n).parts[1]]) for n in train_files],
         "test": [(n, index[annotations[n]]) for n in val_files],
     }
-    splits, skipped = decode_labelled_splits(tree, members)
+    splits, skipped = decode_labelled_splits(tree, members, image_size)
     return splits, _class_names(root, wnids), skipped

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kinfonce.errors import KinfonceError, MissingFileError
-from kinfonce.methods.base import CHECKPOINT_KEY, PretrainMethod
+from kinfonce.methods.base import CHECKPOINT_KEY, DATA_FIELDS, PretrainMethod
 from kinfonce.methods.moco import MoCo
 from kinfonce.methods.simclr import SimCLR
 
@@ -41,7 +41,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise KinfonceError(
             f"{str(path)!r} is not a kinfonce pretraining checkpoint (no {CHECKPOINT_KEY!r} entry)"
         )
+    problem = _malformed(checkpoint)
+    if problem:
+        raise KinfonceError(f"checkpoint {str(path)!r} is malformed: {problem}")
     return checkpoint
+
+
+def _malformed(checkpoint: dict[str, Any]) -> str | None:
+    """What is wrong with the structure of a loaded checkpoint, or None."""
+    stored = checkpoint[CHECKPOINT_KEY]
+    if not isinstance(stored, dict):
+        return f"its {CHECKPOINT_KEY!r} entry is a {type(stored).__name__}, not a mapping"
+    for key in ("config", "data"):
+        if not isinstance(stored.get(key), dict):
+            return f"its {CHECKPOINT_KEY!r} entry has no {key!r} mapping"
+    missing = [key for key in DATA_FIELDS if key not in stored["data"]]
+    if missing:
+        return f"its data description lacks {missing}"
+    if not isinstance(checkpoint.get("state_dict"), dict):
+        return "it has no 'state_dict' mapping of tensors"
+    return None
 
 
 def load_encoder(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -62,17 +81,23 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     kind = stored.get("kind", "pretrain")
     if kind not in CONFIG_CLASSES:
         raise KinfonceError(f"{str(path)!r} holds a checkpoint of an unknown kind {kind!r}")
-    config = config_from_mapping(stored["config"], cls=CONFIG_CLASSES[kind])
     data = stored["data"]
-    backbone = build_backbone(
-        config.backbone,
-        in_channels=data["channels"],
-        image_size=data["image_size"],
-        stem=config.stem,
-    )
-    prefix = "backbone."
-    state = {
-        k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
-    }
-    backbone.load_state_dict(state)
+    try:
+        config = config_from_mapping(stored["config"], cls=CONFIG_CLASSES[kind])
+        backbone = build_backbone(
+            config.backbone,
+            in_channels=data["channels"],
+            image_size=data["image_size"],
+            stem=config.stem,
+        )
+        prefix = "backbone."
+        state = {
+            k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
+        }
+        backbone.load_state_dict(state)
+    except (ValueError, TypeError, KeyError, RuntimeError) as err:
+        raise KinfonceError(
+            f"checkpoint {str(path)!r} is malformed: its config, data description and weights "
+            f"do not make an encoder ({type(err).__name__}: {err})"
+        ) from None
     return backbone.eval(), {**config.to_dict(), "data": data}

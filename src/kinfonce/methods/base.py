@@ -44,6 +44,23 @@ DATA_FIELDS = ("image_size", "channels", "num_classes", "mean", "std")
 DIVERGENCE_CHECK_EVERY = 50
 
 
+def embedding_dim(config: TrainConfig, criterion: nn.Module) -> int:
+    """Width of the projection head's output: ``proj_out_dim``, else 128 per part of the
+    loss's features (256 for the concatenation presets).
+
+    Raises:
+        KinfonceError: ``proj_out_dim`` < 1 or not a multiple of the loss's parts.
+    """
+    multiple = criterion.out_dim_multiple
+    out_dim = 128 * multiple if config.proj_out_dim is None else config.proj_out_dim
+    if out_dim < 1 or out_dim % multiple:
+        raise KinfonceError(
+            f"proj_out_dim must be a positive multiple of {multiple} for the {config.loss!r} "
+            f"loss, got {out_dim}"
+        )
+    return out_dim
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
     """A 32-bit seed for (run seed, training step, rank), independent across the three."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
@@ -77,12 +94,7 @@ class PretrainMethod(L.LightningModule):
         self.config = config
         self.data_info = {key: data[key] for key in self.data_fields}
         self.criterion = self.build_loss(config)
-        out_dim = config.proj_out_dim or 128 * self.criterion.out_dim_multiple
-        if out_dim % self.criterion.out_dim_multiple:
-            raise KinfonceError(
-                f"proj_out_dim must be a multiple of {self.criterion.out_dim_multiple} for the "
-                f"{config.loss!r} loss, got {out_dim}"
-            )
+        out_dim = embedding_dim(config, self.criterion)
         self.backbone = build_backbone(
             config.backbone,
             in_channels=data["channels"],
@@ -135,11 +147,29 @@ class PretrainMethod(L.LightningModule):
         return params
 
     @classmethod
-    def build_loss(cls, config: TrainConfig, *, gather_distributed: bool = False) -> nn.Module:
+    def check_loss(cls, config: TrainConfig) -> None:
+        """Build the config's loss once (a dry run of its parameters) and check the
+        embedding width against it.
+
+        Raises:
+            KinfonceError: naming the loss, its parameters and what is wrong.
+        """
+        try:
+            criterion = cls.build_loss(config)
+        except KinfonceError as err:
+            raise KinfonceError(
+                f"the {config.loss!r} loss cannot be built from {cls.loss_params(config)}: {err}"
+            ) from None
+        embedding_dim(config, criterion)
+
+    @classmethod
+    def build_loss(cls, config: TrainConfig, *, gather_distributed: bool = True) -> nn.Module:
         """The loss module of the config's preset, in the method's form.
 
-        Its inputs are not checked for finiteness (a host synchronisation per call on a GPU):
-        a non-finite input gives a non-finite loss, which the training step records.
+        By default it gathers the in-batch negatives of all processes under DDP; on one
+        process (no process group, or a world of one) that is a no-op. Its inputs are not
+        checked for finiteness (a host synchronisation per call on a GPU): a non-finite input
+        gives a non-finite loss, which the training step records.
         """
         params = {**cls.loss_params(config), **cls.loss_options}
         if config.loss_path != "auto" or "path" in preset_params(config.loss):
@@ -147,11 +177,6 @@ class PretrainMethod(L.LightningModule):
         return make_loss(
             config.loss, **params, gather_distributed=gather_distributed, check_finite=False
         )
-
-    def setup(self, stage: str) -> None:
-        """Rebuild the loss to gather negatives across processes when there are several."""
-        if self.trainer.world_size > 1:
-            self.criterion = self.build_loss(self.config, gather_distributed=True)
 
     def make_inputs(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The random inputs of :meth:`contrastive_step`: two views of the batch's images."""

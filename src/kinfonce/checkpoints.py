@@ -1,0 +1,154 @@
+"""Checkpoints of a run: written atomically and durably, and chosen for resuming by progress.
+
+Lightning writes every checkpoint through the run's :class:`AtomicCheckpointIO` (a
+``Trainer`` plugin): a temporary file in the checkpoint's own directory, fsynced, then
+renamed, so a kill or a full disk leaves the previous checkpoint whole; a full disk is
+reported as one line that says so.
+
+:func:`resume_checkpoint` reads the (epoch, global step) stored in each of
+``last.ckpt``, ``interrupted.ckpt`` and ``best.ckpt``, skips unreadable ones with a
+warning, and continues from the furthest; file times play no part.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from kinfonce.config import TrainConfig, config_differences, config_from_mapping
+from kinfonce.errors import KinfonceError, MissingFileError
+from kinfonce.fileio import atomic_write
+from kinfonce.methods import load_checkpoint
+from kinfonce.methods.base import CHECKPOINT_KEY
+
+#: Checkpoints of a run directory that a resume may continue from, in order of preference
+#: between equal progress.
+RESUME_CANDIDATES = ("last.ckpt", "interrupted.ckpt", "best.ckpt")
+
+
+#: errno values of a full disk or an exhausted quota.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``torch.save`` checkpoint IO, writing through :func:`atomic_write`.
+
+    The checkpoint is serialised in memory first (as Lightning's own IO does), so that a
+    failing disk shows as the disk's own error; a full disk or quota becomes a
+    KinfonceError that says the checkpoints already written are whole.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        try:
+            atomic_write(path, lambda file: file.write(buffer.getbuffer()))
+        except OSError as err:
+            if err.errno not in DISK_FULL:
+                raise
+            raise KinfonceError(
+                f"no space left to write checkpoint {str(path)!r} ({err.strerror}); the "
+                "checkpoints already written are whole: free space, then continue with --resume"
+            ) from err
+
+
+def checkpoint_progress(path: Path) -> tuple[int, int]:
+    """(epoch, global step) recorded in a kinfonce checkpoint.
+
+    Raises:
+        KinfonceError: unreadable, not a kinfonce checkpoint, or without those two entries.
+    """
+    checkpoint = load_checkpoint(path)
+    progress = (checkpoint.get("epoch"), checkpoint.get("global_step"))
+    if not all(isinstance(value, int) for value in progress):
+        raise KinfonceError(f"checkpoint {str(path)!r} records no integer epoch and global_step")
+    return progress  # type: ignore[return-value]
+
+
+def furthest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The readable one of :data:`RESUME_CANDIDATES` with the highest (epoch, global step).
+
+    Returns:
+        Its path, or None when none of them exists.
+
+    Raises:
+        KinfonceError: some exist but none is readable (each reason named).
+    """
+    found, reasons = [], []
+    for preference, name in enumerate(RESUME_CANDIDATES):
+        path = checkpoint_dir / name
+        if not path.exists():
+            continue
+        try:
+            found.append(((*checkpoint_progress(path), -preference), path))
+        except KinfonceError as err:
+            reasons.append(str(err))
+            warnings.warn(f"skipping checkpoint {str(path)!r} for the resume: {err}", stacklevel=2)
+    if found:
+        return max(found)[1]
+    if reasons:
+        raise KinfonceError(f"no readable checkpoint to resume from: {'; '.join(reasons)}")
+    return None
+
+
+def resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to continue from.
+
+    Args:
+        run_dir: the run directory.
+        resume: None (a new run), a checkpoint path, or ``"last"``: the furthest readable
+            checkpoint of ``run_dir`` (:func:`furthest_checkpoint`).
+
+    Returns:
+        The checkpoint, or None: a new run, or a run that stopped before its first
+        checkpoint (it then starts again from epoch 0, with a warning).
+
+    Raises:
+        MissingFileError: nothing to resume in ``run_dir``.
+        KinfonceError: its checkpoints are all unreadable.
+    """
+    if resume is None:
+        return None
+    if resume != "last":
+        return Path(resume)
+    checkpoint = furthest_checkpoint(run_dir / "checkpoints")
+    if checkpoint is None:
+        if not (run_dir / "config.yaml").is_file():
+            raise MissingFileError(
+                f"nothing to resume in {str(run_dir)!r}: no config.yaml and no checkpoint; pass "
+                "the --output-dir of an earlier run"
+            )
+        warnings.warn(
+            f"{str(run_dir)!r} holds no checkpoint yet: the run starts again from epoch 0",
+            stacklevel=2,
+        )
+    return checkpoint
+
+
+def check_resumable(checkpoint_path: Path, config: TrainConfig) -> None:
+    """Refuse a checkpoint written with another configuration, naming the differences."""
+    saved = load_checkpoint(checkpoint_path)[CHECKPOINT_KEY]["config"]
+    try:
+        saved = config_from_mapping(saved, cls=type(config)).resolved().to_dict()
+    except KinfonceError as err:
+        raise KinfonceError(
+            f"cannot resume from {str(checkpoint_path)!r}: it was written by another kind of "
+            f"run ({err})"
+        ) from None
+    differences = config_differences(saved, config.to_dict())
+    if differences:
+        raise KinfonceError(
+            f"cannot resume from {str(checkpoint_path)!r}: it was written with another "
+            f"configuration ({'; '.join(differences)}). Pass the same settings, e.g. "
+            "--config RUN_DIR/config.yaml"
+        )

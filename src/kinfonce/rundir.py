@@ -1,0 +1,142 @@
+"""The run directory of ``kinfonce pretrain``: its name and who owns it.
+
+A run owns its directory through an exclusive ``flock`` on ``RUN_DIR/.lock``, held from
+before ``config.yaml`` is written until ``metrics.json`` is; the file names the holder
+(process id, host, start time). The kernel drops the lock when the holder exits, however it
+exits (``kill -9`` included), so a lock is never stale; the file stays behind.
+
+Any directory holding one of :data:`RUN_FILES` is a run: without ``--resume`` a new run
+refuses it. A refused run writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from kinfonce.config import TrainConfig
+from kinfonce.errors import KinfonceError
+from kinfonce.fileio import fsync_directory, remove_temp_files
+
+#: Environment variable that hands the run directory to DDP worker processes, which
+#: Lightning starts by re-running the same command.
+RUN_DIR_ENV = "KINFONCE_RUN_DIR"
+#: What ``kinfonce pretrain`` writes into a run directory.
+RUN_FILES = ("config.yaml", "metrics.json", "curves.png", "checkpoints", "logs")
+LOCK_FILE = ".lock"
+
+
+def resolve_run_dir(config: TrainConfig, command: str = "pretrain") -> Path:
+    """The run directory: ``output_dir``, else a new time-stamped one.
+
+    New ones are ``runs/<command>/<dataset>-<method>-<loss>-<time>`` (the method of a
+    command without methods is the command). A DDP worker (``LOCAL_RANK`` set) takes the
+    name its launcher handed on through :data:`RUN_DIR_ENV` (see :func:`shared_with_workers`).
+    """
+    if config.output_dir:
+        return Path(config.output_dir)
+    if RUN_DIR_ENV in os.environ and "LOCAL_RANK" in os.environ:
+        return Path(os.environ[RUN_DIR_ENV])
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    method = getattr(config, "method", command)
+    name = f"{config.dataset.split(':')[0]}-{method}-{config.loss}-{stamp}"
+    return Path("runs") / command / name
+
+
+@contextlib.contextmanager
+def shared_with_workers(run_dir: Path, world_size: int) -> Iterator[None]:
+    """Hand ``run_dir`` to the DDP workers Lightning starts (by re-running the command) through
+    :data:`RUN_DIR_ENV`, only while they start and only with more than one process; the
+    variable's earlier state is restored afterwards."""
+    if world_size == 1 or "LOCAL_RANK" in os.environ:
+        yield
+        return
+    previous = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
+
+
+def run_files(run_dir: Path) -> list[str]:
+    """The names of :data:`RUN_FILES` present in ``run_dir``."""
+    return [name for name in RUN_FILES if (run_dir / name).exists()]
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _in_use(run_dir: Path, fd: int) -> KinfonceError:
+    holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+    return KinfonceError(
+        f"{str(run_dir)!r} is in use by a running kinfonce pretrain ({holder}); wait for it "
+        "to finish or choose another --output-dir"
+    )
+
+
+def _check_contents(run_dir: Path, resume: bool) -> None:
+    present = run_files(run_dir)
+    if present and not resume:
+        raise KinfonceError(
+            f"{str(run_dir)!r} already holds a run ({', '.join(present)}); pass --resume to "
+            "continue it or choose another --output-dir"
+        )
+
+
+def check_run_dir_free(run_dir: Path, *, resume: bool) -> None:
+    """Refuse, writing nothing, a directory another process holds, or (without ``resume``)
+    one that holds a run. A cheap early check; :func:`claim_run_dir` checks again."""
+    lock = run_dir / LOCK_FILE
+    if lock.is_file():
+        fd = os.open(lock, os.O_RDONLY)
+        try:
+            if not _try_lock(fd):
+                raise _in_use(run_dir, fd)
+        finally:
+            os.close(fd)  # closing drops a lock taken just to test
+    _check_contents(run_dir, resume)
+
+
+@contextlib.contextmanager
+def claim_run_dir(run_dir: Path, *, resume: bool) -> Iterator[None]:
+    """Own ``run_dir`` for the block: create it, lock it and name this process as holder.
+
+    Leftover temporary files of killed writes are removed once the lock is held.
+
+    Raises:
+        KinfonceError: another process holds the directory, or (without ``resume``) it
+            already holds a run; nothing is written then (beyond the directory and lock
+            file the holder itself created).
+    """
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if not _try_lock(fd):
+            raise _in_use(run_dir, fd)
+        _check_contents(run_dir, resume)
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%c')}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode() + b"\n", 0)
+        os.fsync(fd)
+        if created:
+            fsync_directory(run_dir.parent)
+        for directory in (run_dir, run_dir / "checkpoints", run_dir / "logs"):
+            remove_temp_files(directory)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
