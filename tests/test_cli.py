@@ -34,3 +34,13 @@ def test_other_exceptions_keep_their_traceback(monkeypatch, error):
 def test_missing_file_is_a_user_error(capsys):
     assert cli.main(["report", "/nonexistent/run"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"), [(["--loss", "nope"], "loss"), (["--backbone", "vgg"], "backbone")]
+)
+def test_print_config_validates(flags, named, capsys):
+    # Catches --print-config printing (exit 0) a config that a run would refuse.
+    assert cli.main(["pretrain", "--print-config", *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"{named} must be one of" in captured.err

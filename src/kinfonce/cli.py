@@ -132,14 +132,14 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from kinfonce.config import dump_config, flags_to_mapping
+    from kinfonce.config import dump_config, flags_to_mapping, validate
     from kinfonce.recipes import build_sourced_config
 
     config, sources = build_sourced_config(
         args.recipe, args.config, flags_to_mapping(args), resume=args.resume is not None
     )
-    if args.print_config:
-        print(dump_config(config.resolved(), sources), end="")
+    if args.print_config:  # checked like a run, so that a bad name is not printed as valid
+        print(dump_config(validate(config), sources), end="")
         return 0
     from kinfonce.report import format_summary
     from kinfonce.train import run_pretrain
