@@ -278,3 +278,37 @@ def test_non_finite_loss_stops_the_run_naming_the_first_bad_step(tmp_path, monke
     with pytest.raises(DivergedError, match=r"loss was not finite at training step 1 \(epoch 0\)"):
         run_pretrain(config, callbacks=[PoisonLoss(from_step=1)])
     assert not list((tmp_path / "run").rglob("*.ckpt"))  # no NaN weights saved, not even on exit
+
+
+class FirstLearningRate(L.Callback):
+    """The optimiser's learning rate at the first training step of a fit."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not hasattr(self, "lr"):
+            self.lr = trainer.optimizers[0].param_groups[0]["lr"]
+            self.step = trainer.global_step
+
+
+def test_finished_run_trains_longer_with_a_stretched_schedule(tmp_path):
+    # Catches a finished run that cannot be extended (--resume with more --epochs was refused
+    # as a changed config), an extension that loses the earlier epochs' log, and a schedule
+    # that silently continues at 0 instead of being recomputed over the new length.
+    import math
+
+    from kinfonce.optim import warmup_cosine
+
+    run_pretrain(tiny_config(tmp_path, epochs=2))
+    first = FirstLearningRate()
+    run_pretrain(tiny_config(tmp_path, epochs=3), resume="last", callbacks=[first])
+    run = tmp_path / "run"
+    checkpoint = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert checkpoint["epoch"] == 2  # Lightning counts from 0: the third epoch
+    assert checkpoint["kinfonce"]["config"]["epochs"] == 3
+    rows = csv.DictReader((run / "logs" / "metrics.csv").open())
+    assert {int(r["epoch"]) for r in rows if r.get("train_loss")} == {0, 1, 2}
+    steps_per_epoch = first.step // 2
+    want = 1.0 * warmup_cosine(3 * steps_per_epoch, 0)(first.step)
+    assert first.lr > 0 and math.isclose(first.lr, want, rel_tol=1e-6)
+    # Fewer epochs than were trained is still a changed configuration.
+    with pytest.raises(ValueError, match="epochs"):
+        run_pretrain(tiny_config(tmp_path, epochs=1), resume="last")

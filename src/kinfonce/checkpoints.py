@@ -136,7 +136,13 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
 
 
 def check_resumable(checkpoint_path: Path, config: TrainConfig) -> None:
-    """Refuse a checkpoint written with another configuration, naming the differences."""
+    """Refuse a checkpoint written with another configuration, naming the differences.
+
+    More ``epochs`` than the checkpoint's run had is allowed: training longer. The cosine
+    schedule is then stretched, not continued: it is recomputed over the new number of
+    steps, so the learning rate rises from where the old schedule ended (0 for a finished
+    run) to the new curve's value at that step and decays to 0 at the new end.
+    """
     saved = load_checkpoint(checkpoint_path)[CHECKPOINT_KEY]["config"]
     try:
         saved = config_from_mapping(saved, cls=type(config)).resolved().to_dict()
@@ -145,6 +151,8 @@ def check_resumable(checkpoint_path: Path, config: TrainConfig) -> None:
             f"cannot resume from {str(checkpoint_path)!r}: it was written by another kind of "
             f"run ({err})"
         ) from None
+    if config.epochs > saved["epochs"]:  # training longer
+        saved["epochs"] = config.epochs
     differences = config_differences(saved, config.to_dict())
     if differences:
         raise KinfonceError(

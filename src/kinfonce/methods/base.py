@@ -316,6 +316,19 @@ class PretrainMethod(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        """Set each learning rate to the schedule's value at the current step.
+
+        A no-op for a new run or an ordinary resume; when a resumed run trains for more
+        epochs than before, the restored optimiser still holds the old schedule's last rate,
+        which the recomputed (stretched) schedule replaces from the first step on.
+        """
+        schedule = self.lr_schedulers()
+        for group, base, factor in zip(
+            schedule.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(schedule.last_epoch)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Plain types only, so that checkpoints load with torch.load(weights_only=True).
         checkpoint[CHECKPOINT_KEY] = {
