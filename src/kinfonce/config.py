@@ -103,7 +103,8 @@ class TrainConfig:
     unlabeled: bool = _f(
         False,
         "also pretrain on the data set's unlabelled images (stl10: its 100,000-image "
-        "'unlabeled' split); probes and evaluation use the labelled ones only",
+        "'unlabeled' split; imagefolder:PATH: every image under PATH/unlabelled/); probes "
+        "and evaluation use the labelled ones only",
         "data",
     )
     # augmentation

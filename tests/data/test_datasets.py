@@ -301,3 +301,37 @@ def test_a_single_class_is_refused(tmp_path):
     _write_tree(tree, {"train": 2, "test": 1}, classes={"cat": COLOURS["cat"]})
     with pytest.raises(ValueError, match=r"1 class folder\(s\) \(\['cat'\]\).*at least 2 classes"):
         load_dataset(f"imagefolder:{tree}", cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("as_zip", [False, True])
+def test_imagefolder_unlabelled_folder_is_read_for_pretraining_only(tmp_path, as_zip):
+    # Catches unlabelled images that are ignored, that get a class label, that leak into the
+    # probes' splits, or that a cached load forgets.
+    tree = tmp_path / "tree"
+    _write_tree(tree, {"train": 4, "test": 2})
+    nested = tree / "unlabelled" / "batch-1"
+    nested.mkdir(parents=True)
+    for i in range(5):
+        (nested / f"{i}.png").write_bytes(_image_bytes((90, 90, 90)))
+    source = tree
+    if as_zip:
+        source = tmp_path / "tree.zip"
+        _zip_tree(tree, source)
+    for _ in range(2):  # decoded, then from the cache
+        data = load_dataset(f"imagefolder:{source}", cache_dir=tmp_path / "cache", unlabeled=True)
+        assert data.unlabeled is not None and len(data.unlabeled) == 5
+        assert torch.all(data.unlabeled.labels == -1)
+        assert torch.equal(data.unlabeled.images[:, :, 4, 4][0], torch.tensor([90, 90, 90]).byte())
+        assert data.pretraining_size == len(data.train) + 5
+        assert (len(data.train) + len(data.val), len(data.test)) == (12, 6)
+    labelled_only = load_dataset(f"imagefolder:{source}", cache_dir=tmp_path / "cache")
+    assert labelled_only.unlabeled is None
+
+
+def test_unlabeled_needs_an_unlabelled_folder(tmp_path):
+    tree = tmp_path / "tree"
+    _write_tree(tree, {"train": 2, "test": 1})
+    with pytest.raises(FileNotFoundError, match="unlabelled/"):
+        load_dataset(f"imagefolder:{tree}", cache_dir=tmp_path / "cache", unlabeled=True)
+    with pytest.raises(ValueError, match="unlabelled split"):
+        load_dataset("digits", unlabeled=True)

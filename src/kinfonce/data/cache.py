@@ -37,6 +37,7 @@ class CachedImages:
     test: LabeledImages
     class_names: list[str]
     meta: dict
+    unlabeled: LabeledImages | None = None
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -66,7 +67,9 @@ def load_cached(root: Path, name: str, key: str) -> CachedImages | None:
     try:
         meta = json.loads((entry / "meta.json").read_text())
         splits = {}
-        for split in _SPLITS:
+        for split in (*_SPLITS, "unlabeled"):
+            if split == "unlabeled" and not (entry / f"{split}.pt").is_file():
+                continue
             blob = torch.load(entry / f"{split}.pt", weights_only=True, mmap=True)
             splits[split] = LabeledImages(blob["images"], blob["labels"])
     except (OSError, RuntimeError, ValueError, KeyError, json.JSONDecodeError) as err:
@@ -75,7 +78,8 @@ def load_cached(root: Path, name: str, key: str) -> CachedImages | None:
         )
         shutil.rmtree(entry, ignore_errors=True)
         return None
-    return CachedImages(splits["train"], splits["test"], list(meta["class_names"]), meta)
+    classes = list(meta["class_names"])
+    return CachedImages(splits["train"], splits["test"], classes, meta, splits.get("unlabeled"))
 
 
 def save_cached(root: Path, name: str, key: str, data: CachedImages) -> Path:
@@ -88,8 +92,10 @@ def save_cached(root: Path, name: str, key: str, data: CachedImages) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=root))
     try:
-        for split in _SPLITS:
-            images: LabeledImages = getattr(data, split)
+        for split in (*_SPLITS, "unlabeled"):
+            images: LabeledImages | None = getattr(data, split)
+            if images is None:
+                continue
             torch.save(
                 {"images": images.images.contiguous(), "labels": images.labels.contiguous()},
                 tmp / f"{split}.pt",

@@ -82,15 +82,21 @@ def _decoded_with_cache(
     return cached
 
 
-def _imagefolder(path: Path, cache_dir: Path, image_size: int | None) -> CachedImages:
+def _imagefolder(
+    path: Path, cache_dir: Path, image_size: int | None, unlabeled: bool = False
+) -> CachedImages:
     tree = ImageTree(path)
 
     def decode() -> CachedImages:
-        splits, classes, skipped = load_split_tree(tree, image_size=image_size)
+        splits, classes, skipped = load_split_tree(
+            tree, image_size=image_size, unlabeled=unlabeled
+        )
         meta = {"source": str(path), "skipped": len(skipped), "skipped_files": skipped}
-        return CachedImages(splits["train"], splits["test"], classes, meta)
+        return CachedImages(
+            splits["train"], splits["test"], classes, meta, splits.get("unlabeled")
+        )
 
-    identity = [tree.identity(), image_size]
+    identity = [tree.identity(), image_size] + (["unlabeled"] if unlabeled else [])
     return _decoded_with_cache(f"imagefolder-{path.stem}", identity, cache_dir, decode)
 
 
@@ -109,14 +115,20 @@ def _tinyimagenet(
 
 
 def _load_source(
-    name: str, root: Path | None, cache_dir: Path, download: bool, image_size: int | None
-) -> tuple[LabeledImages, LabeledImages, list[str], int]:
-    """(train, test, class names, skipped file count) of the named source."""
+    name: str,
+    root: Path | None,
+    cache_dir: Path,
+    download: bool,
+    image_size: int | None,
+    unlabeled: bool = False,
+) -> tuple[LabeledImages, LabeledImages, list[str], int, LabeledImages | None]:
+    """(train, test, class names, skipped file count, an image tree's unlabelled images when
+    ``unlabeled``) of the named source."""
     if name == "digits":
         if root is not None:
             raise KinfonceError("root must be None for 'digits' (it is embedded in scikit-learn)")
         train, test, classes = load_digits_splits()
-        return train, test, classes, 0
+        return train, test, classes, 0, None
     if name.startswith(IMAGEFOLDER_PREFIX):
         if download:
             raise KinfonceError("download=True is not possible for imagefolder:PATH (a local tree)")
@@ -131,15 +143,16 @@ def _load_source(
                 f"imagefolder path {path} does not exist: give a directory or .zip holding "
                 "train/<class>/* and test/<class>/*"
             )
-        data = _imagefolder(path, cache_dir, image_size)
-        return data.train, data.test, data.class_names, int(data.meta.get("skipped", 0))
+        data = _imagefolder(path, cache_dir, image_size, unlabeled)
+        skipped = int(data.meta.get("skipped", 0))
+        return data.train, data.test, data.class_names, skipped, data.unlabeled
     default_root = cache_dir / "datasets" / name
     if name in TORCHVISION_LAYOUTS:
         train, test, classes = load_torchvision_splits(name, root or default_root, download)
-        return train, test, classes, 0
+        return train, test, classes, 0, None
     if name == "tinyimagenet":
         data = _tinyimagenet(root or default_root, cache_dir, download, image_size)
-        return data.train, data.test, data.class_names, int(data.meta.get("skipped", 0))
+        return data.train, data.test, data.class_names, int(data.meta.get("skipped", 0)), None
     raise _unknown(name)
 
 
@@ -166,8 +179,9 @@ def load_dataset(
         download: fetch torchvision data sets and Tiny ImageNet into ``root`` if absent.
         val_fraction: fraction of the training set held out (stratified) as the validation split.
         seed: seed of the validation split.
-        unlabeled: also load the data set's unlabelled images into ``unlabeled`` (STL-10's
-            100,000; no other data set has any).
+        unlabeled: also load the data set's unlabelled images into ``unlabeled``, for
+            pretraining only: STL-10's 100,000, or every image under an image tree's
+            ``unlabelled/`` folder (beside ``train/`` and ``test/``).
         image_size: for image trees (``imagefolder:``, ``tinyimagenet``), the side every image
             is resized to; None: the most common size (a warning counts the resized images).
 
@@ -182,15 +196,16 @@ def load_dataset(
     check_dataset_name(name, image_size)
     if not 0.0 <= val_fraction < 1.0:
         raise KinfonceError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    if unlabeled and name != "stl10":
+    if unlabeled and name != "stl10" and not name.startswith(IMAGEFOLDER_PREFIX):
         raise KinfonceError(
-            f"unlabeled=True needs a data set with an unlabelled split (stl10), got {name!r}"
+            f"unlabeled=True needs a data set with an unlabelled split (stl10, or an "
+            f"imagefolder:PATH tree with an unlabelled/ folder), got {name!r}"
         )
     if image_size is not None and image_size < 1:
         raise KinfonceError(f"image_size must be >= 1 (pixels), got {image_size!r}")
     root_path = Path(root).expanduser() if root is not None else None
-    train_full, test, classes, skipped = _load_source(
-        name, root_path, cache_root(cache_dir), download, image_size
+    train_full, test, classes, skipped, extra = _load_source(
+        name, root_path, cache_root(cache_dir), download, image_size, unlabeled
     )
     side = int(train_full.images.shape[-1])
     if side < TINY_IMAGE_SIZE:
@@ -201,8 +216,7 @@ def load_dataset(
         )
     train, val = split_off_validation(train_full, val_fraction, seed)
     mean, std = channel_stats(train_full.images)
-    extra = None
-    if unlabeled:
+    if unlabeled and name == "stl10":
         extra = load_stl10_unlabeled(
             root_path or cache_root(cache_dir) / "datasets" / name, download
         )

@@ -40,8 +40,15 @@ def _find_split_root(names: Sequence[str], splits: Sequence[str]) -> str:
     return ""
 
 
+#: Folders of a tree's unlabelled images (any depth below them), read with ``unlabeled``.
+UNLABELED_FOLDERS = ("unlabelled", "unlabeled")
+
+
 def load_split_tree(
-    tree: ImageTree, splits: Sequence[str] = ("train", "test"), image_size: int | None = None
+    tree: ImageTree,
+    splits: Sequence[str] = ("train", "test"),
+    image_size: int | None = None,
+    unlabeled: bool = False,
 ) -> tuple[dict[str, LabeledImages], list[str], list[str]]:
     """Decode ``<split>/<class>/<image>`` for each split of a tree.
 
@@ -49,6 +56,8 @@ def load_split_tree(
         tree: the directory or zip.
         splits: the split folders.
         image_size: see :func:`decode_labelled_splits`.
+        unlabeled: also decode every image under ``unlabelled/`` (or ``unlabeled/``), at any
+            depth, into the split ``"unlabeled"`` with label -1.
 
     Returns:
         (images per split, class names sorted, skipped-file lines).
@@ -92,6 +101,15 @@ def load_split_tree(
     labelled = {
         split: [(name, index[cls]) for cls, name in found] for split, found in members.items()
     }
+    if unlabeled:
+        folders = tuple(prefix + folder + "/" for folder in UNLABELED_FOLDERS)
+        labelled["unlabeled"] = [(name, -1) for name in names if name.startswith(folders)]
+        if not labelled["unlabeled"]:
+            raise MissingFileError(
+                f"no images under unlabelled/ in {tree.path}: with unlabeled=True "
+                "(--unlabeled), put the images without labels in an unlabelled/ folder beside "
+                f"{'/'.join(splits)}"
+            )
     result, skipped = decode_labelled_splits(tree, labelled, image_size)
     return result, reference, skipped
 
