@@ -335,3 +335,18 @@ def test_unlabeled_needs_an_unlabelled_folder(tmp_path):
         load_dataset(f"imagefolder:{tree}", cache_dir=tmp_path / "cache", unlabeled=True)
     with pytest.raises(ValueError, match="unlabelled split"):
         load_dataset("digits", unlabeled=True)
+
+
+def test_a_tree_too_big_for_memory_is_refused_before_decoding(tmp_path, monkeypatch):
+    # Catches a data set that is decoded until the machine runs out of memory instead of
+    # being refused up front with the size it needs.
+    import kinfonce.data.imagefolder as imagefolder
+
+    tree = tmp_path / "tree"
+    _write_tree(tree, {"train": 2, "test": 1})
+    monkeypatch.setattr(imagefolder, "available_memory", lambda: 1000)
+    monkeypatch.setattr(
+        imagefolder.decode, "decode_images", lambda *a, **k: pytest.fail("decoded anyway")
+    )
+    with pytest.raises(ValueError, match=r"9 images at 8x8 px need .* GiB .* --image-size"):
+        load_dataset(f"imagefolder:{tree}", cache_dir=tmp_path / "cache")

@@ -88,13 +88,9 @@ def _imagefolder(
     tree = ImageTree(path)
 
     def decode() -> CachedImages:
-        splits, classes, skipped = load_split_tree(
-            tree, image_size=image_size, unlabeled=unlabeled
-        )
+        splits, classes, skipped = load_split_tree(tree, image_size=image_size, unlabeled=unlabeled)
         meta = {"source": str(path), "skipped": len(skipped), "skipped_files": skipped}
-        return CachedImages(
-            splits["train"], splits["test"], classes, meta, splits.get("unlabeled")
-        )
+        return CachedImages(splits["train"], splits["test"], classes, meta, splits.get("unlabeled"))
 
     identity = [tree.identity(), image_size] + (["unlabeled"] if unlabeled else [])
     return _decoded_with_cache(f"imagefolder-{path.stem}", identity, cache_dir, decode)

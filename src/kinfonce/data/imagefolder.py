@@ -7,6 +7,7 @@ into one uint8 array that the cache then keeps on disk.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import PurePosixPath
@@ -114,6 +115,30 @@ def load_split_tree(
     return result, reference, skipped
 
 
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation now: psutil's estimate, else (where
+    psutil is missing, as on a bare GPU machine) the free physical pages."""
+    try:
+        import psutil
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(psutil.virtual_memory().available)
+
+
+def check_fits_in_memory(count: int, image_size: int, source: str) -> None:
+    """Refuse, before decoding, a data set whose uint8 tensor (count x 3 x S x S bytes, the
+    RGB bound) would not fit in the memory available now: kinfonce holds data in memory."""
+    needed = count * 3 * image_size * image_size
+    available = available_memory()
+    if needed > available:
+        raise KinfonceError(
+            f"{source}: {count} images at {image_size}x{image_size} px need "
+            f"{needed / 2**30:.1f} GiB as uint8 tensors, but only {available / 2**30:.1f} GiB "
+            "of memory is available; kinfonce decodes a data set into memory. Choose a smaller "
+            "--image-size, or fewer images"
+        )
+
+
 def decode_labelled_splits(
     tree: ImageTree, members: dict[str, list[tuple[str, int]]], image_size: int | None = None
 ) -> tuple[dict[str, LabeledImages], list[str]]:
@@ -137,6 +162,8 @@ def decode_labelled_splits(
     if image_size is None:
         image_size = decode.most_common_size([s for found in shapes.values() for s in found])
         chosen = "the most common size"
+    count = sum(len(pairs) for pairs in members.values())
+    check_fits_in_memory(count, image_size, str(tree.path))
     result: dict[str, LabeledImages] = {}
     skipped: list[str] = []
     resized = 0
