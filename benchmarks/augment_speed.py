@@ -18,17 +18,15 @@ import os
 import platform
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from cifar10_zip import CIFAR10_ZIP as ZIP
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from kinfonce.data import load_dataset
 from kinfonce.data.augment import SimCLRViews
-
-ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpg.zip"
 
 
 def pil_pipeline(size: int, mean, std) -> T.Compose:

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
+
+from cifar10_zip import CIFAR10_ZIP as ZIP
+from cifar10_zip import REPO, cifar10_missing
 
 from kinfonce.config import PretrainConfig
 from kinfonce.report import format_summary
 from kinfonce.train import run_pretrain
-
-REPO = Path(__file__).resolve().parents[1]
-ZIP = REPO.parent / "shared" / "data" / "cifar10-jpg.zip"
 
 
 def main() -> int:
@@ -37,8 +36,7 @@ def main() -> int:
         "--out", default=str(REPO / "runs" / "bench" / f"cifar10-{time.strftime('%Y%m%d-%H%M%S')}")
     )
     args = parser.parse_args()
-    if not ZIP.is_file():
-        print(f"SKIPPED: {ZIP} is absent (see docs/pretrain.md for the data set)")
+    if cifar10_missing():
         return 0
     config = PretrainConfig(
         dataset=f"imagefolder:{ZIP}",

@@ -25,11 +25,12 @@ import sys
 import time
 from pathlib import Path
 
+from cifar10_zip import CIFAR10_ZIP as ZIP
+from cifar10_zip import REPO, cifar10_missing
+
 from kinfonce.clip import run_clip
 from kinfonce.config import ClipConfig
 
-REPO = Path(__file__).resolve().parents[1]
-ZIP = REPO.parent / "shared" / "data" / "cifar10-jpg.zip"
 LOSSES = ("gaussian", "simple-sum")
 SEEDS = (0, 1, 2)
 
@@ -76,8 +77,7 @@ def main() -> int:
         default=str(REPO / "runs" / "bench" / f"clip-cifar10-{time.strftime('%Y%m%d-%H%M%S')}"),
     )
     args = parser.parse_args()
-    if not ZIP.is_file():
-        print(f"SKIPPED: {ZIP} is absent (see ../shared/data/README.md)")
+    if cifar10_missing():
         return 0
     started = time.perf_counter()
     results: dict[tuple[str, int], list[dict]] = {}

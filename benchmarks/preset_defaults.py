@@ -16,13 +16,14 @@ import argparse
 import time
 from pathlib import Path
 
+from cifar10_zip import CIFAR10_ZIP as ZIP
+from cifar10_zip import REPO, cifar10_missing
+
 from kinfonce.config import PretrainConfig
 from kinfonce.errors import DivergedError
 from kinfonce.losses import LOSS_PRESETS
 from kinfonce.train import run_pretrain
 
-REPO = Path(__file__).resolve().parents[1]
-ZIP = REPO.parent / "shared" / "data" / "cifar10-jpg.zip"
 #: The CIFAR-10 scale: a seeded 2,000-image subset, 3 epochs of batch 256 (one warm-up epoch).
 CIFAR_SETTINGS = dict(train_subset=2000, epochs=3, warmup_epochs=1, eval_linear_epochs=30)
 
@@ -58,8 +59,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "runs" / "bench" / "preset-defaults"))
     args = parser.parse_args()
     sets = ["digits", "cifar10"] if args.data == "both" else [args.data]
-    if "cifar10" in sets and not ZIP.is_file():
-        print(f"SKIPPED cifar10: {ZIP} is absent")
+    if "cifar10" in sets and cifar10_missing("cifar10"):
         sets.remove("cifar10")
     rows = [run_one(loss, data, Path(args.out)) for data in sets for loss in LOSS_PRESETS]
     print(

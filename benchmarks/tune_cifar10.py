@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
+
+from cifar10_zip import CIFAR10_ZIP as ZIP
+from cifar10_zip import REPO, cifar10_missing
 
 from kinfonce.config import PretrainConfig
 from kinfonce.report import search_summary
 from kinfonce.space import default_space
 from kinfonce.tune import SearchSettings, run_search
-
-REPO = Path(__file__).resolve().parents[1]
-ZIP = REPO.parent / "shared" / "data" / "cifar10-jpg.zip"
 
 
 def main() -> int:
@@ -38,8 +37,7 @@ def main() -> int:
         default=str(REPO / "runs" / "bench" / f"tune-cifar10-{time.strftime('%Y%m%d-%H%M%S')}"),
     )
     args = parser.parse_args()
-    if not ZIP.is_file():
-        print(f"SKIPPED: {ZIP} is absent (see docs/data.md for the data set)")
+    if cifar10_missing():
         return 0
     base = PretrainConfig(
         dataset=f"imagefolder:{ZIP}",
