@@ -7,7 +7,7 @@ measured in the same run. CIFAR-10 comes from ../shared/data/cifar10-jpg.zip (a 
 re-encoding); the benchmark skips it with a message where the file is absent.
 
 Usage:
-    python benchmarks/preset_defaults.py [--data digits|cifar10|both] [--out DIR]
+    python benchmarks/preset_defaults.py [--data digits|cifar10|both] [--loss NAME ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -56,12 +56,15 @@ def run_one(loss: str, data: str, out: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=("digits", "cifar10", "both"), default="both")
+    parser.add_argument(
+        "--loss", nargs="+", choices=tuple(LOSS_PRESETS), default=tuple(LOSS_PRESETS)
+    )
     parser.add_argument("--out", default=str(REPO / "runs" / "bench" / "preset-defaults"))
     args = parser.parse_args()
     sets = ["digits", "cifar10"] if args.data == "both" else [args.data]
     if "cifar10" in sets and cifar10_missing("cifar10"):
         sets.remove("cifar10")
-    rows = [run_one(loss, data, Path(args.out)) for data in sets for loss in LOSS_PRESETS]
+    rows = [run_one(loss, data, Path(args.out)) for data in sets for loss in args.loss]
     print(
         f"{'data':<8}{'loss':<19}{'lr':>6}{'linear':>8}{'random':>8}{'kNN':>7}{'random':>8}{'s':>6}"
     )

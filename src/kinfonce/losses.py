@@ -15,6 +15,7 @@ The paper's Tables 1 and 4 were measured with the second reading.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -361,8 +362,10 @@ class SpectralContrastiveLoss(nn.Module):
     ``L = -2/N sum_i z0_i . z1_i + 1/(N (N - 1)) sum_{i != j} (z0_i . z1_j)^2``.
 
     Args:
-        normalize: Project embeddings to the unit sphere first (off by default, as in HaoChen et
-            al., who leave the embedding's norm free).
+        mu: An embedding whose norm exceeds ``sqrt(mu)`` is scaled onto the sphere of that radius
+            before the sums, as in HaoChen et al.'s reference code (``mu = 1``); shorter ones are
+            left as they are. ``None`` leaves every norm free, which lets the squared term grow
+            without bound and diverge (docs/benchmarks.md).
         gather_distributed: Gather both views from all ranks (with gradient) before the sums.
         check_finite: Raise on non-finite inputs (a host synchronisation on a GPU).
     """
@@ -372,12 +375,14 @@ class SpectralContrastiveLoss(nn.Module):
     def __init__(
         self,
         *,
-        normalize: bool = False,
+        mu: float | None = 1.0,
         gather_distributed: bool = False,
         check_finite: bool = True,
     ) -> None:
         super().__init__()
-        self.normalize = normalize
+        if mu is not None and not (math.isfinite(mu) and mu > 0):
+            raise KinfonceError(f"mu must be a finite number > 0 or None, got {mu!r}")
+        self.mu = mu
         self.gather_distributed = gather_distributed
         self.check_finite = check_finite
 
@@ -389,8 +394,8 @@ class SpectralContrastiveLoss(nn.Module):
             )
         check_embeddings(z0=z0, z1=z1, check_finite=self.check_finite)
         _check_same_shape(z0, z1)
-        if self.normalize:
-            z0, z1 = nn.functional.normalize(z0, dim=1), nn.functional.normalize(z1, dim=1)
+        if self.mu is not None:
+            z0, z1 = self._capped(z0), self._capped(z1)
         if self.gather_distributed:
             z0, _ = gather_with_grad(z0)
             z1, _ = gather_with_grad(z1)
@@ -401,6 +406,11 @@ class SpectralContrastiveLoss(nn.Module):
         sim = z0 @ z1.T
         off_diag = sim.pow(2).sum() - sim.diagonal().pow(2).sum()
         return attraction + off_diag / (n * (n - 1))
+
+    def _capped(self, z: Tensor) -> Tensor:
+        """(N, D) -> (N, D): rows longer than ``sqrt(mu)`` scaled down to that length."""
+        radius = math.sqrt(self.mu)
+        return z * (radius / z.norm(dim=1, keepdim=True).clamp_min(radius))
 
 
 def _exponential(temperature: float = 0.5, gamma: float = 2.0, **common) -> KernelInfoNCE:
@@ -477,10 +487,10 @@ def _concat_sum_kernel(
 
 
 def _spectral(
-    normalize: bool = False, gather_distributed: bool = False, check_finite: bool = True
+    mu: float | None = 1.0, gather_distributed: bool = False, check_finite: bool = True
 ) -> SpectralContrastiveLoss:
     return SpectralContrastiveLoss(
-        normalize=normalize, gather_distributed=gather_distributed, check_finite=check_finite
+        mu=mu, gather_distributed=gather_distributed, check_finite=check_finite
     )
 
 

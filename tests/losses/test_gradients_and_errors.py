@@ -6,8 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kinfonce import KernelInfoNCE, LossMixture, SpectralContrastiveLoss, make_loss
+from kinfonce.errors import KinfonceError
 from kinfonce.kernel_lse import kernel_logsumexp, resolve_path
 from kinfonce.kernels import (
     ExpKernel,
@@ -223,6 +225,30 @@ def test_spectral_loss_closed_form():
     ones = torch.ones(3, 2) / 2**0.5
     # all pairs identical unit vectors: -2 + 1
     assert float(SpectralContrastiveLoss()(ones, ones)) == pytest.approx(-1.0)
+
+
+def test_spectral_loss_caps_long_embeddings_at_sqrt_mu():
+    """Catches an uncapped spectral loss (its squared term grows as |z|^4, which diverged at the
+    old default lr) and a cap that also stretches short rows or ignores mu."""
+    z0, z1 = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
+    unit0, unit1 = F.normalize(z0, dim=1), F.normalize(z1, dim=1)
+    capped = SpectralContrastiveLoss()
+    assert torch.allclose(capped(3 * unit0, 7 * unit1), capped(unit0, unit1))
+    assert torch.allclose(
+        capped(0.5 * unit0, unit1), SpectralContrastiveLoss(mu=None)(0.5 * unit0, unit1)
+    )
+    assert torch.allclose(
+        SpectralContrastiveLoss(mu=4.0)(5 * unit0, 5 * unit1),
+        SpectralContrastiveLoss(mu=None)(2 * unit0, 2 * unit1),
+    )
+    free = SpectralContrastiveLoss(mu=None)
+    assert not torch.allclose(free(3 * unit0, 7 * unit1), free(unit0, unit1))
+
+
+@pytest.mark.parametrize("mu", [0.0, -1.0, float("inf"), float("nan")])
+def test_spectral_loss_refuses_a_bad_mu(mu):
+    with pytest.raises(KinfonceError, match="mu must be"):
+        SpectralContrastiveLoss(mu=mu)
 
 
 def test_auto_path_fuses_on_a_gpu_only_while_it_fits(monkeypatch):
