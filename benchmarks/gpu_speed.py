@@ -26,7 +26,8 @@ Parts (each guarded: one that fails is reported and the others still run):
 Results are written to the ``--json`` file after every measurement, so a part stopped by a
 time limit keeps what it measured.
 
-On a CPU (or with ``--tiny``) every part runs at tiny sizes, to test the script itself.
+On a CPU every part runs at tiny sizes by default, to test the script itself; ``--scale cpu``
+gives figures a machine without a GPU can measure (resnet-mini, batch 256, 2N up to 8,192).
 
     python3 benchmarks/gpu_speed.py                      # all parts, tables, RESULT line
     python3 benchmarks/gpu_speed.py --part loss --json OUT/loss.json
@@ -73,24 +74,31 @@ SUBSET_ZIP = REPO / ".device" / "data" / "cifar10-subset.zip"
 CIFAR_MEAN, CIFAR_STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)
 
 
-def sizes(tiny: bool) -> dict:
-    """Every size the parts use, for the GPU (the issue's) or tiny (a test on a CPU)."""
-    if tiny:
-        return dict(
-            loss_sizes=[64, 256], compile_size=0, loss_reps=2, backbone="resnet-mini",
-            batch=8, steps=3, workers=1, peer_images=32, eval_train=256, eval_test=64,
-            eval_epochs=2, pretrain=["--dataset", "digits", "--train-subset", "128",
-                                     "--batch-size", "32", "--epochs", "1",
-                                     "--eval-linear-epochs", "2", "--eval-knn-k", "10",
-                                     "--proj-hidden-dim", "32"],
-        )  # fmt: skip
-    return dict(
+#: Every size the parts use: the issue's on a GPU; a CPU-sized run (resnet-mini, 2N up to
+#: 8,192) whose figures a machine without a GPU can give; and tiny sizes that test the script.
+SCALES = {
+    "tiny": dict(
+        loss_sizes=[64, 256], compile_size=0, loss_reps=2, backbone="resnet-mini",
+        proj_hidden=32, batch=8, steps=3, workers=1, peer_images=32, eval_train=256,
+        eval_test=64, eval_epochs=2,
+        pretrain=["--dataset", "digits", "--train-subset", "128", "--batch-size", "32",
+                  "--epochs", "1", "--eval-linear-epochs", "2", "--eval-knn-k", "10",
+                  "--proj-hidden-dim", "32"],
+    ),
+    "cpu": dict(
+        loss_sizes=[1024, 8192], compile_size=0, loss_reps=3, backbone="resnet-mini",
+        proj_hidden=2048, batch=256, steps=5, workers=min(2, os.cpu_count() or 1),
+        peer_images=2048, eval_train=5000, eval_test=1000, eval_epochs=10,
+        pretrain=["--dataset", "digits"],
+    ),
+    "gpu": dict(
         loss_sizes=[1024, 8192, 32768], compile_size=8192, loss_reps=0, backbone="resnet18",
-        batch=512, steps=30, workers=min(14, max(1, (os.cpu_count() or 2) - 2)),
+        proj_hidden=2048, batch=512, steps=30, workers=min(14, max(1, (os.cpu_count() or 2) - 2)),
         peer_images=0, eval_train=45000, eval_test=10000, eval_epochs=100,
         pretrain=["--dataset", f"imagefolder:{SUBSET_ZIP}", "--backbone", "resnet18",
                   "--batch-size", "512", "--epochs", "3", "--precision", "bf16-mixed"],
-    )  # fmt: skip
+    ),
+}  # fmt: skip
 
 
 def sync(device: torch.device) -> None:
@@ -157,8 +165,8 @@ def autograd_kernel_nll(z0: torch.Tensor, z1: torch.Tensor, gamma: float, tau: f
     return (torch.logsumexp(logit, 1) - pos[idx]).mean()
 
 
-def loss_part(device: torch.device, tiny: bool) -> dict:
-    cfg, tau, rows = sizes(tiny), 0.5, []
+def loss_part(device: torch.device, scale: str) -> dict:
+    cfg, tau, rows = SCALES[scale], 0.5, []
     result = {"rows": rows, "device": str(device)}
     for two_n in cfg["loss_sizes"]:
         gen = torch.Generator().manual_seed(two_n)
@@ -231,14 +239,14 @@ def _loss_text(r: dict) -> str:
 # ---------------------------------------------------------------------------------------- step
 
 
-def _simclr(device: torch.device, tiny: bool, **options):
+def _simclr(device: torch.device, scale: str, **options):
     from kinfonce.config import PretrainConfig
     from kinfonce.methods import SimCLR
 
-    cfg = sizes(tiny)
+    cfg = SCALES[scale]
     config = PretrainConfig(
         dataset="cifar10", backbone=cfg["backbone"], loss="simple-sum", optimizer="sgd",
-        proj_hidden_dim=32 if tiny else 2048, **options,
+        proj_hidden_dim=cfg["proj_hidden"], **options,
     ).resolved()  # fmt: skip
     data = dict(image_size=32, channels=3, num_classes=10, mean=CIFAR_MEAN, std=CIFAR_STD)
     module = SimCLR(config, data).to(device).train()
@@ -287,25 +295,25 @@ def host_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def step_part(device: torch.device, tiny: bool) -> dict:
-    variants = {"eager": {}, "channels-last": {"channels_last": True}}
-    return _step_rows(variants, device, tiny, {})
+def step_part(device: torch.device, scale: str) -> dict:
+    variants = {"eager": {"channels_last": False}, "channels-last": {"channels_last": True}}
+    return _step_rows(variants, device, scale, {})
 
 
-def compile_part(device: torch.device, tiny: bool) -> dict:
+def compile_part(device: torch.device, scale: str) -> dict:
     """The compiled step and the compiled plain-autograd loss (GPU only)."""
     if device.type != "cuda":
         return {"skipped": "compilation is measured on a GPU only"}
     result: dict = {}
     first = {"compile + channels-last": {"channels_last": True, "compile": True}}
-    _step_rows(first, device, tiny, result)
-    _compiled_rows(sizes(tiny)["compile_size"], 0.5, device, result)
-    _step_rows({"compile": {"compile": True}}, device, tiny, result)
+    _step_rows(first, device, scale, result)
+    _compiled_rows(SCALES[scale]["compile_size"], 0.5, device, result)
+    _step_rows({"compile": {"compile": True, "channels_last": False}}, device, scale, result)
     return result
 
 
-def _step_rows(variants: dict, device: torch.device, tiny: bool, result: dict) -> dict:
-    cfg = sizes(tiny)
+def _step_rows(variants: dict, device: torch.device, scale: str, result: dict) -> dict:
+    cfg = SCALES[scale]
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (cfg["batch"], 3, 32, 32), generator=gen, dtype=torch.uint8)
     images, labels = images.to(device), torch.randint(0, 10, (cfg["batch"],)).to(device)
@@ -314,7 +322,7 @@ def _step_rows(variants: dict, device: torch.device, tiny: bool, result: dict) -
     for name, options in variants.items():
         row = {"variant": name}
         try:
-            module, optimizer = _simclr(device, tiny, **options)
+            module, optimizer = _simclr(device, scale, **options)
             step = lambda m=module, o=optimizer: kinfonce_step(m, o, images, labels, device)  # noqa: E731
             started = time.perf_counter()
             for _ in range(3):  # warm-up (and compilation)
@@ -376,18 +384,18 @@ def peer_transform():
     )
 
 
-def image_folder(tiny: bool, scratch: Path) -> Path:
-    """A directory of class folders of JPEG images: the CIFAR-10 subset's training split, or
-    (tiny) a few random images."""
+def image_folder(scale: str, scratch: Path) -> Path:
+    """A directory of class folders of JPEG images: the CIFAR-10 subset's training split (at the
+    GPU scale, where it was packed), or the scale's number of random images."""
     root = scratch / "peer"
-    if not tiny and SUBSET_ZIP.is_file():
+    if scale == "gpu" and SUBSET_ZIP.is_file():
         with zipfile.ZipFile(SUBSET_ZIP) as archive:
             archive.extractall(root)
         return next(p for p in root.rglob("train") if p.is_dir())
     from PIL import Image
 
     gen = torch.Generator().manual_seed(0)
-    for index in range(sizes(tiny)["peer_images"] or 1024):
+    for index in range(SCALES[scale]["peer_images"] or 1024):
         folder = root / "train" / f"class{index % 2}"
         folder.mkdir(parents=True, exist_ok=True)
         pixels = torch.randint(0, 256, (32, 32, 3), generator=gen, dtype=torch.uint8).numpy()
@@ -395,16 +403,16 @@ def image_folder(tiny: bool, scratch: Path) -> Path:
     return root / "train"
 
 
-def peer_part(device: torch.device, tiny: bool) -> dict:
+def peer_part(device: torch.device, scale: str) -> dict:
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
     from kinfonce.models import ProjectionHead, build_backbone
 
-    cfg = sizes(tiny)
+    cfg = SCALES[scale]
     with tempfile.TemporaryDirectory() as scratch:
         dataset = ImageFolder(
-            image_folder(tiny, Path(scratch)), transform=TwoViews(peer_transform())
+            image_folder(scale, Path(scratch)), transform=TwoViews(peer_transform())
         )
         loader = DataLoader(
             dataset, batch_size=cfg["batch"], shuffle=True, num_workers=cfg["workers"],
@@ -412,7 +420,7 @@ def peer_part(device: torch.device, tiny: bool) -> dict:
             prefetch_factor=4,
         )  # fmt: skip
         backbone = build_backbone(cfg["backbone"], in_channels=3, image_size=32)
-        head = ProjectionHead(backbone.feature_dim, 32 if tiny else 2048, 128)
+        head = ProjectionHead(backbone.feature_dim, cfg["proj_hidden"], 128)
         model = torch.nn.Sequential(backbone, head).to(device).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-6)
         n = cfg["batch"]
@@ -454,13 +462,13 @@ def peer_part(device: torch.device, tiny: bool) -> dict:
 # ---------------------------------------------------------------------------------------- eval
 
 
-def eval_part(device: torch.device, tiny: bool) -> dict:
+def eval_part(device: torch.device, scale: str) -> dict:
     from kinfonce.config import PretrainConfig
     from kinfonce.data.splits import DatasetSplits, LabeledImages
     from kinfonce.evaluate import evaluate_baselines
     from kinfonce.models import build_backbone
 
-    cfg = sizes(tiny)
+    cfg = SCALES[scale]
     gen = torch.Generator().manual_seed(0)
 
     def part(n: int) -> LabeledImages:
@@ -516,11 +524,11 @@ def graph_against_eager(device: torch.device) -> dict:
 # ------------------------------------------------------------------------------------ pretrain
 
 
-def pretrain_part(device: torch.device, tiny: bool) -> dict:
+def pretrain_part(device: torch.device, scale: str) -> dict:
     from kinfonce.cli import main as cli
 
-    cfg = sizes(tiny)
-    if not tiny and not SUBSET_ZIP.is_file():
+    cfg = SCALES[scale]
+    if scale == "gpu" and not SUBSET_ZIP.is_file():
         raise FileNotFoundError(f"{SUBSET_ZIP} is missing: run ../shared/device/pack.sh 2000")
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "run"
@@ -553,13 +561,13 @@ def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
 
 
-def run_part(name: str, device: torch.device, tiny: bool) -> dict:
-    print(f"\n## {name} ({device}{', tiny sizes' if tiny else ''})", flush=True)
+def run_part(name: str, device: torch.device, scale: str) -> dict:
+    print(f"\n## {name} ({device}, {scale} sizes)", flush=True)
     started = time.perf_counter()
     if _JSON is not None:
         _JSON.unlink(missing_ok=True)  # an earlier run's results are not this one's
     try:
-        result = RUNNERS[name](device, tiny)
+        result = RUNNERS[name](device, scale)
     except Exception as err:
         traceback.print_exc()
         kept = json.loads(_JSON.read_text()) if _JSON is not None and _JSON.is_file() else {}
@@ -641,7 +649,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--part", choices=PARTS, action="append", help="parts to run (all)")
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes (always on a CPU)")
+    parser.add_argument(
+        "--scale", choices=tuple(SCALES), help="sizes (default: gpu on a GPU, tiny on a CPU)"
+    )
     parser.add_argument("--json", type=Path, help="write the results of the parts run here")
     parser.add_argument("--summary", type=Path, help="print tables and RESULT from DIR/*.json")
     args = parser.parse_args()
@@ -652,7 +662,7 @@ def main() -> None:
         print(summary({name: results[name] for name in PARTS if name in results}))
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tiny = args.tiny or device.type != "cuda"
+    scale = args.scale or ("gpu" if device.type == "cuda" else "tiny")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# gpu_speed: {name}, torch {torch.__version__}, python {sys.version.split()[0]}")
     parts = args.part or PARTS
@@ -660,7 +670,7 @@ def main() -> None:
         parser.error("--json takes one --part")
     global _JSON
     _JSON = args.json
-    results = {part: keep(run_part(part, device, tiny)) for part in parts}
+    results = {part: keep(run_part(part, device, scale)) for part in parts}
     print(summary(results))
 
 

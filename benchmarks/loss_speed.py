@@ -9,7 +9,8 @@ Times forward + backward on CPU at 2N in {512, 2048, 8192}, d = 128, gamma in {0
 
 The three are timed interleaved, repeat by repeat, and the table gives medians and ratios from the
 same run. Then a 2N = 65,536 chunked loss runs in a child process whose peak resident memory is
-read from the kernel (``ru_maxrss``), and the float32 error of the literal formula and of kinfonce
+read from the kernel (``ru_maxrss``), ``--memory 2N ...`` compares that peak with lightly's
+NT-Xent's at the same sizes, and the float32 error of the literal formula and of kinfonce
 against a float64 reference is printed for small temperatures. The last line is ``RESULT ...``.
 
     python benchmarks/loss_speed.py            # full run, a few minutes on 2 cores
@@ -145,14 +146,22 @@ def stability_table(taus, gammas, dim, two_n=512):
     return rows
 
 
-def chunked_child(two_n: int, dim: int, chunk: int) -> None:
-    """Runs in a child process: one chunked forward + backward; prints time and peak RSS as JSON."""
+def memory_child(two_n: int, dim: int, chunk: int, loss_name: str) -> None:
+    """Runs in a child process: one forward + backward of ``loss_name`` (``kinfonce``, gamma 1,
+    ``chunk_size`` ``chunk`` or the default for 0; or ``nt-xent``, lightly's); prints its time
+    and peak RSS as JSON."""
     g = torch.Generator().manual_seed(0)
     z0 = torch.randn(two_n // 2, dim, generator=g, requires_grad=True)
     z1 = (z0.detach() + 0.5 * torch.randn(two_n // 2, dim, generator=g)).requires_grad_(True)
+    if loss_name == "nt-xent":
+        from lightly.loss import NTXentLoss
+
+        loss_fn = NTXentLoss(temperature=0.25)
+    else:
+        loss_fn = KernelInfoNCE(gamma=1.0, temperature=0.5, chunk_size=chunk or None)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    loss = KernelInfoNCE(gamma=1.0, temperature=0.5, chunk_size=chunk)(z0, z1)
+    loss = loss_fn(z0, z1)
     loss.backward()
     seconds = time.perf_counter() - start
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -168,6 +177,13 @@ def chunked_child(two_n: int, dim: int, chunk: int) -> None:
             }
         )
     )
+
+
+def run_child(two_n: int, dim: int, chunk: int, loss_name: str) -> dict:
+    """:func:`memory_child` in a fresh process (its own peak RSS); returns its JSON."""
+    cmd = [sys.executable, __file__, "--child", loss_name, "--big", str(two_n), "--dim", str(dim)]
+    cmd += ["--big-chunk", str(chunk)]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
 def main() -> None:
@@ -191,11 +207,18 @@ def main() -> None:
         "--big", type=int, default=65536, help="2N of the chunked memory case (0: skip)"
     )
     parser.add_argument("--big-chunk", type=int, default=512, help="chunk_size of the memory case")
+    parser.add_argument(
+        "--memory",
+        type=int,
+        nargs="*",
+        default=[],
+        help="2N values at which kinfonce's (default chunk) and NT-Xent's peak memory are compared",
+    )
     parser.add_argument("--quick", action="store_true", help="sizes 512 and 2048, no memory case")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("kinfonce", "nt-xent"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        chunked_child(args.big, args.dim, args.big_chunk)
+        memory_child(args.big, args.dim, args.big_chunk, args.child)
         return
     if args.quick:
         args.sizes, args.big = [512, 2048], 0
@@ -240,18 +263,7 @@ def main() -> None:
     result["literal_stable_all"] = all(r["literal_ok"] for r in stab)
 
     if args.big:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            "--big",
-            str(args.big),
-            "--dim",
-            str(args.dim),
-            "--big-chunk",
-            str(args.big_chunk),
-        ]
-        out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        out = run_child(args.big, args.dim, args.big_chunk, "kinfonce")
         print(
             f"\n# chunked 2N = {args.big}, d = {args.dim}, chunk_size = {args.big_chunk}, gamma = 1: "
             f"forward + backward {out['seconds']:.1f} s, peak RSS {out['peak_mib']:.0f} MiB "
@@ -259,6 +271,22 @@ def main() -> None:
         )
         result[f"chunked_{args.big}_peak_mib"] = round(out["peak_mib"])
         result[f"chunked_{args.big}_seconds"] = round(out["seconds"], 1)
+    if args.memory:
+        print(
+            "\n# peak RSS above the inputs, one forward + backward in a fresh process, d = "
+            f"{args.dim}: kinfonce (gamma 1, default chunk) against lightly's NT-Xent"
+        )
+        print("|    2N | kinfonce MiB | kinfonce s | NT-Xent MiB | NT-Xent s | memory ratio |")
+        print("|------:|-------------:|-----------:|------------:|----------:|-------------:|")
+    for two_n in args.memory:
+        ours, theirs = (run_child(two_n, args.dim, 0, name) for name in ("kinfonce", "nt-xent"))
+        mib = {k: v["peak_mib"] - v["before_mib"] for k, v in (("ours", ours), ("theirs", theirs))}
+        print(
+            f"| {two_n:>5} | {mib['ours']:>12.0f} | {ours['seconds']:>10.2f} "
+            f"| {mib['theirs']:>11.0f} | {theirs['seconds']:>9.2f} "
+            f"| {mib['ours'] / mib['theirs']:>12.2f} |"
+        )
+        result[f"memory_over_ntxent_2n{two_n}"] = round(mib["ours"] / mib["theirs"], 2)
     print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()))
 
 

@@ -28,7 +28,7 @@ def test_every_part_runs_and_the_summary_has_every_figure(tmp_path, monkeypatch,
     cpu = torch.device("cpu")
     for part in gpu_speed.PARTS:
         monkeypatch.setattr(gpu_speed, "_JSON", tmp_path / f"{part}.json")
-        result = gpu_speed.keep(gpu_speed.run_part(part, cpu, tiny=True))
+        result = gpu_speed.keep(gpu_speed.run_part(part, cpu, scale="tiny"))
         assert "error" not in result, (part, result)
     capsys.readouterr()
     monkeypatch.setattr(sys, "argv", ["gpu_speed.py", "--summary", str(tmp_path)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -213,7 +214,11 @@ def test_compile_and_channels_last_keep_the_step(monkeypatch):
         return fn
 
     monkeypatch.setattr(torch, "compile", recording_compile)
-    images = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
+    # A fixed batch: over 150 random ones the two memory formats' gradients differed by 6e-6
+    # relative at the median but up to 2e-2 in a tenth of them (the kernels break ties between
+    # equal values differently), which made an unseeded batch fail now and then.
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8, generator=generator)
     results = []
     for options in ({}, {"compile": True, "channels_last": True}):
         torch.manual_seed(0)
@@ -227,9 +232,27 @@ def test_compile_and_channels_last_keep_the_step(monkeypatch):
     assert module.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     (loss0, grad0, state0), (loss1, grad1, state1) = results
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
-    # another convolution algorithm for channels-last: float32 rounding, not a different step
+    # another convolution algorithm for channels-last: float32 rounding (6e-6 on this batch),
+    # not a different step
     assert float((grad1 - grad0).norm() / grad0.norm()) < 1e-4
     assert state1.keys() == state0.keys()
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "expected"),
+    [(None, "cpu", True), (None, "cuda", False), (False, "cpu", False), (True, "cuda", True)],
+)
+def test_channels_last_auto_is_on_for_a_cpu_only(setting, device, expected):
+    # Catches the auto setting (None) ignoring the training device, overriding an explicit
+    # choice, or leaving MoCo's key encoder in the other memory format.
+    rgb = {**DATA, "channels": 3}
+    module = MoCo(small(method="moco", channels_last=setting), rgb)
+    module.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+    module.setup("fit")
+    assert module.channels_last is expected
+    for encoder in (module.backbone, module.key_backbone):
+        conv = next(p for p in encoder.parameters() if p.ndim == 4 and p.shape[1] > 1)
+        assert conv.is_contiguous(memory_format=torch.channels_last) is expected
 
 
 @pytest.mark.parametrize(

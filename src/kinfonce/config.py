@@ -189,9 +189,10 @@ class TrainConfig:
     compile: bool = _f(
         False, "torch.compile the backbone and projection head for training", "runtime"
     )
-    channels_last: bool = _f(
-        False,
-        "channels-last memory format for the backbone (faster convolutions on GPUs)",
+    channels_last: bool | None = _f(
+        None,
+        "channels-last memory format for the backbone; none: on for a CPU (measured faster), "
+        "off on a GPU (not yet measured)",
         "runtime",
     )
     progress: bool = _f(True, "show progress bars", "runtime")
