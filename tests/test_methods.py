@@ -47,6 +47,16 @@ def test_registry_and_loss_defaults():
 def test_parameter_the_preset_does_not_take_is_an_error():
     with pytest.raises(ValueError, match="lam"):
         SimCLR(small(loss="gaussian", lam=0.5), DATA)
+    with pytest.raises(ValueError, match="mu"):
+        SimCLR(small(loss="laplacian", mu=2.0), DATA)
+
+
+def test_mu_reaches_the_spectral_loss_and_a_bad_one_is_refused():
+    # Catches --mu being dropped on the way to the loss, or a non-positive cap accepted.
+    assert SimCLR(small(loss="spectral"), DATA).criterion.mu == 3.0
+    assert SimCLR(small(loss="spectral", mu=8.0), DATA).criterion.mu == 8.0
+    with pytest.raises(ValueError, match="mu must be"):
+        SimCLR(small(loss="spectral", mu=0.0), DATA)
 
 
 def test_concat_preset_doubles_embedding_and_checks_width():
@@ -190,7 +200,7 @@ def test_print_config_shows_the_effective_config(capsys):
 @pytest.mark.parametrize(
     ("loss", "advice"),
     [
-        ("spectral", "lower --lr"),
+        ("spectral", "lower --lr or --mu"),
         ("gaussian", "lower --lr or raise the temperature (--temperature)"),
         ("concat-sum", "lower --lr or raise the temperature (--temperature1 or --temperature2)"),
     ],

@@ -141,6 +141,12 @@ class TrainConfig:
     )
     lam: float | None = _f(None, "weight lambda of the gamma=1 term of a sum preset", "loss")
     gamma: float | None = _f(None, "kernel exponent gamma (None: preset default)", "loss")
+    mu: float | None = _f(
+        None,
+        "spectral only: an embedding longer than sqrt(mu) is scaled back to that length "
+        "(None: the preset's 3.0)",
+        "loss",
+    )
     concat_normalization: str | None = _f(
         None,
         "concat-sum only: 'halves' puts each half of the embedding on the unit sphere "

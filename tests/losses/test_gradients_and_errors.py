@@ -232,7 +232,7 @@ def test_spectral_loss_caps_long_embeddings_at_sqrt_mu():
     old default lr) and a cap that also stretches short rows or ignores mu."""
     z0, z1 = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
     unit0, unit1 = F.normalize(z0, dim=1), F.normalize(z1, dim=1)
-    capped = SpectralContrastiveLoss()
+    capped = SpectralContrastiveLoss(mu=1.0)
     assert torch.allclose(capped(3 * unit0, 7 * unit1), capped(unit0, unit1))
     assert torch.allclose(
         capped(0.5 * unit0, unit1), SpectralContrastiveLoss(mu=None)(0.5 * unit0, unit1)
@@ -243,6 +243,10 @@ def test_spectral_loss_caps_long_embeddings_at_sqrt_mu():
     )
     free = SpectralContrastiveLoss(mu=None)
     assert not torch.allclose(free(3 * unit0, 7 * unit1), free(unit0, unit1))
+    # the default cap (mu 3) and the preset's are the same
+    three = SpectralContrastiveLoss(mu=3.0)(5 * unit0, unit1)
+    assert torch.allclose(SpectralContrastiveLoss()(5 * unit0, unit1), three)
+    assert torch.allclose(make_loss("spectral")(5 * unit0, unit1), three)
 
 
 @pytest.mark.parametrize("mu", [0.0, -1.0, float("inf"), float("nan")])

@@ -354,6 +354,8 @@ def data_description(splits: Any) -> dict[str, Any]:
 
 def divergence_advice(loss: str) -> str:
     """What to change when the loss became non-finite, naming only what ``loss`` takes."""
-    temperatures = [p for p in preset_params(loss) if p.startswith("temperature")]
+    takes = preset_params(loss)
+    temperatures = [p for p in takes if p.startswith("temperature")]
     flags = " or ".join(f"--{p}" for p in temperatures)
-    return "lower --lr" + (f" or raise the temperature ({flags})" if temperatures else "")
+    advice = "lower --lr" + (" or --mu" if "mu" in takes else "")
+    return advice + (f" or raise the temperature ({flags})" if temperatures else "")
