@@ -144,7 +144,7 @@ class TrainConfig:
     mu: float | None = _f(
         None,
         "spectral only: an embedding longer than sqrt(mu) is scaled back to that length "
-        "(None: the preset's 3.0)",
+        "(None: preset default)",
         "loss",
     )
     concat_normalization: str | None = _f(

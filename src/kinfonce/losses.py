@@ -356,6 +356,10 @@ class LossMixture(nn.Module):
         return torch.stack(terms).sum()
 
 
+#: The spectral loss's default cap ``mu`` (docs/benchmarks.md: its measured choice).
+SPECTRAL_MU = 3.0
+
+
 class SpectralContrastiveLoss(nn.Module):
     """Spectral contrastive loss (HaoChen et al., 2021), a baseline with the same call signature.
 
@@ -364,7 +368,7 @@ class SpectralContrastiveLoss(nn.Module):
     Args:
         mu: An embedding whose norm exceeds ``sqrt(mu)`` is scaled onto the sphere of that radius
             before the sums, as in HaoChen et al.'s reference code (which uses ``mu = 1``);
-            shorter ones are left as they are. The default, 3, trained better here (digits and
+            shorter ones are left as they are. The default, :data:`SPECTRAL_MU`, trained better here (digits and
             a CIFAR-10 subset; 30 and above collapsed; docs/benchmarks.md). ``None`` leaves
             every norm free, which lets the squared term grow without bound and diverge.
         gather_distributed: Gather both views from all ranks (with gradient) before the sums.
@@ -376,7 +380,7 @@ class SpectralContrastiveLoss(nn.Module):
     def __init__(
         self,
         *,
-        mu: float | None = 3.0,
+        mu: float | None = SPECTRAL_MU,
         gather_distributed: bool = False,
         check_finite: bool = True,
     ) -> None:
@@ -488,7 +492,7 @@ def _concat_sum_kernel(
 
 
 def _spectral(
-    mu: float | None = 3.0, gather_distributed: bool = False, check_finite: bool = True
+    mu: float | None = SPECTRAL_MU, gather_distributed: bool = False, check_finite: bool = True
 ) -> SpectralContrastiveLoss:
     return SpectralContrastiveLoss(
         mu=mu, gather_distributed=gather_distributed, check_finite=check_finite
@@ -519,7 +523,7 @@ _COMMON = (
     "check_finite",
 )
 
-#: Every kernel parameter some preset takes, in display order.
+#: Every kernel or loss parameter some preset takes (``mu``: spectral's), in display order.
 LOSS_PARAMETERS = ("gamma", "temperature", "temperature1", "temperature2", "lam", "mu")
 
 
