@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from cifar10_zip import CIFAR10_ZIP as ZIP
-from cifar10_zip import REPO, cifar10_missing
+from cifar10_zip import cifar10_missing, stamped_run_dir
 
 from kinfonce.config import PretrainConfig
 from kinfonce.report import format_summary
@@ -32,9 +31,7 @@ def main() -> int:
     parser.add_argument("--backbone", default="resnet-mini")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--eval-linear-epochs", type=int, default=50)
-    parser.add_argument(
-        "--out", default=str(REPO / "runs" / "bench" / f"cifar10-{time.strftime('%Y%m%d-%H%M%S')}")
-    )
+    parser.add_argument("--out", default=stamped_run_dir("cifar10"))
     args = parser.parse_args()
     if cifar10_missing():
         return 0

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from cifar10_zip import CIFAR10_ZIP as ZIP
-from cifar10_zip import REPO, cifar10_missing
+from cifar10_zip import cifar10_missing, stamped_run_dir
 
 from kinfonce.clip import run_clip
 from kinfonce.config import ClipConfig
@@ -74,7 +74,7 @@ def main() -> int:
     parser.add_argument("--eval-linear-epochs", type=int, default=20)
     parser.add_argument(
         "--out",
-        default=str(REPO / "runs" / "bench" / f"clip-cifar10-{time.strftime('%Y%m%d-%H%M%S')}"),
+        default=stamped_run_dir("clip-cifar10"),
     )
     args = parser.parse_args()
     if cifar10_missing():

@@ -17,7 +17,7 @@ import sys
 import time
 
 from cifar10_zip import CIFAR10_ZIP as ZIP
-from cifar10_zip import REPO, cifar10_missing
+from cifar10_zip import cifar10_missing, stamped_run_dir
 
 from kinfonce.config import PretrainConfig
 from kinfonce.report import search_summary
@@ -34,7 +34,7 @@ def main() -> int:
     parser.add_argument("--cpus-per-trial", type=float, default=1.0)
     parser.add_argument(
         "--out",
-        default=str(REPO / "runs" / "bench" / f"tune-cifar10-{time.strftime('%Y%m%d-%H%M%S')}"),
+        default=stamped_run_dir("tune-cifar10"),
     )
     args = parser.parse_args()
     if cifar10_missing():
