@@ -72,7 +72,13 @@ def measure_eval(train: int, test: int, epochs: int) -> dict[str, float]:
     )  # fmt: skip
     config = PretrainConfig(
         dataset="cifar10", backbone="resnet-mini", eval_linear_epochs=epochs, progress=False
-    ).resolved()
+    )
+    try:
+        from kinfonce.resolve import resolve
+    except ImportError:  # a revision before the one resolution step (issue 19)
+        config = config.resolved()
+    else:
+        config = resolve(config)
     torch.manual_seed(1)
     backbone = build_backbone("resnet-mini", in_channels=3, image_size=32)
     start = time.perf_counter()

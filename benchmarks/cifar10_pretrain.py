@@ -20,7 +20,7 @@ from cifar10_zip import CIFAR10_ZIP as ZIP
 from cifar10_zip import cifar10_missing, stamped_run_dir
 
 from kinfonce.config import PretrainConfig
-from kinfonce.report import format_summary
+from kinfonce.tables import format_summary
 from kinfonce.train import run_pretrain
 
 

@@ -100,7 +100,7 @@ def has_epoch(run_dir: Path, epoch: int) -> Callable[[], bool]:
 
 
 def readable_checkpoints(run_dir: Path) -> tuple[list[str], list[str]]:
-    from kinfonce.methods import load_checkpoint
+    from kinfonce.checkpoints import load_checkpoint
 
     good, bad = [], []
     for path in sorted((run_dir / "checkpoints").glob("*.ckpt")):
@@ -346,7 +346,7 @@ def drill_image_trees(work: Path) -> None:
     resized = re.search(r"resized \d+ of \d+ images", err)
     side = None
     if proc.returncode == 0:
-        from kinfonce.methods import load_checkpoint
+        from kinfonce.checkpoints import load_checkpoint
 
         data = load_checkpoint(work / "mixed-run" / "checkpoints" / "last.ckpt")["kinfonce"]["data"]
         side = data["image_size"]
@@ -391,9 +391,9 @@ def drill_eval_holes(work: Path) -> None:
     blocker.write_text("")
     for command in (["eval", str(run / "checkpoints" / "last.ckpt")], ["synthetic"]):
         began = time.perf_counter()
-        code, line = kinfonce(*command, "--out", str(blocker / "out"), "--no-progress")
+        code, line = kinfonce(*command, "--output-dir", str(blocker / "out"), "--no-progress")
         spent = time.perf_counter() - began
-        record("8", f"`kinfonce {command[0]} --out` below a file",
+        record("8", f"`kinfonce {command[0]} --output-dir` below a file",
                f"exit {code} after {spent:.1f} s (process start included): `{line}`",
                code == 2)  # fmt: skip
     slow = work / "ctrl-c"

@@ -19,11 +19,11 @@ log() { echo "$*" | tee -a "$OUT/driver.log"; }
 if [ -f .device/site.tar.xz ]; then
   tar xJf .device/site.tar.xz -C "$SITE" || log "could not unpack .device/site.tar.xz"
 else
-  log "no .device/site.tar.xz (kornia, simplejpeg): run ../shared/device/pack.sh 2000 first"
+  log "no .device/site.tar.xz (simplejpeg): run ../shared/device/pack.sh 2000 first"
 fi
 export PYTHONPATH=$SITE:$PWD/src PYTHONUNBUFFERED=1 KINFONCE_CACHE=${KINFONCE_CACHE:-/tmp/kc}
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-python3 -c "import torch, kornia; print('torch', torch.__version__, 'kornia', kornia.__version__)" \
+python3 -c "import torch; print('torch', torch.__version__)" \
   2>&1 | tee -a "$OUT/driver.log"
 
 start=$SECONDS

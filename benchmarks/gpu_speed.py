@@ -242,12 +242,14 @@ def _loss_text(r: dict) -> str:
 def _simclr(device: torch.device, scale: str, **options):
     from kinfonce.config import PretrainConfig
     from kinfonce.methods import SimCLR
+    from kinfonce.resolve import resolve
 
     cfg = SCALES[scale]
     config = PretrainConfig(
         dataset="cifar10", backbone=cfg["backbone"], loss="simple-sum", optimizer="sgd",
         proj_hidden_dim=cfg["proj_hidden"], **options,
-    ).resolved()  # fmt: skip
+    )  # fmt: skip
+    config = resolve(config)
     data = dict(image_size=32, channels=3, num_classes=10, mean=CIFAR_MEAN, std=CIFAR_STD)
     module = SimCLR(config, data).to(device).train()
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-6)
@@ -467,6 +469,7 @@ def eval_part(device: torch.device, scale: str) -> dict:
     from kinfonce.data.splits import DatasetSplits, LabeledImages
     from kinfonce.evaluate import evaluate_baselines
     from kinfonce.models import build_backbone
+    from kinfonce.resolve import resolve
 
     cfg = SCALES[scale]
     gen = torch.Generator().manual_seed(0)
@@ -482,7 +485,8 @@ def eval_part(device: torch.device, scale: str) -> dict:
     config = PretrainConfig(
         dataset="cifar10", backbone=cfg["backbone"], eval_linear_epochs=cfg["eval_epochs"],
         progress=False,
-    ).resolved()  # fmt: skip
+    )  # fmt: skip
+    config = resolve(config)
     torch.manual_seed(1)
     backbone = build_backbone(cfg["backbone"], in_channels=3, image_size=32)
     sync(device)

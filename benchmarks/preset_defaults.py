@@ -44,7 +44,7 @@ def run_one(loss: str, data: str, out: Path) -> dict:
         "loss": loss,
         "data": data,
         "finite": True,
-        "lr": config.resolved().lr,
+        "lr": config.lr,
         "linear": metrics["linear_top1"],
         "random_linear": metrics["random_encoder_linear_top1"],
         "knn": metrics["knn_top1"],

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from kinfonce.config import SyntheticConfig
 from kinfonce.graph import (
     mrf_cross_entropy,
     similarity_graph,
@@ -34,7 +35,7 @@ from kinfonce.graph import (
     vertex_log_gram,
 )
 from kinfonce.kernels import ExpKernel
-from kinfonce.synthetic import SyntheticConfig, cluster_agreement, plot_synthetic, train_synthetic
+from kinfonce.synthetic import cluster_agreement, plot_synthetic, train_synthetic
 
 SETTINGS = ((1.0, 0.0), (0.75, 0.2))
 KERNELS = ("gaussian", "laplacian")
@@ -42,15 +43,13 @@ KERNELS = ("gaussian", "laplacian")
 
 def measure(config: SyntheticConfig, out: Path | None) -> dict[str, float]:
     start = time.perf_counter()
-    run = train_synthetic(config, progress=False)
+    run = train_synthetic(config)
     pi = similarity_graph(run.adjacency)
     metrics = cluster_agreement(
         run.embedding, run.labels, (pi + pi.T) / 2, config.num_clusters, seed=config.seed
     )
     if out is not None:
-        name = (
-            f"p{config.p:g}-q{config.q:g}-{config.kernel}-{'circle' if config.sphere else 'plane'}"
-        )
+        name = f"p{config.p:g}-q{config.q:g}-{config.loss}-{'circle' if config.sphere else 'plane'}"
         plot_synthetic(run, out / f"{name}-seed{config.seed}.png", title=name)
     return metrics | {"steps": run.steps, "seconds": time.perf_counter() - start}
 
@@ -97,7 +96,15 @@ def time_default_command() -> tuple[float, float]:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         subprocess.run(
-            [sys.executable, "-m", "kinfonce.cli", "synthetic", "--out", out, "--no-progress"],
+            [
+                sys.executable,
+                "-m",
+                "kinfonce.cli",
+                "synthetic",
+                "--output-dir",
+                out,
+                "--no-progress",
+            ],
             check=True,
             capture_output=True,
         )
@@ -111,13 +118,15 @@ def row_configs(sphere: bool, wide_batch: int | None) -> list[SyntheticConfig]:
     """The configurations of the table (seed 0; the seeds are set per run)."""
     spaces = (False, True) if sphere else (False,)
     rows = [
-        SyntheticConfig(p=p, q=q, kernel=kernel, sphere=on_circle)
+        SyntheticConfig(p=p, q=q, loss=kernel, sphere=on_circle, progress=False)
         for p, q in SETTINGS
         for kernel in KERNELS
         for on_circle in spaces
     ]
     if wide_batch is not None:
-        rows.append(SyntheticConfig(p=0.75, q=0.2, kernel="gaussian", batch_size=wide_batch))
+        rows.append(
+            SyntheticConfig(p=0.75, q=0.2, loss="gaussian", batch_size=wide_batch, progress=False)
+        )
     return rows
 
 
@@ -150,13 +159,13 @@ def main() -> None:
         space = "circle" if row.sphere else "plane"
         per_seed = " ".join(f"{r['ari_truth']:.3f}" for r in runs)
         print(
-            f"{row.p:>5g} {row.q:>4g} {row.kernel:<10} {space:<7} {row.batch_size:>5} "
+            f"{row.p:>5g} {row.q:>4g} {row.loss:<10} {space:<7} {row.batch_size:>5} "
             f"{per_seed:<22} {mean('ari_truth'):>6.3f} {mean('nmi_truth'):>6.3f} "
             f"{mean('ari_spectral'):>8.3f} {mean('spectral_ari_truth'):>10.3f} "
             f"{mean('steps'):>6.0f} {mean('seconds'):>6.1f}",
             flush=True,
         )
-        key = f"p{row.p:g}q{row.q:g}_{row.kernel}".replace(".", "")
+        key = f"p{row.p:g}q{row.q:g}_{row.loss}".replace(".", "")
         key += ("_circle" if row.sphere else "") + (
             f"_batch{row.batch_size}" if row.batch_size != SyntheticConfig.batch_size else ""
         )

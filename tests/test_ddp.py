@@ -26,6 +26,7 @@ from kinfonce.data.augment import EvalTransform
 from kinfonce.data.batches import PretrainData
 from kinfonce.methods import SimCLR
 from kinfonce.methods.base import data_description
+from kinfonce.resolve import build_loss, resolve
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -54,12 +55,10 @@ def without_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-class SimCLRWithoutGather(SimCLR):
+def without_gather(module: SimCLR) -> SimCLR:
     """The negative control: each process keeps only its own negatives (a real DDP bug)."""
-
-    @classmethod
-    def build_loss(cls, config: PretrainConfig, *, gather_distributed: bool = True) -> nn.Module:
-        return super().build_loss(config, gather_distributed=False)
+    module.criterion = build_loss(module.config, gather_distributed=False)
+    return module
 
 
 #: Per-tensor relative difference of the parameter updates allowed between one process and
@@ -106,21 +105,23 @@ def worst_update_difference(
 
 def test_two_processes_match_one_process_on_the_full_batch():
     # SGD, not LARS: LARS normalises each layer's update and would hide a wrong gradient scale.
-    config = PretrainConfig(
-        train_subset=128,
-        batch_size=32,
-        proj_hidden_dim=64,
-        optimizer="sgd",
-        lr=0.1,
-        warmup_epochs=0,
-    ).resolved()
+    config = resolve(
+        PretrainConfig(
+            train_subset=128,
+            batch_size=32,
+            proj_hidden_dim=64,
+            optimizer="sgd",
+            lr=0.1,
+            warmup_epochs=0,
+        )
+    )
     splits = load_dataset("digits").with_train_subset(128, seed=0)
     torch.manual_seed(0)
     single = without_batchnorm(SimCLR(config, data_description(splits)))
     single.views = MirrorViews(splits.mean, splits.std)
     initial = {k: v.detach().clone() for k, v in single.named_parameters()}
     parallel = copy.deepcopy(single)
-    control = without_batchnorm(SimCLRWithoutGather(config, data_description(splits)))
+    control = without_batchnorm(without_gather(SimCLR(config, data_description(splits))))
     control.load_state_dict(single.state_dict())
     control.views = MirrorViews(splits.mean, splits.std)
 

@@ -8,8 +8,20 @@ from pathlib import Path
 import pytest
 
 from kinfonce.cli import build_parser
-from kinfonce.config import ClipConfig, PretrainConfig, build_config, flags_to_mapping
+from kinfonce.config import (
+    ClipConfig,
+    EvalSettings,
+    PretrainConfig,
+    ReportSettings,
+    SyntheticConfig,
+    build_config,
+    given_flags,
+    settings_from_flags,
+)
 from kinfonce.flagdoc import flag_reference, undocumented_flags
+from kinfonce.recipes import build_sourced_config
+from kinfonce.resolve import check_synthetic, resolve
+from tests.helpers import tiny_flags
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -68,8 +80,7 @@ def tiny_run(tmp_path_factory) -> Path:
     from kinfonce.cli import main
 
     run = tmp_path_factory.mktemp("docs") / "RUN"
-    flags = ["--epochs", "1", "--train-subset", "64", "--batch-size", "32", "--no-baselines",
-             "--proj-hidden-dim", "32", "--eval-linear-epochs", "1", "--no-progress"]  # fmt: skip
+    flags = tiny_flags(train_subset=64, eval_linear_epochs=1)
     assert main(["pretrain", *flags, "--output-dir", str(run)]) == 0
     return run
 
@@ -93,8 +104,8 @@ def test_python_blocks_run(page, tmp_path, monkeypatch, tiny_run):
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_shell_commands_parse(page, capsys):
     # Catches a documented command whose subcommand, flag or choice no longer exists, or
-    # whose pretrain or clip flags build no valid config. Commands are parsed, not run (they
-    # train for minutes to days); `kinfonce pretrain` and `clip` ones also build their configuration.
+    # whose flags build no valid settings. Commands are parsed, not run (they train for
+    # minutes to days); their settings are built and checked (a training config resolved).
     commands = shell_commands(page)
     if not commands:
         pytest.skip(f"{page.name} has no kinfonce commands")
@@ -107,10 +118,19 @@ def test_shell_commands_parse(page, capsys):
             args = parser.parse_args(argv)
         except SystemExit as exit_:
             raise AssertionError(f"{page.name}: `{command}` does not parse") from exit_
-        cls = {"pretrain": PretrainConfig, "clip": ClipConfig}.get(args.command)
-        if cls is not None and not args.config:
-            mapping = flags_to_mapping(args, cls)
-            build_config(None, mapping, resume=args.resume is not None, cls=cls).resolved()
+        resume = getattr(args, "resume", None) is not None
+        if args.command == "pretrain" and not args.config:
+            mapping = given_flags(args, PretrainConfig)
+            resolve(build_sourced_config(args.recipe, None, mapping, resume=resume)[0])
+        if args.command == "clip" and not args.config:
+            resolve(
+                build_config(None, given_flags(args, ClipConfig), resume=resume, cls=ClipConfig)
+            )
+        if args.command == "synthetic":
+            check_synthetic(settings_from_flags(args, SyntheticConfig))
+        for command, settings in (("eval", EvalSettings), ("report", ReportSettings)):
+            if args.command == command:
+                settings_from_flags(args, settings)
 
 
 def test_guide_lists_every_preset_with_its_defaults_and_learning_rate():

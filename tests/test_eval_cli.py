@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import json
-import zipfile
-from io import BytesIO
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+import kinfonce.checkpoints
+import kinfonce.evaluate
+from kinfonce.checkpoints import load_checkpoint, stored_config
 from kinfonce.cli import main
-from kinfonce.methods import load_checkpoint
-from kinfonce.report import format_percent
+from kinfonce.config import EvalSettings
+from kinfonce.evaluate import evaluate_checkpoint, extract_features
+from kinfonce.methods import SimCLR
+from kinfonce.models import place_backbone
+from kinfonce.tables import format_percent
+from tests.helpers import CIFAR10_ZIP, random_pixels, tiny_flags, write_image_tree
 
-PRETRAIN_FLAGS = [
-    "--epochs", "2", "--train-subset", "64", "--batch-size", "32", "--eval-linear-epochs", "2",
-    "--proj-hidden-dim", "32", "--no-baselines", "--no-progress", "--accelerator", "cpu",
-]  # fmt: skip
+#: A tiny run on the CPU, in channels-last (the memory format the final evaluation used and
+#: that eval must use again).
+PRETRAIN_FLAGS = tiny_flags(epochs=2, train_subset=64, accelerator="cpu", channels_last=True)
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +37,49 @@ def test_eval_reproduces_pretrain_accuracy(run_dir, tmp_path, capsys):
     # pretrain evaluates its final weights: last.ckpt must hold them, not the best epoch's.
     assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 4
     out = tmp_path / "eval"
-    # The same device as pretraining (both pinned to the CPU, also on a GPU machine): then the
-    # same features and the same seeded probe give bit-identical figures. Catches an eval that
-    # loads other weights, another data subset or other probe settings than pretraining used.
-    args = ["eval", str(run_dir / "checkpoints" / "last.ckpt"), "--no-progress", "--device", "cpu"]
-    assert main([*args, "--out", str(out), "--map-points", "60"]) == 0
+    # Without --device, eval takes the run's kind of device (here its CPU) and its memory
+    # format: then the same features and the same seeded probe give bit-identical figures.
+    # Catches an eval that loads other weights, another data subset, other probe settings or
+    # another memory format than pretraining used.
+    args = ["eval", str(run_dir / "checkpoints" / "last.ckpt"), "--no-progress"]
+    assert main([*args, "--output-dir", str(out), "--map-points", "60"]) == 0
     printed = capsys.readouterr().out
     evaluated = json.loads((out / "metrics.json").read_text())
     for key in ("linear_top1", "linear_top5", "knn_top1", "knn_top5"):
         assert evaluated[key] == pretrain[key], key
     assert format_percent(pretrain["linear_top1"]) in printed
     assert format_percent(pretrain["knn_top1"]) in printed
+    assert "on cpu (the run's accelerator, cpu)" in printed
     assert evaluated["dataset"] == "digits" and evaluated["linear_epochs"] == 2
+    assert evaluated["channels_last"] is True
     assert (out / "feature_map.png").stat().st_size > 0
+
+
+def _ignore_memory_format(backbone, device, *, channels_last):
+    return backbone.to(device=device, memory_format=torch.contiguous_format)
+
+
+def test_eval_features_are_the_runs_and_differ_in_another_memory_format(run_dir, monkeypatch):
+    # The features the end of the run computed: its module's backbone, built from the stored
+    # configuration (channels-last), on the test images. eval's must equal them bit for bit;
+    # the negative control drops the memory format (eval before issue 19), and its features
+    # differ by float32 rounding, which moved CIFAR-100 accuracies in the fourth digit.
+    path = run_dir / "checkpoints" / "last.ckpt"
+    settings = EvalSettings(protocol="knn", progress=False)
+    metrics, splits = evaluate_checkpoint(path, settings)
+    checkpoint = load_checkpoint(path)
+    config = stored_config(checkpoint, path)
+    assert config.channels_last
+    module = SimCLR(config, checkpoint["kinfonce"]["data"])
+    module.load_state_dict(checkpoint["state_dict"])
+    backbone = place_backbone(module.backbone, "cpu", channels_last=True)
+    run_features = extract_features(backbone, splits.test.images, module.eval_transform)
+    assert torch.equal(metrics["test_features"], run_features)
+    for module_ in (kinfonce.checkpoints, kinfonce.evaluate):
+        monkeypatch.setattr(module_, "place_backbone", _ignore_memory_format)
+    dropped, _ = evaluate_checkpoint(path, settings)
+    difference = (dropped["test_features"] - run_features).norm() / run_features.norm()
+    assert 0 < float(difference) < 1e-5
 
 
 def test_eval_protocol_knn_without_map_default_out(run_dir):
@@ -60,7 +92,7 @@ def test_eval_protocol_knn_without_map_default_out(run_dir):
 
 
 def test_report_cli_writes_table_and_curves(run_dir, tmp_path, capsys):
-    assert main(["report", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
+    assert main(["report", str(run_dir), "--output-dir", str(tmp_path / "rep")]) == 0
     printed = capsys.readouterr().out
     assert "| digits-run | simclr | simple-sum |" in printed
     assert (tmp_path / "rep" / "curves.png").stat().st_size > 0
@@ -101,23 +133,10 @@ def test_eval_never_executes_pickled_code(tmp_path, capsys):
     assert not marker.exists()
 
 
-def write_rgb_zip(path: Path, size: int = 8, per_class: int = 4) -> Path:
-    """An ImageFolder zip (train/ and test/, two classes) of RGB PNGs of side ``size``."""
-    rng = np.random.default_rng(0)
-    with zipfile.ZipFile(path, "w") as archive:
-        for split in ("train", "test"):
-            for cls in ("a", "b"):
-                for i in range(per_class):
-                    buffer = BytesIO()
-                    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-                    Image.fromarray(pixels).save(buffer, format="PNG")
-                    archive.writestr(f"{split}/{cls}/{i}.png", buffer.getvalue())
-    return path
-
-
-def test_eval_explains_a_data_set_that_does_not_fit(run_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("KINFONCE_CACHE", str(tmp_path / "cache"))
-    data = write_rgb_zip(tmp_path / "rgb.zip")
+def test_eval_explains_a_data_set_that_does_not_fit(run_dir, tmp_path, capsys):
+    data = write_image_tree(
+        tmp_path / "rgb.zip", random_pixels(8), ("a", "b"), {"train": 4, "test": 4}
+    )
     err = run_eval_expecting_error(
         run_dir / "checkpoints" / "last.ckpt", capsys, "--dataset", f"imagefolder:{data}"
     )
@@ -139,3 +158,20 @@ def test_missing_data_message_names_only_flags_eval_has(run_dir, tmp_path, capsy
     named = set(re.findall(r"`(--[a-z-]+)`", err))
     eval_flags = {f for a in subcommands(build_parser())["eval"]._actions for f in a.option_strings}
     assert named and named <= eval_flags, (named, err)
+
+
+@pytest.mark.skipif(not CIFAR10_ZIP.is_file(), reason=f"{CIFAR10_ZIP} is not here")
+def test_eval_reproduces_a_cifar10_run_in_channels_last(tmp_path, capsys):
+    # Issue 19: on 3-channel images eval in another memory format than the run's was off in
+    # the fourth digit; in the run's, the printed figures are the run's.
+    run = tmp_path / "run"
+    flags = tiny_flags(
+        dataset=f"imagefolder:{CIFAR10_ZIP}", train_subset=256, batch_size=64, channels_last=True
+    )
+    assert main(["pretrain", *flags, "--output-dir", str(run)]) == 0
+    pretrain = json.loads((run / "metrics.json").read_text())
+    args = ["eval", str(run / "checkpoints" / "last.ckpt"), "--map-points", "0", "--no-progress"]
+    assert main(args) == 0
+    evaluated = json.loads((run / "eval" / "metrics.json").read_text())
+    for key in ("linear_top1", "linear_top5", "knn_top1", "knn_top5"):
+        assert evaluated[key] == pretrain[key], key

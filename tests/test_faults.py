@@ -20,21 +20,16 @@ import torch
 import yaml
 
 import kinfonce.fileio
-from kinfonce.checkpoints import AtomicCheckpointIO, furthest_checkpoint
+from kinfonce.checkpoints import AtomicCheckpointIO, furthest_checkpoint, load_checkpoint
 from kinfonce.cli import main
 from kinfonce.config import config_differences
 from kinfonce.errors import KinfonceError
-from kinfonce.methods import load_checkpoint
 from kinfonce.rundir import check_run_dir_free, claim_run_dir
 from kinfonce.train import run_pretrain
-from tests.test_pretrain import tiny_config
+from tests.helpers import tiny_config, tiny_flags
 
 FORK = multiprocessing.get_context("fork")
-TINY_FLAGS = [
-    "--train-subset", "64", "--batch-size", "32", "--epochs", "1", "--warmup-epochs", "0",
-    "--proj-hidden-dim", "32", "--eval-linear-epochs", "2", "--eval-knn-k", "10",
-    "--no-baselines", "--no-progress",
-]  # fmt: skip
+TINY_FLAGS = tiny_flags(train_subset=64)
 
 
 def files_under(path: Path) -> dict[str, bytes]:
@@ -86,7 +81,7 @@ def test_second_process_into_a_running_run_dir_is_refused(tmp_path):
     second = tiny_config(tmp_path, epochs=1, train_subset=64, lr=0.5)
     probe = StartSecondRun(second)
     metrics = run_pretrain(first, callbacks=[probe])
-    assert "in use by a running kinfonce pretrain" in probe.message
+    assert "in use by a running kinfonce process" in probe.message
     assert f"pid {os.getpid()}" in probe.message  # names the holder
     run = Path(first.output_dir)
     assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 1.0  # the first run's
@@ -249,7 +244,7 @@ def test_two_kills_keep_every_epoch_and_end_bit_identical(tmp_path):
     [
         (["--lr", "nan"], "lr must be a finite number > 0, got nan"),
         (["--lr", "-1"], "lr must be a finite number > 0"),
-        (["--warmup-epochs", "-1"], r"warmup_epochs must be a finite number >= 0 \(epochs\)"),
+        (["--warmup-epochs", "-1"], r"warmup_epochs must be a finite number >= 0, got -1"),
         (["--proj-out-dim", "0"], "proj_out_dim must be >= 1, got 0"),
         (["--devices", "abc"], "devices must be 'auto'"),
         (["--temperature1", "0"], "'simple-sum' loss cannot be built .*temperature must be"),
@@ -301,7 +296,8 @@ def test_ctrl_c_in_the_final_evaluation_says_how_to_resume(tmp_path, capsys, mon
 def test_eval_and_synthetic_refuse_an_unwritable_out_before_computing(
     finished_run, tmp_path, capsys, monkeypatch
 ):
-    """Case 8: `eval --out` and `synthetic --out` failed only after all the computation."""
+    """Case 8: `eval --output-dir` and `synthetic --output-dir` (then `--out`) failed only after
+    all the computation."""
     import kinfonce.evaluate
     import kinfonce.synthetic
 
@@ -313,10 +309,10 @@ def test_eval_and_synthetic_refuse_an_unwritable_out_before_computing(
     blocker = tmp_path / "file"
     blocker.write_text("")
     checkpoint = str(finished_run / "checkpoints" / "last.ckpt")
-    assert main(["eval", checkpoint, "--out", str(blocker / "eval")]) == 2
-    assert "--out" in capsys.readouterr().err
-    assert main(["synthetic", "--out", str(blocker / "syn")]) == 2
-    assert "--out" in capsys.readouterr().err
+    assert main(["eval", checkpoint, "--output-dir", str(blocker / "eval")]) == 2
+    assert "--output-dir" in capsys.readouterr().err
+    assert main(["synthetic", "--output-dir", str(blocker / "syn")]) == 2
+    assert "--output-dir" in capsys.readouterr().err
 
 
 def test_temp_files_of_killed_writes_are_removed_by_the_next_owner(tmp_path):

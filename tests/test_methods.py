@@ -1,68 +1,44 @@
-"""Methods, config handling and checkpoint loading (no full training runs here)."""
+"""The methods (LightningModules built from a resolved configuration) and checkpoint loading
+(no full training runs here)."""
 
 from __future__ import annotations
 
 import argparse
-from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 
-from kinfonce.config import (
-    PretrainConfig,
-    add_config_flags,
-    build_config,
-    config_differences,
-    config_from_mapping,
-    dump_config,
-    flags_to_mapping,
-    load_config_file,
-    validate,
-)
+from kinfonce.checkpoints import load_checkpoint, load_encoder
+from kinfonce.config import PretrainConfig
 from kinfonce.data.batches import check_batch_size
-from kinfonce.methods import METHODS, MoCo, SimCLR, load_checkpoint, load_encoder
+from kinfonce.methods import METHODS, ClipMethod, MoCo, SimCLR, method_class
 from kinfonce.methods.base import CHECKPOINT_KEY
+from kinfonce.resolve import resolve
 
 DATA = {"image_size": 16, "channels": 1, "num_classes": 10, "mean": (0.3,), "std": (0.4,)}
 
 
 def small(**overrides) -> PretrainConfig:
     base = dict(proj_hidden_dim=32, queue_size=16, backbone="resnet-mini")
-    return PretrainConfig(**{**base, **overrides}).resolved()
+    return resolve(PretrainConfig(**{**base, **overrides}))
 
 
-def test_registry_and_loss_defaults():
-    assert set(METHODS) == {"simclr", "moco"}
-    assert SimCLR.loss_params(small(loss="simple-sum")) == {}
-    assert MoCo.loss_params(small(method="moco", loss="simple-sum")) == {
-        "temperature1": 0.1, "temperature2": 0.1, "lam": 0.8,
-    }  # fmt: skip
-    assert MoCo.loss_params(small(method="moco", loss="laplacian")) == {"temperature": 0.1}
-    assert MoCo.loss_params(small(method="moco", loss="laplacian", temperature=0.3)) == {
-        "temperature": 0.3
-    }
+def test_registry_holds_every_method_by_its_name():
+    # Catches a method missing from the registry, or a config that picks another's module.
+    assert {"simclr": SimCLR, "moco": MoCo, "clip": ClipMethod} == METHODS
+    assert method_class(small(method="moco")) is MoCo
+    rule = PretrainConfig.__dataclass_fields__["method"].metadata["rule"]
+    assert set(rule.choices) == set(METHODS) - {"clip"}
 
 
-def test_parameter_the_preset_does_not_take_is_an_error():
-    with pytest.raises(ValueError, match="lam"):
-        SimCLR(small(loss="gaussian", lam=0.5), DATA)
-    with pytest.raises(ValueError, match="mu"):
-        SimCLR(small(loss="laplacian", mu=2.0), DATA)
-
-
-def test_mu_reaches_the_spectral_loss_and_a_bad_one_is_refused():
-    # Catches --mu being dropped on the way to the loss, or a non-positive cap accepted.
+def test_mu_reaches_the_spectral_loss():
+    # Catches --mu being dropped on the way to the loss.
     assert SimCLR(small(loss="spectral"), DATA).criterion.mu == 3.0
     assert SimCLR(small(loss="spectral", mu=8.0), DATA).criterion.mu == 8.0
-    with pytest.raises(ValueError, match="mu must be"):
-        SimCLR(small(loss="spectral", mu=0.0), DATA)
 
 
-def test_concat_preset_doubles_embedding_and_checks_width():
+def test_concat_preset_doubles_the_embedding():
     assert SimCLR(small(loss="concat-sum"), DATA).head[-1].out_features == 256
-    with pytest.raises(ValueError, match="proj_out_dim must be a positive multiple of 2"):
-        SimCLR(small(loss="concat-sum", proj_out_dim=127), DATA)
 
 
 @pytest.mark.parametrize("method", ["simclr", "moco"])
@@ -99,65 +75,12 @@ def test_moco_momentum_update_is_an_ema():
     torch.testing.assert_close(module.key_backbone.conv1.weight, before + 0.1)
 
 
-@pytest.mark.parametrize(
-    ("field", "value", "valid"),
-    [("method", "byol", "moco"), ("backbone", "vit", "resnet18"),
-     ("loss", "triplet", "simple-sum"), ("optimizer", "rmsprop", "lars")],
-)  # fmt: skip
-def test_unknown_choices_list_valid_names(field, value, valid):
-    with pytest.raises(ValueError, match=f"{field} must be one of .*{valid}"):
-        validate(small(**{field: value}))
-
-
 def test_batch_size_checks_explain():
     with pytest.raises(ValueError, match="larger than the training set"):
         check_batch_size(512, 300, 1)
     with pytest.raises(ValueError, match="does not divide across 3 processes"):
         check_batch_size(256, 1000, 3)
     check_batch_size(256, 1000, 2)
-
-
-def test_config_layers_and_unknown_keys(tmp_path):
-    path = tmp_path / "run.yaml"
-    path.write_text("lr: 0.3\nloss: laplacian\ntemperature: 0.2\n")
-    parser = argparse.ArgumentParser()
-    add_config_flags(parser)
-    args = parser.parse_args(["--lr", "0.7", "--no-progress", "--temperature", "none"])
-    config = build_config(path, flags_to_mapping(args))
-    assert (config.lr, config.loss, config.temperature, config.progress) == (
-        0.7,
-        "laplacian",
-        None,
-        False,
-    )
-    assert config_from_mapping(yaml.safe_load(dump_config(config))) == config
-    path.write_text("learning_rate: 0.3\n")
-    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['learning_rate'\]"):
-        load_config_file(path)
-    with pytest.raises(ValueError, match="'epochs' must be an integer"):
-        config_from_mapping({"epochs": 2.5})
-    with pytest.raises(ValueError, match="'batch_size' must be int"):
-        config_from_mapping({"batch_size": "many"})
-
-
-def test_every_field_has_a_flag_with_help():
-    parser = argparse.ArgumentParser()
-    add_config_flags(parser)
-    actions = {a.dest: a for a in parser._actions}
-    for name in PretrainConfig.__dataclass_fields__:
-        assert name in actions and actions[name].help
-
-
-def test_config_differences_ignore_runtime_fields():
-    a, b = small().to_dict(), small(devices="2", lr=0.5, epochs=7).to_dict()
-    assert config_differences(a, b) == [
-        "epochs: checkpoint has 15, now 7", "lr: checkpoint has 1.0, now 0.5",
-    ]  # fmt: skip
-
-
-def test_digits_defaults_differ_from_simclr_augmentation():
-    digits, cifar = small(), PretrainConfig(dataset="cifar10").resolved()
-    assert digits.flip_p == 0.0 and cifar.flip_p == 0.5 and cifar.crop_scale_min == 0.08
 
 
 def test_load_encoder_round_trip_and_refusals(tmp_path):
@@ -187,16 +110,6 @@ def test_load_encoder_round_trip_and_refusals(tmp_path):
         load_encoder(tmp_path / "missing.ckpt")
 
 
-def test_print_config_shows_the_effective_config(capsys):
-    from kinfonce.cli import main
-
-    assert main(["pretrain", "--print-config", "--lr", "0.5", "--method", "moco"]) == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["lr"] == 0.5 and printed["method"] == "moco"
-    assert printed["flip_p"] == 0.0  # digits default filled in
-    assert config_from_mapping(printed).lr == 0.5
-
-
 @pytest.mark.parametrize(
     ("loss", "advice"),
     [
@@ -213,17 +126,24 @@ def test_divergence_advice_names_only_what_the_preset_takes(loss, advice):
 
 
 def test_compile_and_channels_last_keep_the_step(monkeypatch):
-    """--compile routes the backbone and head through torch.compile, once (the GPU benchmark
-    measures the real compiler; here a recording stand-in keeps the test fast), and
-    --channels-last changes the backbone's memory format; neither changes the loss, the
-    gradients or the checkpoint's keys (a compiled module saved under another name would)."""
-    compiled = []
+    """--compile routes the backbone and head through torch.compile, once, and TorchDynamo
+    captures their graph (the real compiler front end; the graph then runs as captured, which
+    keeps the test fast; the GPU benchmark measures the code generator), and --channels-last
+    changes the backbone's memory format; neither changes the loss, the gradients or the
+    checkpoint's keys (a compiled module saved under another name would)."""
+    compiled, graphs = [], []
+    real_compile = torch.compile
 
-    def recording_compile(fn, **kwargs):
+    def run_captured_graph(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    def compile_and_record(fn, **kwargs):
         compiled.append(fn)
-        return fn
+        return real_compile(fn, backend=run_captured_graph)
 
-    monkeypatch.setattr(torch, "compile", recording_compile)
+    monkeypatch.setattr(torch, "compile", compile_and_record)
+    torch._dynamo.reset()
     # A fixed batch: over 150 random ones the two memory formats' gradients differed by 6e-6
     # relative at the median but up to 2e-2 in a tenth of them (the kernels break ties between
     # equal values differently), which made an unseeded batch fail now and then.
@@ -239,6 +159,10 @@ def test_compile_and_channels_last_keep_the_step(monkeypatch):
         loss.backward()
         results.append((loss.detach(), module.backbone.conv1.weight.grad, module.state_dict()))
     assert len(compiled) == 1 and compiled[0].__func__ is SimCLR._embed
+    convolutions = [
+        node for graph in graphs for node in graph.graph.nodes if "conv" in str(node.target)
+    ]
+    assert convolutions, "TorchDynamo captured no convolution of the backbone"
     assert module.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     (loss0, grad0, state0), (loss1, grad1, state1) = results
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
@@ -248,18 +172,12 @@ def test_compile_and_channels_last_keep_the_step(monkeypatch):
     assert state1.keys() == state0.keys()
 
 
-@pytest.mark.parametrize(
-    ("setting", "device", "expected"),
-    [(None, "cpu", True), (None, "cuda", False), (False, "cpu", False), (True, "cuda", True)],
-)
-def test_channels_last_auto_is_on_for_a_cpu_only(setting, device, expected):
-    # Catches the auto setting (None) ignoring the training device, overriding an explicit
-    # choice, or leaving MoCo's key encoder in the other memory format.
+@pytest.mark.parametrize("expected", [True, False])
+def test_memory_format_of_the_config_reaches_both_moco_encoders(expected):
+    # Catches a module that ignores the resolved channels_last, or leaves MoCo's key encoder
+    # in the other memory format.
     rgb = {**DATA, "channels": 3}
-    module = MoCo(small(method="moco", channels_last=setting), rgb)
-    module.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
-    module.setup("fit")
-    assert module.channels_last is expected
+    module = MoCo(small(method="moco", channels_last=expected), rgb)
     for encoder in (module.backbone, module.key_backbone):
         conv = next(p for p in encoder.parameters() if p.ndim == 4 and p.shape[1] > 1)
         assert conv.is_contiguous(memory_format=torch.channels_last) is expected
@@ -288,5 +206,5 @@ def test_malformed_kinfonce_entry_is_a_clear_error(tmp_path, capsys, change, mes
         load_encoder(path)
     from kinfonce.cli import main
 
-    assert main(["eval", str(path), "--out", str(tmp_path / "eval")]) == 2
+    assert main(["eval", str(path), "--output-dir", str(tmp_path / "eval")]) == 2
     assert "malformed" in capsys.readouterr().err

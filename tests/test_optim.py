@@ -42,19 +42,23 @@ def test_lars_matches_lightly_reference():
         torch.testing.assert_close(p, q)
 
 
-def test_lars_trust_ratio_closed_form():
+def test_lars_trust_ratio_closed_form_also_without_weight_decay():
+    # With weight decay 0 the step is still adapted (implementations that tie adaptation to
+    # weight decay take a plain SGD step of 10 here): trust * ||w|| / ||g|| * g.
     weight = nn.Parameter(torch.tensor([3.0, 4.0]))  # norm 5
-    weight.grad = torch.tensor([0.0, 1.0])  # norm 1
+    weight.grad = torch.tensor([0.0, 10.0])  # norm 10
     LARS([weight], lr=1.0, momentum=0.0, weight_decay=0.0, trust_coefficient=0.1).step()
-    # step = trust * ||w|| / ||g|| * g = 0.1 * 5 * g
-    torch.testing.assert_close(weight.detach(), torch.tensor([3.0, 3.5]))
+    torch.testing.assert_close(weight.detach(), torch.tensor([3.0, 3.5]))  # 0.1 * 5 / 10 * g
 
 
-def test_lars_adapts_without_weight_decay():
+def test_lars_trust_ratio_closed_form_with_weight_decay():
+    # Catches weight decay left out of the direction or of the ratio's denominator:
+    # trust * ||w|| / (||g|| + wd ||w||) * (g + wd w) = 0.1 * 5 / 3.5 * (1.5, 3).
     weight = nn.Parameter(torch.tensor([3.0, 4.0]))
-    weight.grad = torch.tensor([0.0, 10.0])
-    LARS([weight], lr=1.0, momentum=0.0, weight_decay=0.0, trust_coefficient=0.1).step()
-    torch.testing.assert_close(weight.detach(), torch.tensor([3.0, 3.5]))
+    weight.grad = torch.tensor([0.0, 1.0])
+    LARS([weight], lr=1.0, momentum=0.0, weight_decay=0.5, trust_coefficient=0.1).step()
+    step = 0.1 * 5 / 3.5 * torch.tensor([1.5, 3.0])
+    torch.testing.assert_close(weight.detach(), torch.tensor([3.0, 4.0]) - step)
 
 
 def test_parameter_groups_exclude_norm_and_bias():

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-from kinfonce.config import PretrainConfig
+from kinfonce.config import PretrainConfig, SyntheticConfig
 from kinfonce.data import load_dataset
 from kinfonce.methods import SimCLR
 from kinfonce.methods.base import data_description
 from kinfonce.probes import LinearProbeSettings
-from kinfonce.synthetic import SyntheticConfig
+from kinfonce.resolve import METHOD_LOSS_DEFAULTS, resolve
 
 
 def test_encoder_training_defaults_follow_appendix_b():
@@ -27,7 +27,7 @@ def test_encoder_training_defaults_follow_appendix_b():
 
 @pytest.mark.parametrize(("loss", "out_dim"), [("laplacian", 128), ("concat-sum", 256)])
 def test_projection_head_is_2048_then_128_or_256_for_concatenation(loss, out_dim):
-    config = PretrainConfig(loss=loss, dataset="digits", backbone="resnet-mini").resolved()
+    config = resolve(PretrainConfig(loss=loss, dataset="digits", backbone="resnet-mini"))
     splits = load_dataset("digits")
     head = SimCLR(config, data_description(splits)).head
     linears = [m for m in head.modules() if m.__class__.__name__ == "Linear"]
@@ -49,3 +49,10 @@ def test_synthetic_defaults_follow_appendix_c():
     config = SyntheticConfig()
     assert (config.num_clusters, config.cluster_size) == (6, 100)
     assert (config.lr, config.temperature, config.batch_size) == (1.0, 0.5, 50)
+
+
+def test_moco_loss_defaults_follow_table_4():
+    # MoCo: temperature 0.1 for every kernel, lambda 0.8 for the sums (paper, Table 4).
+    assert METHOD_LOSS_DEFAULTS["moco"] == {
+        "temperature": 0.1, "temperature1": 0.1, "temperature2": 0.1, "lam": 0.8,
+    }  # fmt: skip

@@ -14,34 +14,16 @@ import yaml
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kinfonce.checkpoints import load_checkpoint, load_encoder
 from kinfonce.cli import main
 from kinfonce.config import PretrainConfig
 from kinfonce.errors import DivergedError
-from kinfonce.methods import base, load_checkpoint, load_encoder
+from kinfonce.methods import base
 from kinfonce.rundir import RUN_DIR_ENV, resolve_run_dir
 from kinfonce.train import run_pretrain
+from tests.helpers import tiny_config, tiny_flags
 
 METRIC_KEYS = ("linear_top1", "knn_top1", "random_encoder_linear_top1", "raw_pixels_linear_top1")
-
-
-def tiny_config(tmp_path, **overrides) -> PretrainConfig:
-    settings = dict(
-        dataset="digits",
-        train_subset=128,
-        backbone="resnet-mini",
-        proj_hidden_dim=32,
-        batch_size=32,
-        epochs=1,
-        warmup_epochs=0,
-        queue_size=128,
-        eval_linear_epochs=2,
-        eval_knn_k=10,
-        baselines=False,
-        progress=False,
-        output_dir=str(tmp_path / "run"),
-    )
-    settings.update(overrides)
-    return PretrainConfig(**settings)
 
 
 def state_of(path) -> dict[str, torch.Tensor]:
@@ -94,7 +76,7 @@ def test_pretrain_end_to_end(tmp_path, method, loss, out_dim):
     # in the same run shows learning (measured: 0.82 against 0.72 for both methods).
     assert metrics["linear_top1"] > metrics["random_encoder_linear_top1"] + 0.02
     assert metrics["linear_top5"] >= metrics["linear_top1"]
-    assert json.loads((run / "metrics.json").read_text()) == pytest.approx(metrics)
+    assert json.loads((run / "metrics.json").read_text()) == metrics  # floats round-trip exactly
     assert yaml.safe_load((run / "config.yaml").read_text())["loss"] == loss
     assert (run / "curves.png").stat().st_size > 0
     rows = list(csv.DictReader((run / "logs" / "metrics.csv").open()))
@@ -124,9 +106,8 @@ def test_pretrain_end_to_end(tmp_path, method, loss, out_dim):
 
 def test_cli_pretrain_prints_baselines(tmp_path, capsys):
     code = main(
-        ["pretrain", "--loss", "gaussian", "--train-subset", "128", "--batch-size", "32",
-         "--epochs", "1", "--proj-hidden-dim", "32", "--eval-linear-epochs", "2",
-         "--eval-knn-k", "10", "--no-progress", "--output-dir", str(tmp_path / "run")]
+        ["pretrain", *tiny_flags(loss="gaussian", baselines=True),
+         "--output-dir", str(tmp_path / "run")]
     )  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out
@@ -309,3 +290,27 @@ def test_finished_run_trains_longer_with_a_stretched_schedule(tmp_path):
     # Fewer epochs than were trained is still a changed configuration.
     with pytest.raises(ValueError, match="epochs"):
         run_pretrain(tiny_config(tmp_path, epochs=1), resume="last")
+
+
+def test_config_yaml_records_the_run_and_runs_it_again(tmp_path, capsys):
+    # Issue 19: a default run's config.yaml stored null loss parameters, channels_last and
+    # proj_out_dim (five places filled them in); now it is the resolved configuration, which
+    # given back with --config reproduces the run's metrics at the same seed.
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["pretrain", *tiny_flags(), "--output-dir", str(first)]) == 0
+    saved = yaml.safe_load((first / "config.yaml").read_text())
+    assert saved["command"] == "pretrain" and saved["accelerator"] != "auto"
+    for name in ("temperature1", "temperature2", "lam", "channels_last", "proj_out_dim"):
+        assert saved[name] is not None, name
+    config = str(first / "config.yaml")
+    assert main(["pretrain", "--config", config, "--output-dir", str(second)]) == 0
+    assert yaml.safe_load((second / "config.yaml").read_text()) == {
+        **saved,
+        "output_dir": str(second),
+    }
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in (first, second)]
+    for key in ("linear_top1", "linear_top5", "knn_top1", "knn_top5", "final_train_loss"):
+        assert metrics[1][key] == metrics[0][key], key
+    record = metrics[0]["run"]
+    assert record["torch"] == torch.__version__ and record["lightning"] == L.__version__
+    assert record["kinfonce"] and record["device"].startswith(saved["accelerator"])

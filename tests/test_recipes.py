@@ -11,10 +11,11 @@ from torch import nn
 from kinfonce.cli import main
 from kinfonce.config import config_from_mapping
 from kinfonce.data import DatasetSplits, LabeledImages
+from kinfonce.data.batches import PretrainData
 from kinfonce.errors import KinfonceError
 from kinfonce.methods import METHODS
 from kinfonce.recipes import _layer, build_sourced_config, get_recipe, load_recipes
-from kinfonce.train import PretrainData
+from kinfonce.resolve import resolve
 
 #: Shape of each data set a recipe names: (image side, classes).
 SHAPES = {"cifar10": (32, 10), "cifar100": (32, 100), "tinyimagenet": (64, 200)}
@@ -143,7 +144,7 @@ def test_each_recipe_builds_and_takes_a_training_step(name, tmp_path):
     # backbone is shrunk to resnet-mini for speed; everything else is the recipe's.
     recipe = get_recipe(name)
     fields = {**recipe.values, "backbone": "resnet-mini", "batch_size": 8, "queue_size": 16}
-    config = config_from_mapping(fields).resolved()
+    config = resolve(config_from_mapping(fields))
     splits = tiny_splits(config.dataset)
     torch.manual_seed(0)
     module = METHODS[config.method](config, {k: getattr(splits, k) for k in (
@@ -183,10 +184,10 @@ def test_the_authors_moco_code_settings_as_flags():
     )  # fmt: skip
     data = {"image_size": 32, "channels": 3, "num_classes": 10, "mean": (0.5,) * 3,
             "std": (0.25,) * 3}  # fmt: skip
-    module = METHODS["moco"](config.resolved(), data)
+    module = METHODS["moco"](resolve(config), data)
     assert [type(m).__name__ for m in module.head] == ["Linear", "ReLU", "Linear"]
     assert module.head[0].in_features == 512 and module.head[0].out_features == 512
     assert [loss.positive_in_denominator for loss in module.criterion.losses] == [False, False]
     assert module.criterion.weights == [0.2, 0.8]
     with pytest.raises(KinfonceError, match="needs method 'moco'"):
-        METHODS["simclr"](config_from_mapping({"positive_in_denominator": False}).resolved(), data)
+        resolve(config_from_mapping({"positive_in_denominator": False}))

@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-from PIL import Image
-
+from kinfonce.checkpoints import load_checkpoint
 from kinfonce.cli import main
+from tests.helpers import noisy_colour, tiny_flags, write_image_tree
+
+#: Two colour classes of noisy 16 px images.
+COLOURS = {"red": (200, 40, 40), "blue": (40, 40, 200)}
 
 
 def write_tree(root, with_unlabelled: bool) -> None:
-    """Two colour classes of noisy 16 px images in train/ and test/; optional unlabelled/."""
-    rng = np.random.default_rng(0)
-    colours = {"red": (200, 40, 40), "blue": (40, 40, 200)}
-    folders = [(f"{split}/{name}", colour, n) for split, n in (("train", 40), ("test", 10))
-               for name, colour in colours.items()]  # fmt: skip
-    if with_unlabelled:
-        folders += [("unlabelled", colour, 60) for colour in colours.values()]
-    for folder, colour, count in folders:
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        start = len(list((root / folder).iterdir()))
-        for i in range(count):
-            noise = rng.integers(-30, 30, size=(16, 16, 3))
-            pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / folder / f"{start + i}.png")
+    """40 training and 10 test images per class, and 60 unlabelled ones per class."""
+    counts = {"train": 40, "test": 10}
+    unlabelled = 60 if with_unlabelled else 0
+    write_image_tree(root, noisy_colour(COLOURS), COLOURS, counts, unlabelled=unlabelled)
 
 
 def test_unlabelled_images_pretrain_and_a_labelled_set_evaluates(tmp_path, capsys):
@@ -35,20 +27,17 @@ def test_unlabelled_images_pretrain_and_a_labelled_set_evaluates(tmp_path, capsy
     write_tree(mine, with_unlabelled=True)
     write_tree(other, with_unlabelled=False)
     run = tmp_path / "run"
-    flags = ["--dataset", f"imagefolder:{mine}", "--unlabeled", "--backbone", "resnet-mini",
-             "--batch-size", "32", "--epochs", "1", "--warmup-epochs", "0",
-             "--proj-hidden-dim", "32", "--eval-linear-epochs", "2", "--eval-knn-k", "5",
-             "--no-baselines", "--no-progress", "--output-dir", str(run)]  # fmt: skip
-    assert main(["pretrain", *flags]) == 0
+    flags = tiny_flags(
+        dataset=f"imagefolder:{mine}", unlabeled=True, train_subset=None, eval_knn_k=5
+    )
+    assert main(["pretrain", *flags, "--output-dir", str(run)]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     # 72 labelled training images after the validation split, plus 120 unlabelled ones
     assert metrics["train_images"] == 72
     ckpt = run / "checkpoints" / "last.ckpt"
-    from kinfonce.methods import load_checkpoint
-
     assert load_checkpoint(ckpt)["global_step"] == (72 + 120) // 32
     out = tmp_path / "eval"
-    assert main(["eval", str(ckpt), "--dataset", f"imagefolder:{other}", "--out", str(out),
+    assert main(["eval", str(ckpt), "--dataset", f"imagefolder:{other}", "--output-dir", str(out),
                  "--map-points", "0", "--no-progress"]) == 0  # fmt: skip
     evaluated = json.loads((out / "metrics.json").read_text())
     assert evaluated["dataset"] == f"imagefolder:{other}" and evaluated["linear_top1"] > 0.9

@@ -8,6 +8,9 @@ reported as one line that says so.
 :func:`resume_checkpoint` reads the (epoch, global step) stored in each of
 ``last.ckpt``, ``interrupted.ckpt`` and ``best.ckpt``, skips unreadable ones with a
 warning, and continues from the furthest; file times play no part.
+
+Checkpoints are read safely (:func:`load_checkpoint`, ``torch.load(weights_only=True)``);
+:func:`load_encoder` rebuilds the backbone of one from its stored, resolved configuration.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch import nn
 
-from kinfonce.config import TrainConfig, config_differences, config_from_mapping
+from kinfonce.config import CONFIG_CLASSES, TrainConfig, config_differences, config_from_mapping
 from kinfonce.errors import KinfonceError, MissingFileError
 from kinfonce.fileio import atomic_write
-from kinfonce.methods import load_checkpoint
-from kinfonce.methods.base import CHECKPOINT_KEY
+from kinfonce.methods.base import CHECKPOINT_KEY, DATA_FIELDS
+from kinfonce.models import build_backbone, place_backbone
+from kinfonce.resolve import resolve
 
 #: Checkpoints of a run directory that a resume may continue from, in order of preference
 #: between equal progress.
@@ -60,6 +65,103 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"no space left to write checkpoint {str(path)!r} ({err.strerror}); the "
                 "checkpoints already written are whole: free space, then continue with --resume"
             ) from err
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a kinfonce checkpoint safely (``torch.load(weights_only=True)``).
+
+    Raises:
+        MissingFileError: no such file.
+        KinfonceError: the file is corrupt, holds pickled code, or is no kinfonce checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # arbitrary bytes can fail anywhere in the (safe) unpickler
+        raise KinfonceError(
+            f"checkpoint {str(path)!r} cannot be read safely: it is corrupt or truncated, or "
+            f"holds pickled objects other than tensors and plain containers "
+            f"({type(err).__name__})"
+        ) from None
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
+        raise KinfonceError(
+            f"{str(path)!r} is not a kinfonce pretraining checkpoint (no {CHECKPOINT_KEY!r} entry)"
+        )
+    problem = _malformed(checkpoint)
+    if problem:
+        raise KinfonceError(f"checkpoint {str(path)!r} is malformed: {problem}")
+    return checkpoint
+
+
+def _malformed(checkpoint: dict[str, Any]) -> str | None:
+    """What is wrong with the structure of a loaded checkpoint, or None."""
+    stored = checkpoint[CHECKPOINT_KEY]
+    if not isinstance(stored, dict):
+        return f"its {CHECKPOINT_KEY!r} entry is a {type(stored).__name__}, not a mapping"
+    for key in ("config", "data"):
+        if not isinstance(stored.get(key), dict):
+            return f"its {CHECKPOINT_KEY!r} entry has no {key!r} mapping"
+    missing = [key for key in DATA_FIELDS if key not in stored["data"]]
+    if missing:
+        return f"its data description lacks {missing}"
+    if not isinstance(checkpoint.get("state_dict"), dict):
+        return "it has no 'state_dict' mapping of tensors"
+    return None
+
+
+def stored_config(checkpoint: dict[str, Any], path: str | Path) -> TrainConfig:
+    """The resolved configuration a checkpoint was written with.
+
+    A checkpoint of an earlier kinfonce may hold an input configuration (loss parameters and
+    memory format left at None): it is resolved here as its run resolved it.
+
+    Raises:
+        KinfonceError: its kind is unknown, or its configuration is not valid.
+    """
+    stored = checkpoint[CHECKPOINT_KEY]
+    kind = stored.get("kind", "pretrain")
+    if kind not in CONFIG_CLASSES:
+        raise KinfonceError(f"{str(path)!r} holds a checkpoint of an unknown kind {kind!r}")
+    with warnings.catch_warnings():  # the run warned about its settings when it started
+        warnings.simplefilter("ignore")
+        return resolve(config_from_mapping(stored["config"], cls=CONFIG_CLASSES[kind]))
+
+
+def load_encoder(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The pretrained backbone of a checkpoint written by ``kinfonce pretrain`` or ``clip``.
+
+    Args:
+        path: a ``.ckpt`` file from ``RUN_DIR/checkpoints``.
+
+    Returns:
+        (backbone in eval mode mapping (B, C, H, W) float to (B, F), on the CPU in the memory
+        format its run used (:func:`kinfonce.models.place_backbone`); the resolved config as
+        a dict, which also holds ``"data"``, the data description the model was built for).
+    """
+    checkpoint = load_checkpoint(path)
+    data = checkpoint[CHECKPOINT_KEY]["data"]
+    try:
+        config = stored_config(checkpoint, path)
+        backbone = build_backbone(
+            config.backbone,
+            in_channels=data["channels"],
+            image_size=data["image_size"],
+            stem=config.stem,
+        )
+        prefix = "backbone."
+        state = {
+            k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
+        }
+        backbone.load_state_dict(state)
+    except (ValueError, TypeError, KeyError, RuntimeError) as err:
+        raise KinfonceError(
+            f"checkpoint {str(path)!r} is malformed: its config, data description and weights "
+            f"do not make an encoder ({type(err).__name__}: {err})"
+        ) from None
+    backbone = place_backbone(backbone, "cpu", channels_last=config.channels_last)
+    return backbone.eval(), {**config.to_dict(), "data": data}
 
 
 def checkpoint_progress(path: Path) -> tuple[int, int]:
@@ -138,14 +240,19 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
 def check_resumable(checkpoint_path: Path, config: TrainConfig) -> None:
     """Refuse a checkpoint written with another configuration, naming the differences.
 
+    Both configurations are compared resolved; :data:`kinfonce.config.RUNTIME_FIELDS` may differ.
+
     More ``epochs`` than the checkpoint's run had is allowed: training longer. The cosine
     schedule is then stretched, not continued: it is recomputed over the new number of
     steps, so the learning rate rises from where the old schedule ended (0 for a finished
     run) to the new curve's value at that step and decays to 0 at the new end.
     """
-    saved = load_checkpoint(checkpoint_path)[CHECKPOINT_KEY]["config"]
+    checkpoint = load_checkpoint(checkpoint_path)
     try:
-        saved = config_from_mapping(saved, cls=type(config)).resolved().to_dict()
+        saved = stored_config(checkpoint, checkpoint_path)
+        if type(saved) is not type(config):
+            raise KinfonceError(f"it holds a {saved.command} configuration")
+        saved = saved.to_dict()
     except KinfonceError as err:
         raise KinfonceError(
             f"cannot resume from {str(checkpoint_path)!r}: it was written by another kind of "

@@ -1,24 +1,31 @@
-"""Training configurations: one dataclass per command, a YAML file and a flag per field.
+"""The settings of every ``kinfonce`` command: one frozen dataclass each, and the flags made from them.
 
-The effective configuration is built in layers: the defaults below, then an optional
-recipe (``--recipe``, :mod:`kinfonce.recipes`), then an optional YAML file (``--config``),
-then command-line flags. A key that is not a field is an error, never ignored. ``None``
-in a loss-parameter field means "the preset's (or the method's) default"; in an
-augmentation field it means "the data set's default" (:data:`DATASET_AUGMENTATION`).
-:meth:`TrainConfig.resolved` fills these in, and the resolved form is what a run
-writes to ``config.yaml``. :func:`validate` checks every field of it before a run
-touches the disk.
+Each field carries its help text, its group and the rule its values obey (field metadata,
+see :func:`setting`); a field's flag, its ``--help`` line and its check all come from there.
+Making a settings object converts each value to its field's type (strings from the command
+line are read, a bool where a number belongs or a list where a string belongs is refused) and
+checks it against its rule, naming the field.
+
+The training configuration (:class:`PretrainConfig`, :class:`ClipConfig`) is built in layers:
+the defaults, an optional recipe, an optional YAML file (``--config``), then the flags given.
+``None`` in some of its fields means "decide for me"; :func:`kinfonce.resolve.resolve` turns
+that input into the one fully resolved configuration a run uses and records in
+``config.yaml``. A key that is not a field is an error, never ignored.
+
+This module imports no method, loss, model or data module: checks that need them (names in
+their registries, rules between fields, a dry build of the loss) are in :mod:`kinfonce.resolve`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import re
 import types
 import typing
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,214 +35,202 @@ import yaml
 from kinfonce.errors import KinfonceError, MissingFileError
 
 
-def _f(default: Any, help: str, group: str) -> Any:
-    return field(default=default, metadata={"help": help, "group": group})
+@dataclass(frozen=True)
+class Rule:
+    """What values a field allows: a test and the words that say what passes it.
 
-
-#: Augmentation defaults per data set; others get the SimCLR recipe. The 16 px digits
-#: are not mirror-symmetric and lose their identity under tight crops.
-DATASET_AUGMENTATION: dict[str, dict[str, float]] = {
-    "digits": {"crop_scale_min": 0.4, "flip_p": 0.0, "jitter_strength": 0.5},
-}
-SIMCLR_AUGMENTATION = {"crop_scale_min": 0.08, "flip_p": 0.5, "jitter_strength": 1.0}
-
-#: Fields that may change when a run is resumed: where and how it runs, where its data lies,
-#: and how it is evaluated at the end; not what it trains.
-RUNTIME_FIELDS = frozenset(
-    {
-        "accelerator",
-        "devices",
-        "num_nodes",
-        "strategy",
-        "precision",
-        "progress",
-        "output_dir",
-        "data_root",
-        "download",
-        "eval_linear_epochs",
-        "eval_knn_k",
-        "baselines",
-        "loss_path",
-        "compile",
-        "channels_last",
-    }
-)
-
-
-ConfigT = typing.TypeVar("ConfigT", bound="TrainConfig")
-
-
-@dataclass
-class TrainConfig:
-    """The settings every training command shares (defaults: the embedded digits run).
-
-    :class:`PretrainConfig` (``kinfonce pretrain``) and :class:`ClipConfig`
-    (``kinfonce clip``) add their own fields.
+    ``None`` (in an optional field) passes every rule; NaN fails every comparison.
+    ``choices`` lists the values of a rule that allows only those (:func:`one_of`).
     """
 
-    # data
-    dataset: str = _f(
-        "digits",
-        "data set: digits, cifar10, cifar100, stl10, tinyimagenet, imagefolder:PATH",
-        "data",
-    )
-    data_root: str | None = _f(None, "directory or zip holding the data set", "data")
-    download: bool = _f(False, "download the data set if it is missing (torchvision sets)", "data")
-    val_fraction: float = _f(
-        0.1, "fraction of the training set held out for the online probe", "data"
-    )
-    train_subset: int | None = _f(
-        None, "use a seeded random subset of this many training images (CPU-scale runs)", "data"
-    )
-    image_size: int | None = _f(
-        None,
-        "side in pixels that every image of an image tree (imagefolder, tinyimagenet) is "
-        "resized to (None: the most common size)",
-        "data",
-    )
-    unlabeled: bool = _f(
-        False,
-        "also pretrain on the data set's unlabelled images (stl10: its 100,000-image "
-        "'unlabeled' split; imagefolder:PATH: every image under PATH/unlabelled/); probes "
-        "and evaluation use the labelled ones only",
-        "data",
-    )
-    # augmentation
-    crop_scale_min: float | None = _f(
-        None,
-        "smallest crop area fraction of the random resized crop (None: data set default)",
-        "augmentation",
-    )
-    flip_p: float | None = _f(
-        None, "probability of a horizontal flip (None: data set default)", "augmentation"
-    )
-    jitter_strength: float | None = _f(
-        None, "colour-jitter strength s (None: data set default)", "augmentation"
-    )
-    blur: bool = _f(False, "add Gaussian blur to the views", "augmentation")
-    # model
-    backbone: str = _f("resnet-mini", "backbone name (see kinfonce.models.BACKBONES)", "model")
-    stem: str = _f(
-        "auto",
-        "backbone stem: auto (cifar up to 64 px, imagenet above), cifar (3x3, stride 1), "
-        "imagenet (7x7, stride 2, max-pool) or imagenet-no-maxpool",
-        "model",
-    )
-    proj_hidden_dim: int = _f(2048, "hidden width of the projection head", "model")
-    proj_batch_norm: bool = _f(
-        True,
-        "batch norm after the head's hidden layer (Appendix B); off: MoCo code's head",
-        "model",
-    )
-    proj_out_dim: int | None = _f(
-        None, "embedding width (None: 128, or 256 for the concatenation presets)", "model"
-    )
-    # loss
-    loss: str = _f("simple-sum", "loss preset (see kinfonce.losses.LOSS_PRESETS)", "loss")
-    temperature: float | None = _f(None, "temperature tau (None: preset/method default)", "loss")
-    temperature1: float | None = _f(
-        None, "temperature of the gamma=1 term of a sum preset (None: default)", "loss"
-    )
-    temperature2: float | None = _f(
-        None, "temperature of the gamma=2 term of a sum preset (None: default)", "loss"
-    )
-    lam: float | None = _f(None, "weight lambda of the gamma=1 term of a sum preset", "loss")
-    gamma: float | None = _f(None, "kernel exponent gamma (None: preset default)", "loss")
-    mu: float | None = _f(
-        None,
-        "spectral only: an embedding longer than sqrt(mu) is scaled back to that length "
-        "(None: preset default)",
-        "loss",
-    )
-    concat_normalization: str | None = _f(
-        None,
-        "concat-sum only: 'halves' puts each half of the embedding on the unit sphere "
-        "(None: this, kinfonce's default), 'whole' the whole embedding before it is split "
-        "(the paper's code)",
-        "loss",
-    )
-    positive_in_denominator: bool = _f(
-        True,
-        "count the positive in the loss's denominator (Eq. 8); off: negatives only, as "
-        "the paper's MoCo code (queue form only)",
-        "loss",
-    )
-    loss_path: str = _f(
-        "auto",
-        "how Kernel-InfoNCE computes its rows: auto (fused on a GPU while it fits), fused, blocked",
-        "loss",
-    )
-    # optimisation
-    optimizer: str = _f("lars", "optimiser: lars, sgd or adam", "optimisation")
-    lr: float = _f(1.0, "peak learning rate (after warm-up)", "optimisation")
-    momentum: float = _f(0.9, "momentum of LARS and SGD", "optimisation")
-    weight_decay: float = _f(
-        1e-6, "weight decay (not on batch-norm weights and biases)", "optimisation"
-    )
-    trust_coefficient: float = _f(0.001, "LARS trust coefficient", "optimisation")
-    warmup_epochs: float = _f(2.0, "epochs of linear learning-rate warm-up", "optimisation")
-    probe_lr: float = _f(0.1, "learning rate of the online linear probe", "optimisation")
-    batch_size: int = _f(256, "global batch size (split across devices)", "optimisation")
-    epochs: int = _f(15, "training epochs", "optimisation")
-    seed: int = _f(0, "random seed (weights, sampling and augmentation)", "optimisation")
-    # evaluation
-    eval_linear_epochs: int = _f(100, "epochs of the final linear probe", "evaluation")
-    eval_knn_k: int = _f(200, "neighbours of the final kNN classifier", "evaluation")
-    baselines: bool = _f(True, "also evaluate a random-weight encoder and raw pixels", "evaluation")
-    # runtime
-    output_dir: str | None = _f(
-        None, "run directory (None: runs/pretrain/<dataset>-<method>-<loss>-<time>)", "runtime"
-    )
-    accelerator: str = _f("auto", "Lightning accelerator: auto, cpu, gpu, ...", "runtime")
-    devices: str = _f("1", "Lightning devices: a count, a list like '0,1', or auto", "runtime")
-    num_nodes: int = _f(1, "number of nodes for multi-node DDP", "runtime")
-    strategy: str = _f("auto", "Lightning strategy: auto, ddp, ddp_spawn, ...", "runtime")
-    precision: str = _f("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed", "runtime")
-    sync_batchnorm: bool = _f(False, "synchronise batch norm across GPUs under DDP", "runtime")
-    compile: bool = _f(
-        False, "torch.compile the backbone and projection head for training", "runtime"
-    )
-    channels_last: bool | None = _f(
-        None,
-        "channels-last memory format for the backbone; none: on for a CPU (measured faster), "
-        "off on a GPU (not yet measured)",
-        "runtime",
-    )
-    progress: bool = _f(True, "show progress bars", "runtime")
+    test: Callable[[Any], bool]
+    allowed: str
+    choices: tuple[str, ...] | None = None
+
+    def check(self, name: str, value: Any) -> None:
+        """Raise a KinfonceError naming the field unless ``value`` passes."""
+        if value is not None and not self.test(value):
+            raise KinfonceError(f"{name} must be {self.allowed}, got {value!r}")
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def between(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Rule:
+    """A number in the interval from ``low`` to ``high``, each end included unless open."""
+
+    def test(v: Any) -> bool:
+        above = low < v if low_open else low <= v
+        below = v < high if high_open else v <= high
+        return above and below
+
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+    return Rule(test, f"in {left}{_num(low)}, {_num(high)}{right}")
+
+
+def at_least(low: float) -> Rule:
+    """A finite number >= ``low`` (an integer field says just ">= low")."""
+    words = f"a finite number >= {_num(low)}" if isinstance(low, float) else f">= {low}"
+    return Rule(lambda v: low <= v < math.inf, words)
+
+
+def above(low: float) -> Rule:
+    """A finite number > ``low``."""
+    return Rule(lambda v: low < v < math.inf, f"a finite number > {_num(low)}")
+
+
+def one_of(*names: str) -> Rule:
+    """One of ``names``."""
+    return Rule(lambda v: v in names, f"one of {sorted(names)}", names)
+
+
+def matching(pattern: str, words: str) -> Rule:
+    """A string that matches the regular expression ``pattern`` as a whole."""
+    compiled = re.compile(pattern)
+    return Rule(lambda v: compiled.fullmatch(v) is not None, words)
+
+
+def setting(
+    default: Any,
+    help: str,
+    group: str,
+    rule: Rule | None = None,
+    *,
+    runtime: bool = False,
+    loss_parameter: bool = False,
+) -> Any:
+    """A settings field with its metadata.
+
+    Args:
+        default: the default value.
+        help: what the field sets; the flag generator appends the default. Say what
+            ``None`` means where the default is None.
+        group: the ``--help`` section of its flag.
+        rule: what values it allows (see :class:`Rule`).
+        runtime: where and how a run executes, not what it trains: may differ when a run
+            is resumed, and a search cannot vary it (:data:`RUNTIME_FIELDS`).
+        loss_parameter: a keyword argument of some loss preset, filled from the preset's
+            (or the method's) default when the chosen preset takes it and left None
+            otherwise (:func:`kinfonce.resolve.resolve`).
+    """
+    if not help.strip():
+        raise ValueError("a setting needs a help text")
+    metadata = {
+        "help": help,
+        "group": group,
+        "rule": rule,
+        "runtime": runtime,
+        "loss_parameter": loss_parameter,
+    }
+    return field(default=default, metadata=metadata)
+
+
+@functools.cache
+def _types(cls: type) -> dict[str, tuple[type, bool]]:
+    """Field name -> (base type, optional) of a settings class, from its annotations."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for spec in dataclasses.fields(cls):
+        hint = hints[spec.name]
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            out[spec.name] = (next(a for a in typing.get_args(hint) if a is not type(None)), True)
+        else:
+            out[spec.name] = (hint, False)
+    return out
+
+
+def field_type(cls: type, name: str) -> tuple[type, bool]:
+    """(base type, optional) of a field of a settings class."""
+    return _types(cls)[name]
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def convert(cls: type, name: str, value: Any) -> Any:
+    """One value from a YAML file, the command line or code, as its field's type.
+
+    Strings are read (``"0.5"``, ``"true"``, ``"none"`` for an optional field); numbers become
+    strings where a string belongs (``devices: 2``). A bool where a number or string belongs,
+    a list or mapping anywhere, a float with a fraction where an integer belongs are refused.
+
+    Raises:
+        KinfonceError: naming the field and the type it takes.
+    """
+    base, optional = field_type(cls, name)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise KinfonceError(f"{name} must not be empty (expected {_TYPE_WORDS[base]})")
+    wrong = KinfonceError(f"{name} must be {_TYPE_WORDS[base]}, got {value!r}")
+    if isinstance(value, bool):
+        if base is bool:
+            return value
+        raise wrong
+    if base is bool:
+        text = str(value).lower() if isinstance(value, str) else None
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise wrong
+    if base is str:
+        if isinstance(value, (str, int, float)):
+            return str(value)
+        raise wrong
+    if isinstance(value, str):
+        try:
+            value = float(value) if base is float else _read_int(value)
+        except ValueError:
+            raise wrong from None
+    if not isinstance(value, (int, float)):
+        raise wrong
+    if base is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise wrong
+        return int(value)
+    return float(value)
+
+
+def _read_int(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)  # "2.0" or "1e3"; a fraction is refused by the caller
+
+
+def check_fields(settings: Any) -> None:
+    """Convert every field of a settings object to its type and check it against its rule.
+
+    Called when a settings object is made (a frozen dataclass: converted values are set with
+    ``object.__setattr__``).
+    """
+    cls = type(settings)
+    for spec in dataclasses.fields(cls):
+        value = convert(cls, spec.name, getattr(settings, spec.name))
+        object.__setattr__(settings, spec.name, value)
+        rule = spec.metadata.get("rule")
+        if rule is not None:
+            rule.check(spec.name, value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Base of every command's settings: each field converted and checked when made."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of all fields (YAML- and checkpoint-safe)."""
+        """Plain dict of all fields (YAML-, JSON- and checkpoint-safe)."""
         return dataclasses.asdict(self)
 
-    def resolved(self: ConfigT) -> ConfigT:
-        """A copy with the data set's augmentation defaults filled in (loss-parameter defaults
-        stay None)."""
-        base = DATASET_AUGMENTATION.get(self.dataset, SIMCLR_AUGMENTATION)
-        fill = {k: v for k, v in base.items() if getattr(self, k) is None}
-        return dataclasses.replace(self, **fill)
 
-    def method_class(self) -> Any:
-        """The LightningModule class this configuration trains (a ``PretrainMethod``)."""
-        raise NotImplementedError
-
-
-@dataclass
-class PretrainConfig(TrainConfig):
-    """Every setting of ``kinfonce pretrain`` (defaults: the embedded digits run)."""
-
-    method: str = _f("simclr", "pretraining method: simclr or moco", "model")
-    moco_momentum: float = _f(0.99, "EMA momentum of the MoCo key encoder", "model")
-    queue_size: int = _f(4096, "number of keys in the MoCo queue", "model")
-
-    def method_class(self) -> Any:
-        """``METHODS[method]``; a KinfonceError lists the methods for an unknown one."""
-        from kinfonce.methods import METHODS
-
-        if self.method not in METHODS:
-            raise KinfonceError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
-        return METHODS[self.method]
-
-
+#: Lightning's ``devices``: "auto", -1 (all), a count, or device indices like "0,1" or "0,".
+DEVICES_PATTERN = r"auto|-1|[1-9]\d*|(\d+,)+\d*"
+#: Lightning precision settings, and the short aliases :mod:`kinfonce.resolve` expands.
+PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+PRECISION_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 #: Text encoders of ``kinfonce clip``: name -> what it is.
 TEXT_ENCODERS = {
     "small": "a small transformer trained from scratch with the image encoder (no download)",
@@ -243,95 +238,356 @@ TEXT_ENCODERS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
+class TrainConfig(Settings):
+    """The settings every training command shares (defaults: the embedded digits run).
+
+    :class:`PretrainConfig` (``kinfonce pretrain``) and :class:`ClipConfig`
+    (``kinfonce clip``) add their own fields; ``command`` says which one a config is.
+    """
+
+    command: str = field(default="pretrain", init=False)
+    # data
+    dataset: str = setting(
+        "digits",
+        "data set: digits, cifar10, cifar100, stl10, tinyimagenet, imagefolder:PATH",
+        "data",
+    )
+    data_root: str | None = setting(
+        None, "directory or zip holding the data set", "data", runtime=True
+    )
+    download: bool = setting(
+        False, "download the data set if it is missing (torchvision sets)", "data", runtime=True
+    )
+    val_fraction: float = setting(
+        0.1,
+        "fraction of the training set held out for the online probe",
+        "data",
+        Rule(lambda v: 0 < v < 1, "in (0, 1): the online probe needs a validation split"),
+    )
+    train_subset: int | None = setting(
+        None,
+        "use a seeded random subset of this many training images (CPU-scale runs; none: all)",
+        "data",
+        at_least(1),
+    )
+    image_size: int | None = setting(
+        None,
+        "side in pixels that every image of an image tree (imagefolder, tinyimagenet) is "
+        "resized to (none: the most common size)",
+        "data",
+        at_least(1),
+    )
+    unlabeled: bool = setting(
+        False,
+        "also pretrain on the data set's unlabelled images (stl10: its 100,000-image "
+        "'unlabeled' split; imagefolder:PATH: every image under PATH/unlabelled/); probes "
+        "and evaluation use the labelled ones only",
+        "data",
+    )
+    # augmentation
+    crop_scale_min: float | None = setting(
+        None,
+        "smallest crop area fraction of the random resized crop (none: the data set's)",
+        "augmentation",
+        between(0, 1, low_open=True),
+    )
+    flip_p: float | None = setting(
+        None,
+        "probability of a horizontal flip (none: the data set's)",
+        "augmentation",
+        between(0, 1),
+    )
+    jitter_strength: float | None = setting(
+        None, "colour-jitter strength s (none: the data set's)", "augmentation", at_least(0.0)
+    )
+    blur: bool = setting(False, "add Gaussian blur to the views", "augmentation")
+    # model
+    backbone: str = setting("resnet-mini", "backbone name (see kinfonce.models.BACKBONES)", "model")
+    stem: str = setting(
+        "auto",
+        "backbone stem: auto (cifar up to 64 px, imagenet above), cifar (3x3, stride 1), "
+        "imagenet (7x7, stride 2, max-pool) or imagenet-no-maxpool",
+        "model",
+    )
+    proj_hidden_dim: int = setting(
+        2048, "hidden width of the projection head", "model", at_least(1)
+    )
+    proj_batch_norm: bool = setting(
+        True,
+        "batch norm after the head's hidden layer (Appendix B); off: MoCo code's head",
+        "model",
+    )
+    proj_out_dim: int | None = setting(
+        None,
+        "embedding width (none: 128 per part of the loss's features, 256 for the "
+        "concatenation presets)",
+        "model",
+        at_least(1),
+    )
+    # loss
+    loss: str = setting("simple-sum", "loss preset (see kinfonce.losses.LOSS_PRESETS)", "loss")
+    gamma: float | None = setting(
+        None,
+        "kernel exponent gamma of the exponential preset (none: its default)",
+        "loss",
+        loss_parameter=True,
+    )
+    temperature: float | None = setting(
+        None,
+        "temperature tau of a one-kernel preset (none: the preset's or the method's default)",
+        "loss",
+        loss_parameter=True,
+    )
+    temperature1: float | None = setting(
+        None,
+        "temperature of the gamma=1 term of a sum preset (none: the preset's or the method's "
+        "default)",
+        "loss",
+        loss_parameter=True,
+    )
+    temperature2: float | None = setting(
+        None,
+        "temperature of the gamma=2 term of a sum preset (none: the preset's or the method's "
+        "default)",
+        "loss",
+        loss_parameter=True,
+    )
+    lam: float | None = setting(
+        None,
+        "weight lambda of the gamma=1 term of a sum preset (none: the preset's or the "
+        "method's default)",
+        "loss",
+        loss_parameter=True,
+    )
+    mu: float | None = setting(
+        None,
+        "spectral only: an embedding longer than sqrt(mu) is scaled back to that length "
+        "(none: the preset's default)",
+        "loss",
+        loss_parameter=True,
+    )
+    concat_normalization: str | None = setting(
+        None,
+        "concat-sum only: 'halves' puts each half of the embedding on the unit sphere "
+        "(none: this, kinfonce's default), 'whole' the whole embedding before it is split "
+        "(the paper's code)",
+        "loss",
+        loss_parameter=True,
+    )
+    positive_in_denominator: bool = setting(
+        True,
+        "count the positive in the loss's denominator (Eq. 8); off: negatives only, as "
+        "the paper's MoCo code (queue form only)",
+        "loss",
+    )
+    loss_path: str = setting(
+        "auto",
+        "how Kernel-InfoNCE computes its rows: auto (fused on a GPU while it fits), fused, blocked",
+        "loss",
+        runtime=True,
+    )
+    # optimisation
+    optimizer: str = setting("lars", "optimiser: lars, sgd or adam", "optimisation")
+    lr: float = setting(1.0, "peak learning rate (after warm-up)", "optimisation", above(0.0))
+    momentum: float = setting(
+        0.9, "momentum of LARS and SGD", "optimisation", between(0, 1, high_open=True)
+    )
+    weight_decay: float = setting(
+        1e-6, "weight decay (not on batch-norm weights and biases)", "optimisation", at_least(0.0)
+    )
+    trust_coefficient: float = setting(0.001, "LARS trust coefficient", "optimisation", above(0.0))
+    warmup_epochs: float = setting(
+        2.0, "epochs of linear learning-rate warm-up", "optimisation", at_least(0.0)
+    )
+    probe_lr: float = setting(
+        0.1,
+        "learning rate of the online linear probe (0: a frozen probe)",
+        "optimisation",
+        at_least(0.0),
+    )
+    batch_size: int = setting(
+        256, "global batch size (split across devices)", "optimisation", at_least(1)
+    )
+    epochs: int = setting(15, "training epochs", "optimisation", at_least(1))
+    seed: int = setting(
+        0,
+        "random seed (weights, sampling and augmentation)",
+        "optimisation",
+        Rule(lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    )
+    # evaluation
+    eval_linear_epochs: int = setting(
+        100, "epochs of the final linear probe", "evaluation", at_least(1), runtime=True
+    )
+    eval_knn_k: int = setting(
+        200, "neighbours of the final kNN classifier", "evaluation", at_least(1), runtime=True
+    )
+    baselines: bool = setting(
+        True, "also evaluate a random-weight encoder and raw pixels", "evaluation", runtime=True
+    )
+    # runtime
+    output_dir: str | None = setting(
+        None,
+        "run directory (none: runs/<command>/<dataset>-<method>-<loss>-<time>)",
+        "runtime",
+        runtime=True,
+    )
+    accelerator: str = setting(
+        "auto",
+        "Lightning accelerator: auto (a GPU if there is one, else cpu), cpu, gpu, ...",
+        "runtime",
+        runtime=True,
+    )
+    devices: str = setting(
+        "1",
+        "Lightning devices: a count, a list like '0,1', -1 (all) or auto",
+        "runtime",
+        matching(DEVICES_PATTERN, "'auto', -1 (all), a count >= 1 or device indices like '0,1'"),
+        runtime=True,
+    )
+    num_nodes: int = setting(
+        1, "number of nodes for multi-node DDP", "runtime", at_least(1), runtime=True
+    )
+    strategy: str = setting(
+        "auto", "Lightning strategy: auto, ddp, ddp_spawn, ...", "runtime", runtime=True
+    )
+    precision: str = setting(
+        "32-true",
+        "Lightning precision: 32-true, bf16-mixed, 16-mixed, ... (32, 16, bf16 and 64 are "
+        "read as Lightning reads them)",
+        "runtime",
+        one_of(*PRECISIONS, *PRECISION_ALIASES),
+        runtime=True,
+    )
+    sync_batchnorm: bool = setting(False, "synchronise batch norm across GPUs under DDP", "runtime")
+    compile: bool = setting(
+        False,
+        "torch.compile the backbone and projection head for training",
+        "runtime",
+        runtime=True,
+    )
+    channels_last: bool | None = setting(
+        None,
+        "channels-last memory format for the backbone, in training and evaluation (none: on "
+        "for a CPU, where it was measured faster, off on a GPU, not yet measured there)",
+        "runtime",
+        runtime=True,
+    )
+    progress: bool = setting(True, "show progress bars", "runtime", runtime=True)
+
+    @property
+    def method_name(self) -> str:
+        """The name of the method this configuration trains (a key of ``METHODS``)."""
+        return self.command
+
+
+@dataclass(frozen=True)
+class PretrainConfig(TrainConfig):
+    """Every setting of ``kinfonce pretrain`` (defaults: the embedded digits run)."""
+
+    method: str = setting("simclr", "pretraining method", "model", one_of("simclr", "moco"))
+    moco_momentum: float = setting(
+        0.99, "EMA momentum of the MoCo key encoder", "model", between(0, 1, high_open=True)
+    )
+    queue_size: int = setting(4096, "number of keys in the MoCo queue", "model", at_least(1))
+
+    @property
+    def method_name(self) -> str:
+        return self.method
+
+
+@dataclass(frozen=True)
 class ClipConfig(TrainConfig):
     """Every setting of ``kinfonce clip``: image-caption training with the bipartite loss."""
 
-    output_dir: str | None = _f(
-        None, "run directory (None: runs/clip/<dataset>-clip-<loss>-<time>)", "runtime"
-    )
-    rewrites: int = _f(
+    command: str = field(default="clip", init=False)
+    rewrites: int = setting(
         1,
         "captions per class: the plain prompt and rewrites-1 rewritten ones, one drawn "
         "uniformly per image and step (1: the prompt only)",
         "text",
+        at_least(1),
     )
-    text_encoder: str = _f("small", f"text encoder: {', '.join(TEXT_ENCODERS)}", "text")
-    text_width: int = _f(
-        64, "width of the small text encoder (and of the MiniLM projection)", "text"
+    text_encoder: str = setting(
+        "small",
+        "text encoder: " + "; ".join(f"{k}: {v}" for k, v in TEXT_ENCODERS.items()),
+        "text",
+        one_of(*TEXT_ENCODERS),
     )
-    text_layers: int = _f(2, "transformer layers of the small text encoder", "text")
+    text_width: int = setting(
+        64, "width of the small text encoder (and of the MiniLM projection)", "text", at_least(1)
+    )
+    text_layers: int = setting(
+        2, "transformer layers of the small text encoder", "text", at_least(1)
+    )
 
-    def method_class(self) -> Any:
-        """:class:`kinfonce.clip.ClipMethod`."""
-        from kinfonce.clip import ClipMethod
 
-        return ClipMethod
-
-
-#: Config class of each command, the ``kind`` a checkpoint records.
+#: Config class of each training command (a config's ``command``; a checkpoint's ``kind``).
 CONFIG_CLASSES: dict[str, type[TrainConfig]] = {"pretrain": PretrainConfig, "clip": ClipConfig}
 
+ConfigT = typing.TypeVar("ConfigT", bound=TrainConfig)
 
-def config_fields(cls: type[TrainConfig]) -> dict[str, dataclasses.Field]:
-    """A config class's fields by name, in declaration order."""
+
+def config_fields(cls: type) -> dict[str, dataclasses.Field]:
+    """A settings class's fields by name, in declaration order."""
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
+def settable_fields(cls: type) -> dict[str, dataclasses.Field]:
+    """The fields a YAML file or a flag may set (all but a config's fixed ``command``)."""
+    return {name: f for name, f in config_fields(cls).items() if f.init}
+
+
 #: The fields of ``kinfonce pretrain`` (and of its recipes and searches).
-FIELDS = config_fields(PretrainConfig)
+FIELDS = settable_fields(PretrainConfig)
 
+#: Fields that may change when a run is resumed: where and how it runs, where its data lies,
+#: and how it is evaluated at the end; not what it trains (``runtime`` in their metadata).
+RUNTIME_FIELDS = frozenset(
+    name
+    for cls in CONFIG_CLASSES.values()
+    for name, spec in config_fields(cls).items()
+    if spec.metadata.get("runtime")
+)
 
-def field_type(cls: type[TrainConfig], name: str) -> tuple[type, bool]:
-    """(base type, optional) of a field from its annotation."""
-    hint = typing.get_type_hints(cls)[name]
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        base = next(a for a in args if a is not type(None))
-        return base, True
-    return hint, False
-
-
-def _coerce(cls: type[TrainConfig], name: str, value: Any) -> Any:
-    """Check and convert one value to its field's type; ValueError names the field."""
-    base, optional = field_type(cls, name)
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
-        if optional:
-            return None
-        raise KinfonceError(f"config field {name!r} must not be empty (expected {base.__name__})")
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise KinfonceError(f"config field {name!r} must be true or false, got {value!r}")
-    if base is int and isinstance(value, float) and not value.is_integer():
-        raise KinfonceError(f"config field {name!r} must be an integer, got {value!r}")
-    try:
-        return base(value)
-    except (TypeError, ValueError):
-        raise KinfonceError(
-            f"config field {name!r} must be {base.__name__}, got {value!r}"
-        ) from None
+#: Fields that are keyword arguments of a loss preset (``loss_parameter`` in their metadata).
+LOSS_FIELDS = tuple(
+    name for name, spec in config_fields(TrainConfig).items() if spec.metadata.get("loss_parameter")
+)
 
 
 def config_from_mapping(
-    values: dict[str, Any], base: TrainConfig | None = None, cls: type[TrainConfig] | None = None
+    values: dict[str, Any], base: Any = None, cls: type[TrainConfig] | None = None
 ) -> Any:
     """Override ``base`` with ``values``; unknown keys are errors.
 
     Args:
-        values: field name -> value (strings are converted to the field's type).
+        values: field name -> value (converted to the field's type, see :func:`convert`). A
+            ``command`` key must name the command of ``cls``.
         base: the config to start from (default: the defaults of ``cls``).
         cls: the config class (default: the class of ``base``, else :class:`PretrainConfig`).
     """
     cls = cls or (type(base) if base is not None else PretrainConfig)
-    fields = config_fields(cls)
+    values = dict(values)
+    command = values.pop("command", None)
+    own = cls.__dataclass_fields__["command"].default if "command" in config_fields(cls) else None
+    if command is not None and command != own:
+        raise KinfonceError(
+            f"this is the configuration of `kinfonce {command}`, not of `kinfonce {own}`; "
+            f"run it with `kinfonce {command} --config FILE`"
+        )
+    return settings_from_mapping(cls, values, base)
+
+
+def settings_from_mapping(cls: type, values: dict[str, Any], base: Any = None) -> Any:
+    """``base`` (default: ``cls()``) with the fields in ``values`` replaced; unknown keys
+    are errors naming the valid ones."""
+    fields = settable_fields(cls)
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise KinfonceError(f"unknown config key(s) {unknown}; valid keys are: {', '.join(fields)}")
-    changes = {name: _coerce(cls, name, value) for name, value in values.items()}
-    return dataclasses.replace(base or cls(), **changes)
+    return dataclasses.replace(base if base is not None else cls(), **values)
 
 
 def read_config_mapping(path: str | Path) -> dict[str, Any]:
@@ -349,13 +605,13 @@ def read_config_mapping(path: str | Path) -> dict[str, Any]:
 
 
 def load_config_file(
-    path: str | Path, base: TrainConfig | None = None, cls: type[TrainConfig] | None = None
+    path: str | Path, base: Any = None, cls: type[TrainConfig] | None = None
 ) -> Any:
     """Read a YAML mapping of config fields on top of ``base`` (see :func:`config_from_mapping`)."""
     return config_from_mapping(read_config_mapping(path), base, cls)
 
 
-def dump_config(config: TrainConfig, sources: dict[str, str] | None = None) -> str:
+def dump_config(config: Settings, sources: dict[str, str] | None = None) -> str:
     """The config as plain YAML, fields in declaration order.
 
     With ``sources`` (field -> where its value came from), each line ends in a comment
@@ -369,49 +625,6 @@ def dump_config(config: TrainConfig, sources: dict[str, str] | None = None) -> s
         line = line.strip()[1:-1]  # "{key: value}" -> "key: value"
         lines.append(f"{line}  # {sources.get(name, 'default')}")
     return "\n".join(lines) + "\n"
-
-
-def add_config_flags(
-    parser: argparse.ArgumentParser,
-    cls: type[TrainConfig] = PretrainConfig,
-    exclude: frozenset[str] = frozenset(),
-) -> None:
-    """Add ``--<field>`` for every field of ``cls`` not in ``exclude``, grouped, with its help
-    and default.
-
-    Flags default to ``argparse.SUPPRESS`` so that only flags actually given override
-    the YAML file; see :func:`flags_to_mapping`.
-    """
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for name, spec in config_fields(cls).items():
-        if name in exclude:
-            continue
-        group_name = spec.metadata["group"]
-        if group_name not in groups:
-            groups[group_name] = parser.add_argument_group(f"{group_name} settings")
-        base, optional = field_type(cls, name)
-        flag = "--" + name.replace("_", "-")
-        help_text = f"{spec.metadata['help']} (default: {spec.default})"
-        if base is bool:
-            groups[group_name].add_argument(
-                flag,
-                dest=name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=help_text,
-            )
-        else:
-            metavar = base.__name__.upper() + ("|none" if optional else "")
-            groups[group_name].add_argument(
-                flag, dest=name, default=argparse.SUPPRESS, metavar=metavar, help=help_text
-            )
-
-
-def flags_to_mapping(
-    args: argparse.Namespace, cls: type[TrainConfig] = PretrainConfig
-) -> dict[str, Any]:
-    """The config fields given on the command line, as a mapping for :func:`config_from_mapping`."""
-    return {name: getattr(args, name) for name in config_fields(cls) if hasattr(args, name)}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -445,109 +658,6 @@ def config_file_for(
     return None if config_file is None else Path(config_file)
 
 
-_FINITE = "a finite number"
-#: (field, test, what is allowed) for every numeric field of the config classes (a class
-#: without the field skips it); None passes where a field is optional. NaN fails every test.
-NUMBER_RULES: tuple[tuple[str, typing.Callable[[float], bool], str], ...] = (
-    ("val_fraction", lambda v: 0 < v < 1, "in (0, 1): the online probe needs a validation split"),
-    ("train_subset", lambda v: v >= 1, ">= 1"),
-    ("image_size", lambda v: v >= 1, ">= 1 (pixels)"),
-    ("crop_scale_min", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("flip_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("jitter_strength", lambda v: 0 <= v < math.inf, f"{_FINITE} >= 0"),
-    ("proj_hidden_dim", lambda v: v >= 1, ">= 1"),
-    ("proj_out_dim", lambda v: v >= 1, ">= 1"),
-    ("moco_momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("queue_size", lambda v: v >= 1, ">= 1"),
-    ("lr", lambda v: 0 < v < math.inf, f"{_FINITE} > 0"),
-    ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("weight_decay", lambda v: 0 <= v < math.inf, f"{_FINITE} >= 0"),
-    ("trust_coefficient", lambda v: 0 < v < math.inf, f"{_FINITE} > 0"),
-    ("warmup_epochs", lambda v: 0 <= v < math.inf, f"{_FINITE} >= 0 (epochs)"),
-    ("probe_lr", lambda v: 0 <= v < math.inf, f"{_FINITE} >= 0 (0: a frozen probe)"),
-    ("batch_size", lambda v: v >= 1, ">= 1"),
-    ("epochs", lambda v: v >= 1, ">= 1"),
-    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
-    ("eval_linear_epochs", lambda v: v >= 1, ">= 1"),
-    ("eval_knn_k", lambda v: v >= 1, ">= 1"),
-    ("num_nodes", lambda v: v >= 1, ">= 1"),
-)
-#: Lightning's ``devices``: "auto", -1 (all), a count, or device indices like "0,1" or "0,".
-DEVICES_PATTERN = re.compile(r"auto|-1|[1-9]\d*|(\d+,)+\d*")
-#: Lightning precision settings (and their short aliases).
-PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
-PRECISIONS += ("64", "32", "16", "bf16")
-
-
-def _choice(field_name: str, value: str, valid: typing.Iterable[str]) -> None:
-    if value not in valid:
-        raise KinfonceError(f"{field_name} must be one of {sorted(valid)}, got {value!r}")
-
-
-def _check_runtime(config: TrainConfig) -> None:
-    """Lightning's settings and the output directory."""
-    from lightning.pytorch.accelerators import AcceleratorRegistry
-    from lightning.pytorch.strategies import StrategyRegistry
-
-    from kinfonce.fileio import check_writable_dir
-
-    _choice("accelerator", config.accelerator, {"auto", "gpu", *AcceleratorRegistry})
-    _choice("strategy", config.strategy, {"auto", *StrategyRegistry})
-    _choice("precision", config.precision, PRECISIONS)
-    if not DEVICES_PATTERN.fullmatch(config.devices):
-        raise KinfonceError(
-            f"devices must be 'auto', -1 (all), a count >= 1 or device indices like '0,1', "
-            f"got {config.devices!r}"
-        )
-    if config.output_dir is not None:
-        check_writable_dir(config.output_dir, "output_dir")
-
-
-def validate(config: ConfigT) -> ConfigT:
-    """Check every field of a configuration; nothing is written.
-
-    Types are checked (and converted) as for a YAML file; numbers against
-    :data:`NUMBER_RULES`; names against their registries; the loss is built once by the
-    method that would train it (a dry run of its parameters) and the embedding width
-    checked against it; Lightning's settings are parsed; ``output_dir`` must be a
-    directory that can be written.
-
-    Returns:
-        The resolved configuration with every value of its field's type.
-
-    Raises:
-        KinfonceError: the first field that is wrong, with what is allowed.
-    """
-    from kinfonce.data.datasets import check_dataset_name
-    from kinfonce.kernel_lse import PATHS
-    from kinfonce.losses import LOSS_PRESETS
-    from kinfonce.models import BACKBONES
-    from kinfonce.optim import OPTIMIZERS
-
-    config = config_from_mapping(config.resolved().to_dict(), cls=type(config))
-    for name, test, allowed in NUMBER_RULES:
-        value = getattr(config, name, None)
-        if value is not None and not test(value):
-            raise KinfonceError(f"{name} must be {allowed}, got {value!r}")
-    for name, valid in {
-        "backbone": BACKBONES,
-        "loss": LOSS_PRESETS,
-        "optimizer": OPTIMIZERS,
-        "loss_path": PATHS,
-    }.items():
-        _choice(name, getattr(config, name), valid)
-    check_dataset_name(config.dataset, config.image_size)
-    config.method_class().check_loss(config)
-    _check_runtime(config)
-    if config.warmup_epochs >= config.epochs:
-        warnings.warn(
-            f"warmup_epochs {config.warmup_epochs:g} >= epochs {config.epochs}: the learning "
-            "rate rises until the last step and never decays",
-            stacklevel=2,
-        )
-    return config
-
-
 def build_config(
     config_file: str | Path | None,
     overrides: dict[str, Any],
@@ -557,8 +667,248 @@ def build_config(
     cls: type[TrainConfig] = PretrainConfig,
 ) -> Any:
     """``base`` (default: the defaults of ``cls``; e.g. a recipe), then the YAML file (see
-    :func:`config_file_for`), then ``overrides`` (the flags given)."""
+    :func:`config_file_for`), then ``overrides`` (the flags given). Not yet resolved."""
     path = config_file_for(config_file, overrides, resume=resume)
     if path is not None:
         base = load_config_file(path, base, cls)
     return config_from_mapping(overrides, base, cls)
+
+
+# --- the settings of the other commands ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchSettings(Settings):
+    """How ``kinfonce tune`` samples, stops and places its trials (stored with the search)."""
+
+    max_t: int | None = setting(
+        None,
+        "epochs of a trial that ASHA never stops (none: the config's epochs)",
+        "search",
+        at_least(1),
+    )
+    num_samples: int = setting(
+        8, "trials to draw, per combination of grid values", "search", at_least(1)
+    )
+    grace_period: int = setting(1, "epochs before ASHA may stop a trial", "search", at_least(1))
+    reduction_factor: float = setting(
+        2.0, "ASHA keeps the best 1/F of the trials at each rung", "search", above(1.0)
+    )
+    cpus_per_trial: float = setting(1.0, "CPUs per trial (its torch threads)", "search", above(0.0))
+    gpus_per_trial: float = setting(
+        0.0,
+        "GPUs per trial; a fraction such as 0.25 shares a GPU",
+        "search",
+        Rule(
+            lambda v: 0 <= v <= 1 or (v > 1 and float(v).is_integer() and v < math.inf),
+            "a fraction in [0, 1] or a whole number",
+        ),
+    )
+    max_concurrent: int | None = setting(
+        None, "at most this many trials at once (none: as resources allow)", "search", at_least(1)
+    )
+    max_failures: int = setting(
+        0, "retries of a failed trial from its last checkpoint", "search", at_least(0)
+    )
+    search_seed: int | None = setting(
+        0,
+        "seed of the sampled values (none: not reproducible)",
+        "search",
+        Rule(lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    )
+
+    def trial_fields(self) -> dict[str, Any]:
+        """The config fields the search sets in every trial: where and how long it runs."""
+        return {
+            "output_dir": None,
+            "epochs": self.max_t,
+            "progress": False,
+            "accelerator": "gpu" if self.gpus_per_trial > 0 else "cpu",
+            "devices": "1",
+            "num_nodes": 1,
+            "strategy": "auto",
+        }
+
+
+#: Config fields a search sets for each trial (:meth:`SearchSettings.trial_fields`): ``kinfonce
+#: tune`` has no flag for them and a search space cannot vary them.
+TRIAL_FIELDS = frozenset(SearchSettings(max_t=1).trial_fields())
+
+
+@dataclass(frozen=True)
+class SearchRuntime(Settings):
+    """Where ``kinfonce tune`` writes and runs (not stored: a resume may run elsewhere)."""
+
+    output_dir: str | None = setting(
+        None, "search directory (none: runs/tune/<dataset>-<method>-<loss>-<time>)", "where it runs"
+    )
+    address: str | None = setting(
+        None, "join this Ray cluster (none: start Ray here)", "where it runs"
+    )
+    num_cpus: int | None = setting(
+        None, "CPUs of the Ray started here (none: all)", "where it runs", at_least(1)
+    )
+
+
+@dataclass(frozen=True)
+class EvalSettings(Settings):
+    """Settings of ``kinfonce eval``; those left at None come from the checkpoint's run."""
+
+    dataset: str | None = setting(None, "data set name (none: the checkpoint's)", "evaluation")
+    data_root: str | None = setting(
+        None,
+        "directory or zip holding the data set (none: the run's, for its data set)",
+        "evaluation",
+    )
+    download: bool = setting(
+        False,
+        "download a torchvision data set (cifar10, cifar100, stl10, tinyimagenet) that is not "
+        "under --data-root",
+        "evaluation",
+    )
+    protocol: str = setting(
+        "both", "linear probe, weighted kNN, or both", "evaluation", one_of("linear", "knn", "both")
+    )
+    linear_epochs: int | None = setting(
+        None, "linear-probe epochs (none: the run's eval_linear_epochs)", "evaluation", at_least(1)
+    )
+    knn_k: int | None = setting(
+        None, "kNN neighbours (none: the run's eval_knn_k)", "evaluation", at_least(1)
+    )
+    seed: int | None = setting(
+        None,
+        "linear-probe seed (none: the run's)",
+        "evaluation",
+        Rule(lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    )
+    augment: bool = setting(
+        False,
+        "train the linear head on crop/flip-augmented images with the encoder in the loop "
+        "(slow) instead of on cached features",
+        "evaluation",
+    )
+    device: str | None = setting(
+        None,
+        "torch device, e.g. cpu or cuda:1 (none: the run's accelerator where this machine has "
+        "it, else cpu)",
+        "runtime",
+        matching(r"(cpu|cuda|mps|xpu)(:\d+)?", "a torch device: cpu, cuda, cuda:N, mps or xpu"),
+    )
+    batch_size: int = setting(256, "images per feature-extraction batch", "runtime", at_least(1))
+    map_points: int = setting(
+        1000, "test points in the feature map (0: no map)", "output", at_least(0)
+    )
+    output_dir: str | None = setting(
+        None,
+        "output directory (none: RUN_DIR/eval for RUN_DIR/checkpoints/X.ckpt, else X-eval "
+        "beside the checkpoint)",
+        "output",
+    )
+    progress: bool = setting(True, "show progress bars", "output")
+
+
+@dataclass(frozen=True)
+class ReportSettings(Settings):
+    """Settings of ``kinfonce report``."""
+
+    output_dir: str = setting(
+        "report", "directory for report.md, curves.png and comparison.png", "output"
+    )
+
+
+@dataclass(frozen=True)
+class SyntheticConfig(Settings):
+    """Settings of one synthetic run (``kinfonce synthetic``); the defaults are Appendix C's
+    (p = 1, q = 0, Gaussian kernel).
+
+    ``num_snapshots`` embeddings are kept for the figure, at steps
+    ``T * (i / (num_snapshots - 1))^2`` of a run of T steps (denser early, when the clusters
+    form), the last one final.
+    """
+
+    num_clusters: int = setting(6, "planted clusters (n in Appendix C)", "graph", at_least(1))
+    cluster_size: int = setting(100, "vertices per cluster (k in Appendix C)", "graph", at_least(1))
+    p: float = setting(1.0, "within-cluster edge probability", "graph", between(0, 1))
+    q: float = setting(0.0, "between-cluster edge probability", "graph", between(0, 1))
+    loss: str = setting(
+        "gaussian",
+        "loss preset with a temperature: gaussian (the paper's), laplacian, exp-0.5, "
+        "simple-sum, ...",
+        "training",
+    )
+    temperature: float = setting(
+        0.5, "kernel temperature tau (both temperatures of a sum preset)", "training", above(0.0)
+    )
+    batch_size: int = setting(
+        50, "anchor vertices per step, each with its sampled positive", "training", at_least(1)
+    )
+    lr: float = setting(1.0, "SGD learning rate", "training", above(0.0))
+    max_steps: int = setting(10_000, "maximum number of SGD steps", "training", at_least(1))
+    patience: int = setting(
+        1_000, "stop once the smoothed loss has not improved for this many steps", "training",
+        at_least(1),
+    )  # fmt: skip
+    rel_tol: float = setting(
+        2e-3,
+        "the smallest relative decrease of the smoothed loss that counts as an improvement",
+        "training",
+        between(0, 1, high_open=True),
+    )
+    smoothing: float = setting(
+        0.995,
+        "decay of the exponential moving average of the loss",
+        "training",
+        between(0, 1, high_open=True),
+    )
+    sphere: bool = setting(False, "train on the unit circle instead of the plane", "training")
+    seed: int = setting(
+        0,
+        "seed of the graph, the initial embedding and all sampling",
+        "training",
+        Rule(lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    )
+    num_snapshots: int = setting(4, "embeddings shown in the figure", "output", at_least(2))
+    output_dir: str = setting("runs/synthetic", "output directory", "output")
+    progress: bool = setting(True, "show a progress bar", "output")
+
+
+# --- one flag generator for every command ----------------------------------------------------
+
+
+def add_flags(
+    parser: argparse.ArgumentParser, cls: type, exclude: frozenset[str] = frozenset()
+) -> None:
+    """Add ``--<field>`` for every settable field of ``cls`` not in ``exclude``, grouped by the
+    fields' ``group``, with their help text and default.
+
+    Flags default to ``argparse.SUPPRESS`` so that only flags actually given override the
+    layers below them (see :func:`given_flags`); bools get ``--x/--no-x``.
+    """
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, spec in settable_fields(cls).items():
+        if name in exclude:
+            continue
+        group_name = spec.metadata["group"]
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(f"{group_name} settings")
+        base, optional = field_type(cls, name)
+        flag = "--" + name.replace("_", "-")
+        help_text = spec.metadata["help"]
+        if spec.default is not None:
+            help_text += f" (default: {spec.default})"
+        common = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
+        if base is bool:
+            groups[group_name].add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        else:
+            metavar = base.__name__.upper() + ("|none" if optional else "")
+            groups[group_name].add_argument(flag, metavar=metavar, **common)
+
+
+def given_flags(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of ``cls`` given on the command line, as a mapping of field -> value."""
+    return {name: getattr(args, name) for name in settable_fields(cls) if hasattr(args, name)}
+
+
+def settings_from_flags(args: argparse.Namespace, cls: type) -> Any:
+    """The settings ``cls`` with the flags given (checked like any settings object)."""
+    return settings_from_mapping(cls, given_flags(args, cls))

@@ -7,12 +7,15 @@ per encoder, keeps them on the device, and runs the tensor-level protocols of
 its baselines) and ``kinfonce eval`` both go through it, so their numbers agree.
 :func:`linear_probe_augmented` is the slow variant that keeps the encoder in the loop and
 crops and flips every training batch. :func:`evaluate_checkpoint` does the same for a
-``kinfonce pretrain`` checkpoint.
+``kinfonce pretrain`` or ``clip`` checkpoint, with the backbone in the memory format and on
+the device its run used (:func:`kinfonce.models.place_backbone`, as the end of the run
+does), so that it gives the figures the run printed; :func:`write_eval_outputs` writes them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from kinfonce.checkpoints import load_encoder
+from kinfonce.config import EvalSettings, TrainConfig
+from kinfonce.data import load_dataset
+from kinfonce.data.augment import EvalTransform
+from kinfonce.data.crop import padded_crops
 from kinfonce.errors import KinfonceError
+from kinfonce.fileio import write_text_atomic
+from kinfonce.models import build_backbone, place_backbone
+from kinfonce.plots import plot_feature_map
 from kinfonce.probes import (
     LinearProbeSettings,
     check_features,
@@ -113,15 +124,10 @@ def _encode(encoder: nn.Module, batch: Tensor) -> Tensor:
     return encoder(batch).flatten(1)
 
 
-def crop_flip_augmentation(image_size: int) -> nn.Module:
-    """Per-sample random crop (padding image_size // 8, reflect) and horizontal flip (kornia)."""
-    import kornia.augmentation as K
-
-    pad = max(1, image_size // 8)
-    return nn.Sequential(
-        K.RandomCrop((image_size, image_size), padding=pad, padding_mode="reflect"),
-        K.RandomHorizontalFlip(),
-    )
+def crop_padding(image_size: int) -> int:
+    """Reflection padding of the augmented probe's random crops: an eighth of the image side
+    (4 px for CIFAR's 32), at least 1."""
+    return max(1, image_size // 8)
 
 
 def linear_probe_augmented(
@@ -140,8 +146,9 @@ def linear_probe_augmented(
 ) -> dict[str, float]:
     """Linear evaluation with training augmentation and the frozen encoder in the loop.
 
-    Every training batch is normalized by ``transform``, randomly cropped and flipped per
-    sample (:func:`crop_flip_augmentation`), and encoded again by the frozen encoder (eval
+    Every training batch is normalized by ``transform``, randomly cropped (reflection padding
+    :func:`crop_padding`) and flipped per sample (:func:`kinfonce.data.crop.padded_crops`),
+    and encoded again by the frozen encoder (eval
     mode, no gradients); the head is trained as in :func:`kinfonce.probes.linear_probe`, with features
     standardized by the statistics of the un-augmented training features. Test features
     are extracted once without augmentation.
@@ -162,11 +169,11 @@ def linear_probe_augmented(
     test_x = extract_features(encoder, test_images, transform, **extract)
     check_features(train_x, train_y, test_x, test_y, num_classes)
     norm = standardizer(train_x)
-    augment = crop_flip_augmentation(train_images.shape[-1]).to(device)
+    padding = crop_padding(train_images.shape[-1])
 
     def augmented_features(idx: Tensor) -> Tensor:
         with torch.no_grad():
-            batch = augment(transform(train_images[idx].to(device)))
+            batch = padded_crops(transform(train_images[idx].to(device)), padding)
             return norm(_encode(encoder, batch))
 
     settings = settings or LinearProbeSettings()
@@ -241,8 +248,6 @@ def evaluate_encoders(
     if protocol not in PROTOCOLS:
         raise KinfonceError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if transform is None:
-        from kinfonce.data.augment import EvalTransform
-
         transform = EvalTransform(splits.mean, splits.std).to(device)
     name = dataset_name or getattr(splits, "name", "") or None
     extract = dict(batch_size=batch_size, device=device, progress=progress, to_cpu=False)
@@ -338,93 +343,132 @@ def _check_data_fits_checkpoint(splits: Any, config: dict[str, Any], path: str) 
         )
 
 
+def eval_device(accelerator: str) -> tuple[str, str]:
+    """The torch device ``kinfonce eval`` uses by default for a run trained on ``accelerator``,
+    and why: the run's own kind of device where this machine has one, else the CPU."""
+    if accelerator in ("gpu", "cuda"):
+        if torch.cuda.is_available():
+            return "cuda", f"the run's accelerator, {accelerator}"
+        return "cpu", f"the run trained on {accelerator}, which this machine lacks"
+    if accelerator == "mps":
+        if torch.backends.mps.is_available():
+            return "mps", "the run's accelerator, mps"
+        return "cpu", "the run trained on mps, which this machine lacks"
+    return "cpu", f"the run's accelerator, {accelerator}"
+
+
 def evaluate_checkpoint(
-    checkpoint: str | Path,
-    *,
-    dataset: str | None = None,
-    data_root: str | None = None,
-    download: bool = False,
-    protocol: str = "both",
-    linear_epochs: int | None = None,
-    knn_k: int | None = None,
-    seed: int | None = None,
-    augment: bool = False,
-    device: str | torch.device = "cpu",
-    batch_size: int = 256,
-    progress: bool = False,
+    checkpoint: str | Path, settings: EvalSettings | None = None
 ) -> tuple[dict[str, Any], Any]:
-    """Evaluate the backbone of a ``kinfonce pretrain`` checkpoint.
+    """Evaluate the backbone of a ``kinfonce pretrain`` or ``clip`` checkpoint.
 
     Settings left at None come from the checkpoint's config, and on the checkpoint's own
-    data set the same seeded training subset is used, so on the same device and without
-    ``augment`` the figures equal those that ``kinfonce pretrain`` printed for its last
-    checkpoint.
+    data set the same seeded training subset is used. The backbone runs in the memory format
+    its run used, on its kind of device where this machine has one, so that without
+    ``augment`` the figures equal those that the run printed for its last checkpoint.
 
     Args:
         checkpoint: a ``.ckpt`` file from ``RUN_DIR/checkpoints``.
-        dataset: data set name (default: the config's ``dataset``).
-        data_root: where its files are (default: the config's ``data_root`` when the data
-            set is the config's).
-        download: fetch a torchvision data set that is not under the root (also done when
-            the run itself downloaded its own data set).
-        protocol, augment, device, batch_size, progress: as in :func:`evaluate_encoder`.
-        linear_epochs, knn_k, seed: default the config's ``eval_linear_epochs``,
-            ``eval_knn_k`` and ``seed``.
+        settings: what to evaluate and how (:class:`kinfonce.config.EvalSettings`; default:
+            all from the run). ``data_root`` defaults to the run's when the data set is the
+            run's; the run's ``download`` carries over to its own data set.
 
     Returns:
-        (metrics of :func:`evaluate_encoder` with ``test_features`` (M, F) and the
-        settings used, the :class:`kinfonce.data.DatasetSplits` evaluated on).
+        (metrics of :func:`evaluate_encoder` with ``test_features`` (M, F), the settings
+        used and ``device``, the :class:`kinfonce.data.DatasetSplits` evaluated on).
 
     Raises:
-        FileNotFoundError: no checkpoint or data.
-        ValueError: not a kinfonce checkpoint, a corrupt file, or a data set whose image
+        MissingFileError: no checkpoint or data.
+        KinfonceError: not a kinfonce checkpoint, a corrupt file, or a data set whose image
             shape does not fit the encoder.
     """
-    from kinfonce.data import load_dataset
-    from kinfonce.methods import load_encoder
-
+    settings = settings or EvalSettings()
     encoder, config = load_encoder(checkpoint)
-    own_data = dataset is None or dataset == config["dataset"]
-    name = config["dataset"] if dataset is None else dataset
-    seed = config["seed"] if seed is None else seed
+    own_data = settings.dataset is None or settings.dataset == config["dataset"]
+    name = config["dataset"] if settings.dataset is None else settings.dataset
+    seed = config["seed"] if settings.seed is None else settings.seed
     splits = load_dataset(
         name,
-        root=data_root or (config["data_root"] if own_data else None),
-        download=download or (bool(config["download"]) and own_data),
+        root=settings.data_root or (config["data_root"] if own_data else None),
+        download=settings.download or (bool(config["download"]) and own_data),
         val_fraction=config["val_fraction"],
         seed=config["seed"],
         image_size=config["image_size"] if own_data else None,
     )
     _check_data_fits_checkpoint(splits, config, str(checkpoint))
     if own_data:  # the training subset pretraining used, hence its probe's figures
-        splits = splits.with_train_subset(config.get("train_subset"), config["seed"])
-    settings = dict(
+        splits = splits.with_train_subset(config["train_subset"], config["seed"])
+    device, why = (
+        (settings.device, "--device") if settings.device else eval_device(config["accelerator"])
+    )
+    used = dict(
         dataset=name,
-        protocol=protocol,
-        linear_epochs=config["eval_linear_epochs"] if linear_epochs is None else linear_epochs,
-        knn_k=config["eval_knn_k"] if knn_k is None else knn_k,
+        protocol=settings.protocol,
+        linear_epochs=settings.linear_epochs or config["eval_linear_epochs"],
+        knn_k=settings.knn_k or config["eval_knn_k"],
         seed=seed,
-        augment=augment,
+        augment=settings.augment,
+        device=device,
+        device_reason=why,
+        channels_last=config["channels_last"],
     )
     metrics = evaluate_encoder(
-        encoder.to(device),
+        place_backbone(encoder, device, channels_last=config["channels_last"]),
         splits,
-        protocol=protocol,
-        linear_epochs=settings["linear_epochs"],
-        knn_k=settings["knn_k"],
+        protocol=settings.protocol,
+        linear_epochs=used["linear_epochs"],
+        knn_k=used["knn_k"],
         seed=seed,
-        augment=augment,
+        augment=settings.augment,
         device=device,
-        batch_size=batch_size,
+        batch_size=settings.batch_size,
         dataset_name=name,
-        progress=progress,
+        progress=settings.progress,
         return_features=True,
     )
-    return {**settings, **metrics}, splits
+    return {**used, **metrics}, splits
+
+
+def write_eval_outputs(
+    metrics: dict[str, Any],
+    splits: Any,
+    out_dir: str | Path,
+    *,
+    checkpoint: str | Path,
+    map_points: int = 1000,
+) -> dict[str, Path]:
+    """Write the results of :func:`evaluate_checkpoint`.
+
+    Writes ``metrics.json`` (every metric and setting, without the features) and, unless
+    ``map_points`` is 0, ``feature_map.png``: a 2-D map of up to ``map_points`` test
+    features coloured by class.
+
+    Returns:
+        Name ("metrics", "feature_map") -> path written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    if map_points:
+        written["feature_map"] = plot_feature_map(
+            metrics["test_features"],
+            splits.test.labels,
+            splits.class_names,
+            out / "feature_map.png",
+            max_points=map_points,
+            seed=metrics["seed"],
+            title=f"{splits.name} test features",
+        )
+    record = {k: v for k, v in metrics.items() if k != "test_features"}
+    record.update(checkpoint=str(checkpoint), test_images=len(splits.test.labels))
+    written["metrics"] = write_text_atomic(
+        out / "metrics.json", json.dumps(record, indent=2) + "\n"
+    )
+    return written
 
 
 def evaluate_baselines(
-    backbone: nn.Module, splits: Any, config: Any, device: str
+    backbone: nn.Module, splits: Any, config: TrainConfig, device: str
 ) -> dict[str, float]:
     """Final evaluation of a pretrained backbone beside a random-weight copy and raw pixels.
 
@@ -433,18 +477,17 @@ def evaluate_baselines(
     backbone is drawn with the run's seed.
 
     Args:
-        backbone: the pretrained (B, C, H, W) -> (B, F) encoder.
+        backbone: the pretrained (B, C, H, W) -> (B, F) encoder; placed on ``device`` in the
+            run's memory format (:func:`kinfonce.models.place_backbone`).
         splits: the run's :class:`kinfonce.data.DatasetSplits`.
-        config: the run's :class:`kinfonce.config.PretrainConfig`.
+        config: the run's resolved configuration.
         device: where to evaluate.
 
     Returns:
         ``linear_top1``, ``linear_top5``, ``knn_top1``, ``knn_top5``, and the same with the
         prefixes ``random_encoder_`` and ``raw_pixels_`` when ``config.baselines``.
     """
-    from kinfonce.models import build_backbone
-
-    encoders = {"": backbone.to(device)}
+    encoders = {"": place_backbone(backbone, device, channels_last=config.channels_last)}
     if config.baselines:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)

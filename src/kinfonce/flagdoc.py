@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from kinfonce.cli import build_parser
+
 HEADER = (
     "# Flag reference\n\n"
     "Generated from the command-line parsers by `python -m kinfonce.flagdoc > docs/flags.md`;\n"
@@ -65,6 +67,4 @@ def flag_reference(parser: argparse.ArgumentParser) -> str:
 
 
 if __name__ == "__main__":
-    from kinfonce.cli import build_parser
-
     print(flag_reference(build_parser()), end="")

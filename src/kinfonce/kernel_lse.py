@@ -12,8 +12,10 @@ backward pass recomputes each block. The gradient has a closed form: with ``P`` 
 ``dA = 2 (rowsum(G) * A - G C)`` and ``dC = 2 (colsum(G) * C - G^T A)``.
 
 Autograd over the same expression keeps every elementwise intermediate of the whole matrix and is
-both slower and O(Na * Nc) in memory (see DESIGN.md and ``benchmarks/loss_speed.py``); that is the
-reason this is a hand-written ``torch.autograd.Function``.
+both slower and O(Na * Nc) in memory (measured at 2N = 2048, D = 128 on 2 CPU cores: 90-118 ms per
+forward and backward, against 50-85 ms for the literal formula of Algorithm 2, which
+``benchmarks/loss_speed.py`` times beside this one); that is the reason this is a hand-written
+``torch.autograd.Function``.
 
 Squared distances come from ``|a|^2 + |c|^2 - 2 a.c`` (one matrix product), clamped at 0; the
 positive pair's entry is recomputed from the exact difference ``|a - c|^2``, so identical views give

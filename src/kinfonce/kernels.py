@@ -49,9 +49,12 @@ def check_weight(name: str, value: float) -> float:
 
 
 def safe_pow(x: Tensor, exponent: float) -> Tensor:
-    """``x ** exponent`` for ``x >= 0`` whose gradient is 0 (not inf or nan) where ``x == 0``."""
+    """``x ** exponent`` for ``x >= 0`` whose gradient is 0 (not inf or nan) where ``x == 0``.
+
+    A NaN stays NaN (``x * 0``), so that a non-finite input gives a non-finite loss.
+    """
     positive = x > 0
-    return torch.where(positive, torch.where(positive, x, 1.0).pow(exponent), 0.0)
+    return torch.where(positive, torch.where(positive, x, 1.0).pow(exponent), x * 0.0)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -286,6 +287,8 @@ class LossMixture(nn.Module):
         split_features: Give each loss its own slice of the features.
         normalize_whole: Put each whole row on the unit sphere before it is split (the paper's
             code for Concatenation Sum); the component losses should then not normalise again.
+        check_finite: With ``normalize_whole``, raise on non-finite inputs (a host
+            synchronisation on a GPU); the components check their own inputs as they are set.
     """
 
     def __init__(
@@ -295,6 +298,7 @@ class LossMixture(nn.Module):
         *,
         split_features: bool = False,
         normalize_whole: bool = False,
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
         if len(losses) != len(weights) or not losses:
@@ -306,6 +310,7 @@ class LossMixture(nn.Module):
         self.losses = nn.ModuleList(losses)
         self.split_features = split_features
         self.normalize_whole = normalize_whole
+        self.check_finite = check_finite
         self.out_dim_multiple = len(losses) if split_features else 1
 
     @property
@@ -344,7 +349,7 @@ class LossMixture(nn.Module):
         """(N, D), (N, D), optional (M, D) -> scalar weighted sum of the component losses."""
         if self.normalize_whole:
             named = {"z0": z0, "z1": z1} if queue is None else {"z0": z0, "z1": z1, "queue": queue}
-            check_embeddings(**named)
+            check_embeddings(**named, check_finite=self.check_finite)
             z0, z1 = F.normalize(z0, dim=1), F.normalize(z1, dim=1)
             queue = None if queue is None else F.normalize(queue, dim=1)
         parts = zip(self._parts(z0), self._parts(z1), self._parts(queue), strict=True)
@@ -450,6 +455,7 @@ def _table2_mixture(
         [lam, 1.0 - lam],
         split_features=split,
         normalize_whole=normalize_whole,
+        check_finite=common.get("check_finite", True),
     )
 
 
@@ -527,14 +533,15 @@ _COMMON = (
 LOSS_PARAMETERS = ("gamma", "temperature", "temperature1", "temperature2", "lam", "mu")
 
 
-def preset_defaults(name: str) -> dict[str, float]:
-    """The defaults of a preset's own kernel parameters, e.g. ``{"temperature": 0.5}``."""
+def preset_defaults(name: str, names: Sequence[str] = LOSS_PARAMETERS) -> dict[str, Any]:
+    """The defaults of a preset's own parameters among ``names`` (default: its kernel
+    parameters), e.g. ``{"temperature": 0.5}``."""
     preset_params(name)  # checks the name
     params = inspect.signature(LOSS_PRESETS[name]).parameters.values()
     return {
         p.name: p.default
         for p in params
-        if p.name in LOSS_PARAMETERS and p.default is not inspect.Parameter.empty
+        if p.name in names and p.default is not inspect.Parameter.empty
     }
 
 

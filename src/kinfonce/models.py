@@ -158,6 +158,20 @@ def build_backbone(
     return ResNetBackbone(BACKBONES[name], in_channels, stem=stem)
 
 
+def place_backbone(
+    backbone: nn.Module, device: str | torch.device, *, channels_last: bool
+) -> nn.Module:
+    """The backbone on ``device``, in the memory format its run trained it in.
+
+    A convolution's float32 result depends on the memory format (another kernel sums in
+    another order), so a backbone evaluated in another format than its run's gives features
+    off by rounding, and probe accuracies off in the fourth digit. The end-of-run evaluation
+    and ``kinfonce eval`` both place the backbone through this function.
+    """
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return backbone.to(device=device, memory_format=memory_format)
+
+
 class ProjectionHead(nn.Sequential):
     """Appendix B projection head: Linear -> BatchNorm1d -> ReLU -> Linear.
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from kinfonce.errors import KinfonceError
 from kinfonce.linear_heads import LinearHeads, train_on_features, train_streamed
-from kinfonce.threads import one_cpu_thread
+from kinfonce.scoped import one_cpu_thread
 
 
 def _check_positive(name: str, value: float) -> None:

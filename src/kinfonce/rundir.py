@@ -1,4 +1,5 @@
-"""The run directory of ``kinfonce pretrain``: its name and who owns it.
+"""The run directory of ``kinfonce pretrain`` and ``kinfonce clip``: its name, who owns it, and
+the record of what ran in it.
 
 A run owns its directory through an exclusive ``flock`` on ``RUN_DIR/.lock``, held from
 before ``config.yaml`` is written until ``metrics.json`` is; the file names the holder
@@ -7,35 +8,46 @@ exits (``kill -9`` included), so a lock is never stale; the file stays behind.
 
 Any directory holding one of :data:`RUN_FILES` is a run: without ``--resume`` a new run
 refuses it. A refused run writes nothing.
+
+:func:`run_record` names what a run ran on: the kinfonce, torch and Lightning versions, the
+device, and the git commit of the source tree when it is a git checkout (``metrics.json``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.metadata
 import os
+import platform
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
 
 from kinfonce.config import TrainConfig
 from kinfonce.errors import KinfonceError
 from kinfonce.fileio import fsync_directory, remove_temp_files
+from kinfonce.scoped import environment
 
 #: Environment variable that hands the run directory to DDP worker processes, which
 #: Lightning starts by re-running the same command.
 RUN_DIR_ENV = "KINFONCE_RUN_DIR"
-#: What ``kinfonce pretrain`` writes into a run directory.
+#: What ``kinfonce pretrain`` and ``kinfonce clip`` write into a run directory.
 RUN_FILES = ("config.yaml", "metrics.json", "curves.png", "checkpoints", "logs")
 LOCK_FILE = ".lock"
 
 
-def resolve_run_dir(config: TrainConfig, command: str = "pretrain") -> Path:
+def resolve_run_dir(config: TrainConfig) -> Path:
     """The run directory: ``output_dir``, else a new time-stamped one.
 
-    New ones are ``runs/<command>/<dataset>-<method>-<loss>-<time>`` (the method of a
-    command without methods is the command). A DDP worker (``LOCAL_RANK`` set) takes the
+    New ones are ``runs/<command>/<dataset>-<method>-<loss>-<time>`` (the method of
+    ``kinfonce clip`` is ``clip``). A DDP worker (``LOCAL_RANK`` set) takes the
     name its launcher handed on through :data:`RUN_DIR_ENV` (see :func:`shared_with_workers`).
     """
     if config.output_dir:
@@ -43,9 +55,8 @@ def resolve_run_dir(config: TrainConfig, command: str = "pretrain") -> Path:
     if RUN_DIR_ENV in os.environ and "LOCAL_RANK" in os.environ:
         return Path(os.environ[RUN_DIR_ENV])
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    method = getattr(config, "method", command)
-    name = f"{config.dataset.split(':')[0]}-{method}-{config.loss}-{stamp}"
-    return Path("runs") / command / name
+    name = f"{config.dataset.split(':')[0]}-{config.method_name}-{config.loss}-{stamp}"
+    return Path("runs") / config.command / name
 
 
 @contextlib.contextmanager
@@ -56,15 +67,8 @@ def shared_with_workers(run_dir: Path, world_size: int) -> Iterator[None]:
     if world_size == 1 or "LOCAL_RANK" in os.environ:
         yield
         return
-    previous = os.environ.get(RUN_DIR_ENV)
-    os.environ[RUN_DIR_ENV] = str(run_dir)
-    try:
+    with environment(**{RUN_DIR_ENV: str(run_dir)}):
         yield
-    finally:
-        if previous is None:
-            os.environ.pop(RUN_DIR_ENV, None)
-        else:
-            os.environ[RUN_DIR_ENV] = previous
 
 
 def run_files(run_dir: Path) -> list[str]:
@@ -83,7 +87,7 @@ def _try_lock(fd: int) -> bool:
 def _in_use(run_dir: Path, fd: int) -> KinfonceError:
     holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
     return KinfonceError(
-        f"{str(run_dir)!r} is in use by a running kinfonce pretrain ({holder}); wait for it "
+        f"{str(run_dir)!r} is in use by a running kinfonce process ({holder}); wait for it "
         "to finish or choose another --output-dir"
     )
 
@@ -140,3 +144,43 @@ def claim_run_dir(run_dir: Path, *, resume: bool) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def run_record(accelerator: str) -> dict[str, Any]:
+    """What a run ran on: kinfonce, torch and Lightning versions, the device, the git commit.
+
+    Args:
+        accelerator: the resolved accelerator of the run ("gpu", "cpu", ...).
+    """
+    return {
+        "kinfonce": importlib.metadata.version("kinfonce"),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "device": device_name(accelerator),
+        "git_commit": source_commit(),
+    }
+
+
+def device_name(accelerator: str) -> str:
+    """The name of the device a run of ``accelerator`` trains on, e.g. the GPU's model."""
+    if accelerator in ("gpu", "cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    return f"{accelerator} ({platform.processor() or platform.machine()})"
+
+
+def source_commit() -> str | None:
+    """The git commit of kinfonce's source tree when it is a git checkout (an editable
+    install), else None."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and commit else None

@@ -25,22 +25,24 @@ import yaml
 
 from kinfonce.config import (
     FIELDS,
+    LOSS_FIELDS,
     RUNTIME_FIELDS,
+    TRIAL_FIELDS,
     PretrainConfig,
     config_from_mapping,
     field_type,
-    validate,
 )
 from kinfonce.errors import KinfonceError, MissingFileError
-from kinfonce.losses import LOSS_PARAMETERS, preset_params
+from kinfonce.losses import preset_params
+from kinfonce.resolve import resolve
 
 #: Distribution names: the ranges, then the lists of values.
 RANGES = ("uniform", "loguniform", "randint")
 LISTS = ("choice", "grid")
 
-#: Fields a search may not vary: where and how a trial runs is set by the search itself,
-#: and a trial's length is ASHA's ``max_t`` (``--max-t``).
-FIXED_FIELDS = RUNTIME_FIELDS | {"epochs"}
+#: Fields a search may not vary: where and how a trial runs, and its length, which the
+#: search sets itself (``kinfonce.config.TRIAL_FIELDS``; epochs: ASHA's ``max_t``).
+FIXED_FIELDS = RUNTIME_FIELDS | TRIAL_FIELDS
 
 #: Table 3's ranges (paper, Appendix B): learning rate, then the loss parameters.
 TABLE3_RANGES: dict[str, tuple[str, float, float]] = {
@@ -117,9 +119,9 @@ def parse_dimension(key: str, spec: Any) -> Dimension:
     if kind in LISTS:
         try:
             return Dimension(
-                kind, tuple(config_from_mapping({key: v}).to_dict()[key] for v in values)
+                kind, tuple(getattr(config_from_mapping({key: v}), key) for v in values)
             )
-        except ValueError as err:
+        except KinfonceError as err:
             raise KinfonceError(f"search space key {key!r}: {err}") from None
     return Dimension(kind, _check_range(key, kind, values))
 
@@ -205,7 +207,7 @@ def check_space(space: dict[str, Dimension], base: PretrainConfig) -> None:
     """Check that every trial of ``space`` on top of ``base`` makes a valid configuration.
 
     Loss parameters must be taken by every loss preset the search can use; then each bound
-    and option, set alone on ``base``, must pass :func:`check_trial_config`.
+    and option, set alone on ``base``, must resolve (:func:`kinfonce.resolve.resolve`).
 
     Raises:
         KinfonceError: naming the space key and the value at fault.
@@ -215,9 +217,9 @@ def check_space(space: dict[str, Dimension], base: PretrainConfig) -> None:
     losses = space["loss"].values if "loss" in space else (base.loss,)
     for loss in losses:
         takes = set(preset_params(loss))
-        for key in space.keys() & set(LOSS_PARAMETERS):
+        for key in space.keys() & set(LOSS_FIELDS):
             if key not in takes:
-                own = [p for p in preset_params(loss) if p in LOSS_PARAMETERS]
+                own = [p for p in preset_params(loss) if p in LOSS_FIELDS]
                 raise KinfonceError(
                     f"search space key {key!r} is not a parameter of the loss preset {loss!r}, "
                     f"which takes {', '.join(own) or 'none'}"
@@ -230,11 +232,6 @@ def _check_values(key: str, dim: Dimension, base: PretrainConfig) -> None:
     """Each bound or option of ``dim``, set alone on ``base``, must make a valid config."""
     for value in dim.values:
         try:
-            check_trial_config(config_from_mapping({key: value}, base))
-        except ValueError as err:
+            resolve(config_from_mapping({key: value}, base))
+        except KinfonceError as err:
             raise KinfonceError(f"search space key {key!r} = {value!r}: {err}") from None
-
-
-def check_trial_config(config: PretrainConfig) -> None:
-    """Check every field and the loss of a configuration without loading data (cheap)."""
-    validate(config)

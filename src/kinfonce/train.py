@@ -1,7 +1,8 @@
 """``kinfonce pretrain``: set up and run a pretraining job, then evaluate it.
 
-One function, :func:`run_training`, takes a configuration through the whole job:
-validation of every setting (before anything is written), the run directory's lock, data,
+One function, :func:`run_training`, takes a configuration through the whole job: its
+resolution into the one configuration the run uses (:func:`kinfonce.resolve.resolve`, which
+checks every setting before anything is written), the run directory's lock, data,
 the method's LightningModule, a Lightning Trainer (progress bar, TensorBoard logs, the
 per-epoch CSV log, a checkpoint every epoch and one on Ctrl-C or a crash, all written
 atomically), the final evaluation of the frozen backbone beside two baselines measured in
@@ -14,9 +15,10 @@ Resuming (``resume=``) continues from the furthest readable checkpoint of the sa
 configuration. The sampler is seeded per epoch and the views per step, so a run resumed
 at an epoch boundary ends with the same weights as an uninterrupted one.
 
-What differs between kinds of runs (their checks, module, data and final evaluation) is
-a :class:`TrainingJob`: :func:`run_pretrain` runs :data:`PRETRAIN_JOB`, and
-``kinfonce clip`` its own job (:mod:`kinfonce.clip`) through the same function.
+What differs between kinds of runs (their module, data and final evaluation) is a
+:class:`TrainingJob`: :func:`run_pretrain` runs :data:`PRETRAIN_JOB`, and ``kinfonce clip``
+its own job (:mod:`kinfonce.clip`) through the same function. The random generators are
+seeded for the run and restored afterwards (:func:`kinfonce.scoped.seeded`).
 """
 
 from __future__ import annotations
@@ -34,20 +36,30 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from kinfonce.checkpoints import AtomicCheckpointIO, check_resumable, resume_checkpoint
-from kinfonce.config import PretrainConfig, TrainConfig, dump_config, validate
+from kinfonce.config import PretrainConfig, TrainConfig, dump_config
 from kinfonce.data import DatasetSplits, load_dataset
 from kinfonce.data.batches import PretrainData, check_batch_size
-from kinfonce.epochlog import EpochLog
+from kinfonce.epochlog import EpochLog, find_epoch_log, read_epoch_curves
 from kinfonce.errors import DivergedError, KinfonceError
 from kinfonce.evaluate import evaluate_baselines
-from kinfonce.fileio import write_text_atomic
-from kinfonce.methods import METHODS, PretrainMethod
+from kinfonce.fileio import check_writable_dir, write_text_atomic
+from kinfonce.methods import PretrainMethod, method_class
 from kinfonce.methods.base import data_description
-from kinfonce.report import plot_run_curves
-from kinfonce.rundir import check_run_dir_free, claim_run_dir, resolve_run_dir, shared_with_workers
+from kinfonce.plots import CURVE_PANELS, plot_curve_panels
+from kinfonce.resolve import resolve
+from kinfonce.rundir import (
+    check_run_dir_free,
+    claim_run_dir,
+    resolve_run_dir,
+    run_record,
+    shared_with_workers,
+)
+from kinfonce.scoped import matmul_precision, seeded
 
 
 class ResumableExceptionCheckpoint(OnExceptionCheckpoint):
@@ -70,10 +82,6 @@ def make_trainer(
         KinfonceError: Lightning cannot use the accelerator, devices, strategy or precision
             here (say, a GPU accelerator on a machine without one).
     """
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     checkpoints = run_dir / "checkpoints"
     devices: str | int = int(config.devices) if config.devices.isdigit() else config.devices
     try:
@@ -138,13 +146,12 @@ def quiet_lightning(accelerator: str) -> Iterator[None]:
     """
     logger = logging.getLogger("lightning.pytorch")
     summary = logging.getLogger("lightning.pytorch.callbacks.model_summary")
-    levels, precision = (logger.level, summary.level), torch.get_float32_matmul_precision()
+    levels = (logger.level, summary.level)
     logger.setLevel(logging.WARNING)
     summary.setLevel(logging.INFO)
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")
+    cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     try:
-        with warnings.catch_warnings():
+        with matmul_precision("high" if cuda else None), warnings.catch_warnings():
             for message in (
                 r".*does not have many workers.*",
                 r".*(directory|ckpt_path=).*",
@@ -155,7 +162,6 @@ def quiet_lightning(accelerator: str) -> Iterator[None]:
     finally:
         logger.setLevel(levels[0])
         summary.setLevel(levels[1])
-        torch.set_float32_matmul_precision(precision)
 
 
 @dataclass(frozen=True)
@@ -163,24 +169,18 @@ class TrainingJob:
     """What one kind of training run adds to the machinery of :func:`run_training`.
 
     Attributes:
-        command: the ``kinfonce`` command ("pretrain", "clip"): names run directories and
-            the resume hint.
         build: (resolved config, data splits) -> (LightningModule, data module).
         evaluate: (trained module, splits, config, device) -> final metrics.
-        check: the command's own rules beyond :func:`kinfonce.config.validate`: raises a
-            KinfonceError for an invalid resolved configuration, before anything else.
     """
 
-    command: str
     build: Callable[[Any, DatasetSplits], tuple[PretrainMethod, PretrainData]]
     evaluate: Callable[[Any, DatasetSplits, Any, str], dict[str, Any]]
-    check: Callable[[Any], None] | None = None
 
 
 def _build_pretrain(
     config: PretrainConfig, splits: DatasetSplits
 ) -> tuple[PretrainMethod, PretrainData]:
-    module = METHODS[config.method](config, data_description(splits))
+    module = method_class(config)(config, data_description(splits))
     return module, PretrainData(splits, config.batch_size, config.seed)
 
 
@@ -191,7 +191,7 @@ def _evaluate_pretrain(
 
 
 #: ``kinfonce pretrain``: SimCLR or MoCo, evaluated beside the two baselines.
-PRETRAIN_JOB = TrainingJob("pretrain", _build_pretrain, _evaluate_pretrain)
+PRETRAIN_JOB = TrainingJob(_build_pretrain, _evaluate_pretrain)
 
 #: Metrics logged during training that ``metrics.json`` keeps as ``final_<name>``.
 FINAL_LOGGED = ("train_loss", "probe_top1", "val_zero_shot_top1")
@@ -232,14 +232,14 @@ def run_training(
 ) -> dict[str, Any]:
     """Train, evaluate and write the run directory.
 
-    Every setting is checked (the job's own rules, then
-    :func:`kinfonce.config.validate`) and the run directory's ownership settled
-    (:mod:`kinfonce.rundir`) before anything is written; a refused run writes nothing. The
-    directory is locked from ``config.yaml`` to ``metrics.json``.
+    The configuration is resolved and checked (:func:`kinfonce.resolve.resolve`) and the run
+    directory's ownership settled (:mod:`kinfonce.rundir`) before anything is written; a
+    refused run writes nothing. The directory is locked from ``config.yaml`` (the resolved
+    configuration) to ``metrics.json``.
 
     Args:
-        config: the configuration (data-set defaults are filled in here).
-        job: what the kind of run checks, builds and evaluates.
+        config: the configuration as given (resolved here).
+        job: what the kind of run builds and evaluates.
         resume: None, ``"last"`` (the run's furthest readable checkpoint) or a checkpoint
             path.
         callbacks: extra Lightning callbacks, e.g. early stopping.
@@ -247,7 +247,8 @@ def run_training(
             by the online probe, skip it).
 
     Returns:
-        The metrics written to ``metrics.json`` (empty on DDP ranks other than 0).
+        The metrics written to ``metrics.json`` (empty on DDP ranks other than 0), with the
+        ``run`` record of :func:`kinfonce.rundir.run_record`.
 
     Raises:
         KinfonceError: a bad setting, impossible batch sizes, a checkpoint of another
@@ -257,10 +258,10 @@ def run_training(
             during the final evaluation; a line on stderr says how to resume.
     """
     started, cpu_started = time.perf_counter(), time.process_time()
-    if job.check is not None:
-        job.check(config.resolved())
-    config = validate(config)
-    run_dir = resolve_run_dir(config, job.command)
+    config = resolve(config)
+    if config.output_dir is not None:
+        check_writable_dir(config.output_dir, "output_dir")
+    run_dir = resolve_run_dir(config)
     with quiet_lightning(config.accelerator):
         trainer = make_trainer(config, run_dir, callbacks)
     owner = trainer.is_global_zero  # DDP workers use the directory rank 0 owns
@@ -269,56 +270,61 @@ def run_training(
     checkpoint = resume_checkpoint(run_dir, resume)
     if checkpoint is not None:
         check_resumable(checkpoint, config)
-    L.seed_everything(config.seed, verbose=False)
-    splits = load_training_splits(config)
-    check_batch_size(config.batch_size, splits.pretraining_size, trainer.world_size)
-    module, data = job.build(config, splits)
-    claim = claim_run_dir(run_dir, resume=resume is not None) if owner else contextlib.nullcontext()
-    with claim:
-        if owner:
-            write_text_atomic(run_dir / "config.yaml", dump_config(config))
-        try:
-            fit_started = time.perf_counter()
-            with (
-                quiet_lightning(config.accelerator),
-                shared_with_workers(run_dir, trainer.world_size),
-            ):
-                trainer.fit(module, datamodule=data, ckpt_path=checkpoint, weights_only=True)
-            pretrain_time = time.perf_counter() - fit_started
-            if not owner:
-                return {}
-            metrics = {}
-            if evaluate:
-                eval_started = time.perf_counter()
-                # Lightning moved the module back to the CPU when fit ended: evaluate where it
-                # trained
-                device = str(trainer.strategy.root_device)
-                metrics = job.evaluate(module, splits, config, device)
-                metrics["evaluation_time_s"] = time.perf_counter() - eval_started
-        except (SystemExit, KeyboardInterrupt):
-            # Lightning saves interrupted.ckpt and exits on Ctrl-C during fit; after fit,
-            # last.ckpt holds the finished training and a resume only evaluates.
-            if owner:
-                print(
-                    f"interrupted; continue with: kinfonce {job.command} --output-dir {run_dir} "
-                    "--resume",
-                    file=sys.stderr,
-                )
-            raise
-        logged = trainer.callback_metrics
-        for key in FINAL_LOGGED:
-            if key in logged:
-                metrics[f"final_{key}"] = float(logged[key])
-        metrics.update(
-            epochs=config.epochs,
-            train_images=len(splits.train),
-            pretrain_time_s=pretrain_time,
-            wall_time_s=time.perf_counter() - started,
-            # CPU time of all threads: on a busy machine, a better gauge of the work than wall
-            # time.
-            cpu_time_s=time.process_time() - cpu_started,
-            run_dir=str(run_dir),
+    with seeded(config.seed):
+        splits = load_training_splits(config)
+        check_batch_size(config.batch_size, splits.pretraining_size, trainer.world_size)
+        module, data = job.build(config, splits)
+        claim = (
+            claim_run_dir(run_dir, resume=resume is not None) if owner else contextlib.nullcontext()
         )
-        plot_run_curves(run_dir, run_dir / "curves.png")
-        write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        with claim:
+            if owner:
+                write_text_atomic(run_dir / "config.yaml", dump_config(config))
+            try:
+                fit_started = time.perf_counter()
+                with (
+                    quiet_lightning(config.accelerator),
+                    shared_with_workers(run_dir, trainer.world_size),
+                ):
+                    trainer.fit(module, datamodule=data, ckpt_path=checkpoint, weights_only=True)
+                pretrain_time = time.perf_counter() - fit_started
+                if not owner:
+                    return {}
+                metrics = {}
+                if evaluate:
+                    eval_started = time.perf_counter()
+                    # Lightning moved the module back to the CPU when fit ended: evaluate
+                    # where it trained
+                    device = str(trainer.strategy.root_device)
+                    metrics = job.evaluate(module, splits, config, device)
+                    metrics["evaluation_time_s"] = time.perf_counter() - eval_started
+            except (SystemExit, KeyboardInterrupt):
+                # Lightning saves interrupted.ckpt and exits on Ctrl-C during fit; after fit,
+                # last.ckpt holds the finished training and a resume only evaluates.
+                if owner:
+                    print(
+                        f"interrupted; continue with: kinfonce {config.command} --output-dir "
+                        f"{run_dir} --resume",
+                        file=sys.stderr,
+                    )
+                raise
+            logged = trainer.callback_metrics
+            for key in FINAL_LOGGED:
+                if key in logged:
+                    metrics[f"final_{key}"] = float(logged[key])
+            metrics.update(
+                epochs=config.epochs,
+                train_images=len(splits.train),
+                pretrain_time_s=pretrain_time,
+                wall_time_s=time.perf_counter() - started,
+                # CPU time of all threads: on a busy machine, a better gauge of the work than
+                # wall time.
+                cpu_time_s=time.process_time() - cpu_started,
+                run_dir=str(run_dir),
+                run=run_record(config.accelerator),
+            )
+            columns = [column for _, column in CURVE_PANELS]
+            curves = read_epoch_curves(find_epoch_log(run_dir), columns)
+            plot_curve_panels({run_dir.name: curves}, run_dir / "curves.png")
+            write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics

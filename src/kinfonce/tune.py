@@ -2,11 +2,12 @@
 
 Each trial is an ordinary ``kinfonce pretrain`` run (:func:`kinfonce.train.run_pretrain`,
 without the final evaluation) whose config is the base config with the trial's sampled
-values. It reports the online-probe accuracy ``probe_top1`` to Tune once per epoch, with a
+values and the fields the search sets (:meth:`kinfonce.config.SearchSettings.trial_fields`),
+resolved like any run's. It reports the online-probe accuracy ``probe_top1`` to Tune once per epoch, with a
 checkpoint, so ASHA can stop poor trials at its rungs and a failed or interrupted trial
 resumes from its last epoch. The search directory holds::
 
-    DIR/search.yaml         base config, space and settings (what --resume reads)
+    DIR/search.yaml         base config (as given), space and settings (what --resume reads)
     DIR/<trial id>/         Tune's trial records and checkpoints; run/ is the trial's run directory
     DIR/summary.md          best trials, failed trials with their reasons
     DIR/trials.csv          every trial: status, epochs, last probe accuracy, sampled values
@@ -19,7 +20,9 @@ Ray runs in-process on this machine by default, or joins a cluster (``address``)
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -32,18 +35,25 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import yaml
 
-from kinfonce.config import PretrainConfig, config_from_mapping, dump_config
-from kinfonce.errors import KinfonceError, MissingFileError
-from kinfonce.space import (
-    Dimension,
-    check_space,
-    check_trial_config,
-    num_trials,
-    parse_space,
-    space_to_yaml,
+from kinfonce.config import (
+    PretrainConfig,
+    SearchRuntime,
+    SearchSettings,
+    config_from_mapping,
+    dump_config,
+    settings_from_mapping,
 )
+from kinfonce.errors import KinfonceError, MissingFileError
+from kinfonce.fileio import write_text_atomic
+from kinfonce.plots import plot_search_curves
+from kinfonce.resolve import check_search, resolve
+from kinfonce.scoped import cpu_threads, environment
+from kinfonce.space import Dimension, check_space, num_trials, parse_space, space_to_yaml
+from kinfonce.tables import search_summary
+from kinfonce.train import run_pretrain
 
 #: The metric ASHA maximises (the online probe's validation accuracy).
 METRIC = "probe_top1"
@@ -52,78 +62,21 @@ CHECKPOINT_FILE = "last.ckpt"
 SEARCH_FILE = "search.yaml"
 
 
-@dataclass
-class SearchSettings:
-    """How the search samples, stops and places its trials (the ``kinfonce tune`` flags).
-
-    Attributes:
-        max_t: epochs of a trial that ASHA never stops (its ``max_t``).
-        num_samples: trials drawn (per combination of ``grid`` values).
-        grace_period: epochs before ASHA may stop a trial; rungs at grace * rf^k < max_t.
-        reduction_factor: ASHA keeps the best 1/reduction_factor of the trials at a rung.
-        cpus_per_trial: CPUs Ray reserves for a trial (its torch threads).
-        gpus_per_trial: GPUs per trial; a fraction (e.g. 0.25) shares one GPU.
-        max_concurrent: at most this many trials at once (None: as resources allow).
-        max_failures: retries of a failed trial, each from its last checkpoint.
-        search_seed: seed of the sampled values (None: not reproducible).
-    """
-
-    max_t: int
-    num_samples: int = 8
-    grace_period: int = 1
-    reduction_factor: float = 2.0
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    max_concurrent: int | None = None
-    max_failures: int = 0
-    search_seed: int | None = 0
-
-    def check(self) -> None:
-        """Raise a KinfonceError naming the first setting out of range."""
-        for name in ("max_t", "num_samples", "grace_period"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise KinfonceError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.grace_period > self.max_t:
-            raise KinfonceError(
-                f"grace_period ({self.grace_period}) must be <= max_t ({self.max_t}): ASHA "
-                "cannot stop a trial after its last epoch"
-            )
-        if not self.reduction_factor > 1:
-            raise KinfonceError(f"reduction_factor must be > 1, got {self.reduction_factor}")
-        if not self.cpus_per_trial > 0:
-            raise KinfonceError(f"cpus_per_trial must be > 0, got {self.cpus_per_trial}")
-        gpus = self.gpus_per_trial
-        if not (gpus >= 0 and (gpus <= 1 or float(gpus).is_integer())):
-            raise KinfonceError(
-                f"gpus_per_trial must be a fraction in [0, 1] or a whole number, got {gpus}"
-            )
-        if self.max_concurrent is not None and self.max_concurrent < 1:
-            raise KinfonceError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
-        if self.max_failures < 0:
-            raise KinfonceError(f"max_failures must be >= 0, got {self.max_failures}")
-
-    def check_placement(self, address: str | None, num_cpus: int | None) -> None:
-        """On a Ray started here (no ``address``), a trial must fit this machine, or it
-        would wait forever; ``num_cpus`` sizes that Ray and is not for a cluster."""
-        import torch
-
-        if address is not None:
-            if num_cpus is not None:
-                raise KinfonceError("num_cpus is for a Ray started here; a cluster has its own")
-            return
-        if num_cpus is not None and num_cpus < 1:
-            raise KinfonceError(f"num_cpus must be >= 1, got {num_cpus}")
-        cpus = num_cpus or os.cpu_count() or 1
-        if self.cpus_per_trial > cpus:
-            raise KinfonceError(
-                f"cpus_per_trial ({self.cpus_per_trial}) exceeds the {cpus} CPUs of the local Ray"
-            )
-        if self.gpus_per_trial > torch.cuda.device_count():
-            raise KinfonceError(
-                f"gpus_per_trial ({self.gpus_per_trial}) exceeds the "
-                f"{torch.cuda.device_count()} GPUs of this machine"
-            )
+def check_placement(settings: SearchSettings, runtime: SearchRuntime) -> None:
+    """On a Ray started here (no ``address``), a trial must fit this machine, or it would
+    wait forever."""
+    if runtime.address is not None:
+        return
+    cpus = runtime.num_cpus or os.cpu_count() or 1
+    if settings.cpus_per_trial > cpus:
+        raise KinfonceError(
+            f"cpus_per_trial ({settings.cpus_per_trial}) exceeds the {cpus} CPUs of the local Ray"
+        )
+    if settings.gpus_per_trial > torch.cuda.device_count():
+        raise KinfonceError(
+            f"gpus_per_trial ({settings.gpus_per_trial}) exceeds the "
+            f"{torch.cuda.device_count()} GPUs of this machine"
+        )
 
 
 @dataclass
@@ -196,19 +149,16 @@ def pretrain_trial(
 ) -> None:
     """One Tune trial: ``kinfonce pretrain`` of ``base`` with the sampled ``params``.
 
-    Its run directory is ``search_dir/<trial id>/run``. With a Tune checkpoint (a retry,
-    or a resumed search) it continues from that checkpoint's epoch; without one it starts
-    afresh, clearing what an earlier attempt left.
+    Its run directory is ``search_dir/<trial id>/run``; torch runs on ``threads`` CPU
+    threads during the trial. With a Tune checkpoint (a retry, or a resumed search) it
+    continues from that checkpoint's epoch; without one it starts afresh, clearing what an
+    earlier attempt left.
     """
-    import torch
     from ray import tune
-
-    from kinfonce.train import run_pretrain
 
     context = tune.get_context()
     run_dir = Path(search_dir) / context.get_trial_id() / "run"
     config = config_from_mapping({**params, "output_dir": str(run_dir)}, config_from_mapping(base))
-    torch.set_num_threads(threads)
     checkpoint, resume = tune.get_checkpoint(), None
     if checkpoint is None:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -217,7 +167,8 @@ def pretrain_trial(
         shutil.rmtree(restored, ignore_errors=True)
         checkpoint.to_directory(str(restored))
         resume = str(restored / CHECKPOINT_FILE)
-    run_pretrain(config, resume=resume, callbacks=[EpochReport()], evaluate=False)
+    with cpu_threads(threads):
+        run_pretrain(config, resume=resume, callbacks=[EpochReport()], evaluate=False)
 
 
 def default_search_dir(base: PretrainConfig) -> Path:
@@ -231,32 +182,27 @@ def _trial_dirname(trial: Any) -> str:
 
 
 def trial_base(base: PretrainConfig, settings: SearchSettings) -> PretrainConfig:
-    """The config every trial starts from: ``max_t`` epochs on one device, no progress bars."""
-    if base.devices != "1" or base.num_nodes != 1:
-        raise KinfonceError(
-            f"a trial trains on one device; devices={base.devices!r} and "
-            f"num_nodes={base.num_nodes} are not for tune (use gpus_per_trial)"
-        )
-    return dataclasses.replace(
-        base,
-        epochs=settings.max_t,
-        progress=False,
-        accelerator="gpu" if settings.gpus_per_trial > 0 else "cpu",
-        strategy="auto",
-        output_dir=None,
-    )
+    """The config every trial starts from: the base with the fields the search sets
+    (:meth:`~kinfonce.config.SearchSettings.trial_fields`)."""
+    return dataclasses.replace(base, **settings.trial_fields())
 
 
-def check_search(
-    base: PretrainConfig, space: dict[str, Dimension], settings: SearchSettings
-) -> None:
-    """Every check that needs no data and no Ray: settings, base config, space."""
-    settings.check()
+def check_search_inputs(
+    base: PretrainConfig,
+    space: dict[str, Dimension],
+    settings: SearchSettings,
+    runtime: SearchRuntime,
+) -> SearchSettings:
+    """Every check that needs no data and no Ray: settings (returned with ``max_t``
+    decided), where the search runs, base config, space."""
+    settings = check_search(settings, base, runtime)
+    check_placement(settings, runtime)
     try:
-        check_trial_config(base)
-    except ValueError as err:
+        resolve(trial_base(base, settings))
+    except KinfonceError as err:
         raise KinfonceError(f"base config: {err}") from None
     check_space(space, base)
+    return settings
 
 
 @contextlib.contextmanager
@@ -264,29 +210,27 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
     """Ray for the search: joined at ``address``, or started here (no dashboard) and shut
     down after. A Ray already initialised in this process is used as it is.
     """
-    import logging
-
     import ray
 
     # Tune snapshots the experiment state at every trial checkpoint (what lets --resume lose
     # nothing) and warns about it when epochs are short; the warning is noise here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if ray.is_initialized():
-        yield
-        return
-    if address is not None:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    else:
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    with environment(TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S="0"):
+        if ray.is_initialized():
+            yield
+            return
+        if address is not None:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        else:
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+            )
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def _trainable(base: PretrainConfig, settings: SearchSettings, search_dir: Path) -> Any:
@@ -350,7 +294,8 @@ def run_search(
     """Run a search and write its outputs (see the module docstring).
 
     Args:
-        base: the config every trial starts from (its ``epochs`` is replaced by ``max_t``).
+        base: the config every trial starts from, as given (each trial's is resolved; the
+            fields of :meth:`~kinfonce.config.SearchSettings.trial_fields` are the search's).
         space: field -> distribution (:mod:`kinfonce.space`).
         settings: sampling, ASHA and resources.
         search_dir: a new directory for the search.
@@ -363,18 +308,17 @@ def run_search(
             all checked before Ray starts.
     """
     search_dir = Path(search_dir).resolve()
-    check_search(base, space, settings)
-    settings.check_placement(address, num_cpus)
+    runtime = SearchRuntime(address=address, num_cpus=num_cpus)
+    settings = check_search_inputs(base, space, settings, runtime)
     if (search_dir / SEARCH_FILE).exists():
         raise KinfonceError(
             f"{str(search_dir)!r} already holds a search; continue it with --resume "
             f"{search_dir} or choose another --output-dir"
         )
     base = trial_base(base, settings)
-    search_dir.mkdir(parents=True, exist_ok=True)
     record = {"config": base.to_dict(), "space": space_to_yaml(space)}
-    record["settings"] = dataclasses.asdict(settings)
-    (search_dir / SEARCH_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
+    record["settings"] = settings.to_dict()
+    write_text_atomic(search_dir / SEARCH_FILE, yaml.safe_dump(record, sort_keys=False))
     with ray_session(address, num_cpus):
         _tuner(base, space, settings, search_dir, callbacks).fit()
     return finish_search(search_dir, base, space, settings)
@@ -393,7 +337,7 @@ def load_search(
     record = yaml.safe_load(path.read_text())
     if not (isinstance(record, dict) and {"config", "space", "settings"} <= record.keys()):
         raise KinfonceError(f"{str(path)!r} is not a search record of `kinfonce tune`")
-    settings = SearchSettings(**record["settings"])
+    settings = settings_from_mapping(SearchSettings, record["settings"])
     return config_from_mapping(record["config"]), parse_space(record["space"]), settings
 
 
@@ -416,8 +360,7 @@ def resume_search(
 
     search_dir = Path(search_dir).resolve()
     base, space, settings = load_search(search_dir)
-    check_search(base, space, settings)
-    settings.check_placement(address, num_cpus)
+    check_search_inputs(base, space, settings, SearchRuntime(address=address, num_cpus=num_cpus))
     if not tune.Tuner.can_restore(search_dir):
         raise KinfonceError(
             f"{str(search_dir)!r} holds no Tune experiment state to resume (the search stopped "
@@ -481,9 +424,12 @@ def collect_trials(search_dir: Path, max_t: int) -> list[TrialRecord]:
 def finish_search(
     search_dir: Path, base: PretrainConfig, space: dict[str, Dimension], settings: SearchSettings
 ) -> SearchResult:
-    """Read the trials, pick the best and write the outputs into ``search_dir``."""
-    from kinfonce.report import write_search_report
+    """Read the trials, pick the best and write the outputs into ``search_dir``.
 
+    ``best_config.yaml`` is the best trial's resolved configuration with where it runs left
+    to ``kinfonce pretrain`` (accelerator auto, memory format decided by the device, its own
+    run directory, progress bars), so that it runs on any machine.
+    """
     trials = collect_trials(search_dir, settings.max_t)
     interrupted = len(trials) < num_trials(space, settings.num_samples) or any(
         t.status == "unfinished" for t in trials
@@ -492,11 +438,42 @@ def finish_search(
     best_config = None
     files = {}
     if best is not None:
-        best_config = config_from_mapping(best.params, base)
         best_config = dataclasses.replace(
-            best_config, progress=True, accelerator="auto", output_dir=None
+            resolve(config_from_mapping(best.params, base)),
+            progress=True,
+            accelerator="auto",
+            channels_last=None,
+            output_dir=None,
         )
-        files["best_config"] = search_dir / "best_config.yaml"
-        files["best_config"].write_text(dump_config(best_config))
+        files["best_config"] = write_text_atomic(
+            search_dir / "best_config.yaml", dump_config(best_config)
+        )
     files.update(write_search_report(trials, list(space), search_dir, METRIC))
     return SearchResult(trials, list(space), best, best_config, interrupted, files)
+
+
+def write_search_report(
+    trials: list[TrialRecord], keys: Sequence[str], out_dir: str | Path, metric: str
+) -> dict[str, Path]:
+    """Write ``summary.md``, ``trials.csv`` and ``probe_curves.png`` of a search.
+
+    Returns:
+        Name ("summary", "trials", "curves") -> path written.
+    """
+    out = Path(out_dir)
+    curves = plot_search_curves(trials, out / "probe_curves.png", metric)
+    summary = write_text_atomic(
+        out / "summary.md",
+        f"# kinfonce tune\n\n{search_summary(trials, keys)}\n![probe curves]({curves.name})\n",
+    )
+    table = out / "trials.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["trial", "status", "epochs", metric, "train_loss", *keys, "error"])
+        for t in trials:
+            epochs = t.epochs[-1] if t.epochs else 0
+            values = [t.params.get(key) for key in keys]
+            writer.writerow(
+                [t.trial_id, t.status, epochs, t.last_probe, t.train_loss, *values, t.error]
+            )
+    return {"summary": summary, "trials": table, "curves": curves}

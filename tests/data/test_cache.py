@@ -1,29 +1,27 @@
 """The decoded-image cache: reuse, invalidation by the source's identity, corrupt entries."""
 
-import io
 import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import kinfonce.data.decode as decode
 from kinfonce.data import load_dataset
 from kinfonce.data.cache import CACHE_ENV, cache_root, load_cached, save_cached
+from tests.helpers import write_image_tree
 
 
 def _tree(root: Path) -> Path:
-    for split in ("train", "test"):
-        for value, name in ((40, "a"), (220, "b")):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(3):
-                buffer = io.BytesIO()
-                Image.new("RGB", (6, 6), (value, value, i)).save(buffer, format="PNG")
-                (folder / f"{i}.png").write_bytes(buffer.getvalue())
-    return root
+    """Two classes of 3 training and 3 test 6x6 PNGs, each image its own colour."""
+    value = {"a": 40, "b": 220}
+
+    def image(name: str, i: int, rng: np.random.Generator) -> np.ndarray:
+        return np.full((6, 6, 3), (value[name], value[name], i), np.uint8)
+
+    return write_image_tree(root, image, value, {"train": 3, "test": 3})
 
 
 def _entries(cache: Path) -> list[Path]:

@@ -1,13 +1,12 @@
 """CIFAR-10 read from ../shared/data/cifar10-jpg.zip (skipped when the archive is absent)."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from kinfonce.data import load_dataset
+from tests.helpers import CIFAR10_ZIP
 
-ZIP = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10-jpg.zip"
+ZIP = CIFAR10_ZIP
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 pytestmark = pytest.mark.skipif(
@@ -16,9 +15,10 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="session")
-def cifar(tmp_path_factory):
-    """Decoded once per test session into a temporary cache."""
-    return load_dataset(f"imagefolder:{ZIP}", cache_dir=tmp_path_factory.mktemp("cifar-cache"))
+def cifar():
+    """Decoded once per test session into the session's cache (shared with the other tests
+    of the zip)."""
+    return load_dataset(f"imagefolder:{ZIP}")
 
 
 def test_cifar10_zip_sizes_classes_and_balance(cifar):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from kinfonce.data.crop import resized_crops, sample_boxes
+from kinfonce.data.crop import padded_crops, resized_crops, sample_boxes
 
 
 @pytest.mark.parametrize("size", [(32, 32), (16, 16), (48, 40)])
@@ -39,3 +39,35 @@ def test_full_image_box_is_identity():
     boxes = torch.tensor([[0.0, 0.0, 20.0, 20.0]]).expand(4, 4)
     out = resized_crops(images, boxes, (20, 20), torch.zeros(4, dtype=torch.bool))
     torch.testing.assert_close(out, images, atol=1e-6, rtol=0)
+
+
+def test_padded_crops_are_torchvisions_reflect_padded_random_crops_and_flips():
+    # What the augmented linear probe used kornia for: RandomCrop(size, padding, reflect) then
+    # RandomHorizontalFlip. Each output must be one of torchvision's crops of the reflection-
+    # padded image, mirrored or not (a wrong pad mode, offset or flip axis matches none), and
+    # every offset and both flips must occur (a crop that never moves matches the first).
+    torch.manual_seed(0)
+    images, padding = torch.rand(200, 3, 12, 10), 2
+    out = padded_crops(images, padding)
+    assert out.shape == images.shape
+    seen = set()
+    for image, got in zip(images, out, strict=True):
+        padded = TF.pad(image, [padding], padding_mode="reflect")
+        matches = [
+            (top, left, flipped)
+            for top in range(2 * padding + 1)
+            for left in range(2 * padding + 1)
+            for flipped in (False, True)
+            if torch.allclose(
+                got,
+                (TF.horizontal_flip if flipped else lambda x: x)(
+                    TF.crop(padded, top, left, 12, 10)
+                ),
+                atol=2e-5,
+                rtol=0,
+            )
+        ]
+        assert matches, "an output that is no reflect-padded crop of its image"
+        seen.update(matches)
+    assert {(t, left) for t, left, _ in seen} == {(t, left) for t in range(5) for left in range(5)}
+    assert {flipped for _, _, flipped in seen} == {False, True}

@@ -1,6 +1,5 @@
 """Loading by name: digits, image trees in directories and zips, tiny standard-layout roots, errors."""
 
-import io
 import math
 import pickle
 import zipfile
@@ -13,24 +12,14 @@ from PIL import Image
 from torchvision.datasets import cifar
 
 from kinfonce.data import DATASETS, load_dataset
+from tests.helpers import flat_colour, image_bytes, write_image_tree
 
 COLOURS = {"cat": (200, 30, 30), "dog": (30, 200, 30), "emu": (30, 30, 200)}
 
 
-def _image_bytes(colour, size=(8, 8), fmt="PNG") -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
 def _write_tree(root: Path, per_class: dict[str, int], classes=COLOURS) -> None:
     """train/<class>/*.png and test/<class>/*.png, each class one flat colour."""
-    for split, count in per_class.items():
-        for name in classes:
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                (folder / f"{i}.png").write_bytes(_image_bytes(COLOURS[name]))
+    write_image_tree(root, flat_colour(COLOURS), classes, per_class)
 
 
 def _zip_tree(root: Path, archive: Path) -> None:
@@ -120,7 +109,7 @@ def test_imagefolder_directory_and_zip(tmp_path, as_zip):
 def test_zip_with_a_top_folder_and_mixed_sizes(tmp_path):
     tree = tmp_path / "tree" / "mydata"
     _write_tree(tree, {"train": 2, "test": 1})
-    (tree / "train" / "cat" / "big.jpg").write_bytes(_image_bytes(COLOURS["cat"], (20, 12), "JPEG"))
+    (tree / "train" / "cat" / "big.jpg").write_bytes(image_bytes(COLOURS["cat"], (20, 12), "JPEG"))
     archive = tmp_path / "mydata.zip"
     _zip_tree(tmp_path / "tree", archive)
     data = load_dataset(f"imagefolder:{archive}", cache_dir=tmp_path / "cache", val_fraction=0)
@@ -134,7 +123,7 @@ def test_undecodable_and_truncated_files_are_skipped_and_counted(tmp_path):
     tree = tmp_path / "tree"
     _write_tree(tree, {"train": 4, "test": 2})
     (tree / "train" / "dog" / "broken.jpg").write_bytes(b"this is not an image")
-    whole = _image_bytes(COLOURS["dog"], (16, 16), "JPEG")
+    whole = image_bytes(COLOURS["dog"], (16, 16), "JPEG")
     (tree / "train" / "dog" / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
     (tree / "test" / "cat" / "0.png").write_bytes(b"")
     with pytest.warns(UserWarning) as record:
@@ -163,7 +152,7 @@ def test_imagefolder_bad_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="train/<class>"):
         load_dataset(f"imagefolder:{tmp_path / 'nope'}", cache_dir=tmp_path)
     (tmp_path / "only" / "train" / "cat").mkdir(parents=True)
-    (tmp_path / "only" / "train" / "cat" / "0.png").write_bytes(_image_bytes(COLOURS["cat"]))
+    (tmp_path / "only" / "train" / "cat" / "0.png").write_bytes(image_bytes(COLOURS["cat"]))
     with pytest.raises(FileNotFoundError, match="no images under test/<class>/"):
         load_dataset(f"imagefolder:{tmp_path / 'only'}", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="download"):
@@ -176,12 +165,12 @@ def _write_tinyimagenet(root: Path) -> None:
         folder = root / "train" / wnid / "images"
         folder.mkdir(parents=True)
         for i in range(3):
-            (folder / f"{wnid}_{i}.JPEG").write_bytes(_image_bytes(COLOURS[name], fmt="JPEG"))
+            (folder / f"{wnid}_{i}.JPEG").write_bytes(image_bytes(COLOURS[name], fmt="JPEG"))
     (root / "val" / "images").mkdir(parents=True)
     lines = []
     for i, (wnid, name) in enumerate([*wnids.items(), *wnids.items()]):
         (root / "val" / "images" / f"val_{i}.JPEG").write_bytes(
-            _image_bytes(COLOURS[name], fmt="JPEG")
+            image_bytes(COLOURS[name], fmt="JPEG")
         )
         lines.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t7\t7")
     (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
@@ -233,15 +222,9 @@ def test_cifar10_torchvision_layout(tmp_path, monkeypatch):
 def _write_sized_tree(root: Path, odd: dict[str, tuple[int, int]]) -> None:
     """Three classes of 2 train and 1 test 32x32 JPEGs, plus ``odd`` PNGs (name -> (w, h))
     in train/cat/, named so that they sort first."""
-    _write_tree(root, {"train": 0, "test": 0})
-    for split, count in (("train", 2), ("test", 1)):
-        for name in COLOURS:
-            for i in range(count):
-                (root / split / name / f"{i}.jpg").write_bytes(
-                    _image_bytes(COLOURS[name], (32, 32), "JPEG")
-                )
+    write_image_tree(root, flat_colour(COLOURS, 32), COLOURS, {"train": 2, "test": 1}, fmt="JPEG")
     for name, size in odd.items():
-        (root / "train" / "cat" / name).write_bytes(_image_bytes(COLOURS["cat"], size))
+        (root / "train" / "cat" / name).write_bytes(image_bytes(COLOURS["cat"], size))
 
 
 def test_most_common_size_wins_over_the_first_image(tmp_path):
@@ -271,10 +254,8 @@ def test_bad_crc_in_a_deflated_zip_and_a_decompression_bomb_are_skipped(tmp_path
     (DecompressionBombError) aborted the whole load with a traceback."""
     tree = tmp_path / "tree"
     _write_tree(tree, {"train": 3, "test": 1})
-    (tree / "train" / "dog" / "bomb.png").write_bytes(_image_bytes(COLOURS["dog"], (40, 40)))
-    (tree / "train" / "emu" / "bomb.jpg").write_bytes(
-        _image_bytes(COLOURS["emu"], (40, 40), "JPEG")
-    )
+    (tree / "train" / "dog" / "bomb.png").write_bytes(image_bytes(COLOURS["dog"], (40, 40)))
+    (tree / "train" / "emu" / "bomb.jpg").write_bytes(image_bytes(COLOURS["emu"], (40, 40), "JPEG"))
     archive = tmp_path / "tree.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as out:
         for path in sorted(tree.rglob("*")):
@@ -298,7 +279,7 @@ def test_bad_crc_in_a_deflated_zip_and_a_decompression_bomb_are_skipped(tmp_path
 def test_a_single_class_is_refused(tmp_path):
     """One class trained and reported 100% accuracy, without a warning."""
     tree = tmp_path / "tree"
-    _write_tree(tree, {"train": 2, "test": 1}, classes={"cat": COLOURS["cat"]})
+    _write_tree(tree, {"train": 2, "test": 1}, classes=["cat"])
     with pytest.raises(ValueError, match=r"1 class folder\(s\) \(\['cat'\]\).*at least 2 classes"):
         load_dataset(f"imagefolder:{tree}", cache_dir=tmp_path / "cache")
 
@@ -312,7 +293,7 @@ def test_imagefolder_unlabelled_folder_is_read_for_pretraining_only(tmp_path, as
     nested = tree / "unlabelled" / "batch-1"
     nested.mkdir(parents=True)
     for i in range(5):
-        (nested / f"{i}.png").write_bytes(_image_bytes((90, 90, 90)))
+        (nested / f"{i}.png").write_bytes(image_bytes((90, 90, 90)))
     source = tree
     if as_zip:
         source = tmp_path / "tree.zip"

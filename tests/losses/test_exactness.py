@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kinfonce.kernel_lse as kernel_lse
 from kinfonce import KernelInfoNCE, LossMixture, make_loss
 from kinfonce.kernels import ExpKernel, concat_sum_kernel, simple_sum_kernel
+from kinfonce.losses import LOSS_PRESETS
 
 from . import reference as ref
 
@@ -100,6 +102,49 @@ def test_table2_loss_mixtures(tau, n, path):
         *right, [(1.0, 2.0, tau2, 0)]
     )
     close(concat(z0, z1), want)
+
+
+def _spectral_reference(z0, z1, mu=3.0):
+    """HaoChen et al.'s loss on rows capped at norm sqrt(mu), float64."""
+    radius = mu**0.5
+    z0, z1 = (z.double() * (radius / z.double().norm(dim=1, keepdim=True).clamp_min(radius))
+              for z in (z0, z1))  # fmt: skip
+    n, sim = z0.shape[0], z0 @ z1.T
+    return -2 * sim.diagonal().mean() + (sim.pow(2).sum() - sim.diagonal().pow(2).sum()) / (
+        n * (n - 1)
+    )
+
+
+#: Each preset at its defaults (temperatures 0.5, lambda 0.5, mu 3) as a reference formula.
+PRESET_FORMULAS = {
+    "gaussian": lambda z0, z1: ref.two_view(z0, z1, [(1.0, 2.0, 0.5, 0)]),
+    "laplacian": lambda z0, z1: ref.two_view(z0, z1, [(1.0, 1.0, 0.5, 0)]),
+    "exp-0.5": lambda z0, z1: ref.two_view(z0, z1, [(1.0, 0.5, 0.5, 0)]),
+    "exponential": lambda z0, z1: ref.two_view(z0, z1, [(1.0, 2.0, 0.5, 0)]),
+    "simple-sum": lambda z0, z1: (
+        0.5 * ref.two_view(z0, z1, [(1.0, 1.0, 0.5, 0)])
+        + 0.5 * ref.two_view(z0, z1, [(1.0, 2.0, 0.5, 0)])
+    ),
+    "concat-sum": lambda z0, z1: (
+        0.5 * ref.two_view(z0[:, :8], z1[:, :8], [(1.0, 1.0, 0.5, 0)])
+        + 0.5 * ref.two_view(z0[:, 8:], z1[:, 8:], [(1.0, 2.0, 0.5, 0)])
+    ),
+    "simple-sum-kernel": lambda z0, z1: ref.two_view(
+        z0, z1, [(0.5, 1.0, 0.5, 0), (0.5, 2.0, 0.5, 0)]
+    ),
+    "concat-sum-kernel": lambda z0, z1: ref.two_view(
+        z0, z1, [(0.5, 1.0, 0.5, 0), (0.5, 2.0, 0.5, 1)], parts=2
+    ),
+    "spectral": _spectral_reference,
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOSS_PRESETS))
+def test_each_preset_at_its_defaults_is_its_formula(name):
+    # Catches a preset wired to another kernel, exponent, weight or default than its name
+    # and Table 2 say (the presets' defaults are what a resolved config records).
+    z0, z1 = views(9, seed=13)
+    close(make_loss(name)(z0, z1), PRESET_FORMULAS[name](z0, z1))
 
 
 def test_mixture_readings_differ():
@@ -201,15 +246,28 @@ def test_automatic_blocks_beyond_the_pair_limit(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("case", CHUNK_CASES)
-def test_fused_and_blocked_paths_agree(case):
+#: The cases of :data:`CHUNK_CASES` that the fused path computes: one exponential kernel with
+#: a positive per row (the queue form and kernel mixtures take the blocked code either way).
+FUSED_CASES = ("exp-0.5", "laplacian-bipartite", "gaussian")
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_and_blocked_paths_agree(case, monkeypatch):
     """Values and gradients of the two paths agree to float32 rounding (a wrong closed-form
-    gradient in either path fails here, also where the float64 references are not run)."""
+    gradient in either path fails here, also where the float64 references are not run). The
+    fused arm must run the fused function, or both arms would be the blocked code."""
+    fused_calls = []
+    apply = kernel_lse._FusedNLL.apply
+    monkeypatch.setattr(
+        kernel_lse._FusedNLL, "apply", lambda *args: (fused_calls.append(1), apply(*args))[1]
+    )
     kwargs, queue = CHUNK_CASES[case]
     z0, z1 = views(37, seed=11)
     inputs = [z0, z1] + ([torch.randn(19, 16)] if queue else [])
     v0, g0 = _value_and_grads(KernelInfoNCE(**kwargs, path="blocked", chunk_size=4), *inputs)
+    assert not fused_calls
     v1, g1 = _value_and_grads(KernelInfoNCE(**kwargs, path="fused"), *inputs)
+    assert fused_calls
     torch.testing.assert_close(v1, v0, rtol=1e-6, atol=1e-6)
     for a, b in zip(g1, g0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

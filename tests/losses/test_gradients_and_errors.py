@@ -102,13 +102,11 @@ def test_stable_where_the_literal_formula_fails():
     assert torch.isfinite(KernelInfoNCE(gamma=2.0, temperature=0.01)(z0, z1))
 
 
-def test_presets_build_and_run():
-    z0, z1 = torch.randn(6, 8), torch.randn(6, 8)
-    for name in LOSS_PRESETS:
-        loss = make_loss(name)
-        assert z0.shape[1] % loss.out_dim_multiple == 0
-        assert torch.isfinite(loss(z0, z1))
-    assert make_loss("concat-sum").out_dim_multiple == 2
+def test_features_split_between_parts_only_for_the_concatenation_presets():
+    # Catches a concatenation preset that does not ask for a width divisible by its parts
+    # (the embedding width is resolved from it), or another preset that does.
+    parts = {name: make_loss(name).out_dim_multiple for name in LOSS_PRESETS}
+    assert parts == {name: 2 if name.startswith("concat") else 1 for name in LOSS_PRESETS}
     assert "lam" in preset_params("simple-sum")
 
 
@@ -203,17 +201,29 @@ def test_empty_queue_is_explained():
     ],
     ids=["two-view", "bipartite", "concat-sum", "spectral"],
 )
-def test_gather_on_a_single_process_is_a_world_of_one(build):
+def test_gather_on_a_single_process_is_a_world_of_one(build, monkeypatch):
     """gather_distributed=True without a process group raised; like lightly's and
-    solo-learn's losses it now means a world size of 1, so one script runs anywhere."""
+    solo-learn's losses it now means a world size of 1, so one script runs anywhere. The
+    gathered arm must go through the gather (or both arms would run the same code), which
+    returns the batch itself, with the same values and gradients."""
+    import kinfonce.losses
+
+    gathers = []
+    real = kinfonce.losses.gather_with_grad
+    monkeypatch.setattr(
+        kinfonce.losses, "gather_with_grad", lambda z: (gathers.append(z), real(z))[1]
+    )
     assert not torch.distributed.is_initialized()
     z0, z1 = _double(6, 8), _double(6, 8, seed=1)
     gathered = build(True)(z0, z1)
+    assert gathers and all(g.shape == (6, 8) or g.shape[1] == 4 for g in gathers)
+    gathers.clear()
     gathered.backward()
     grads = z0.grad.clone(), z1.grad.clone()
     z0.grad, z1.grad = None, None
     plain = build(False)(z0, z1)
     plain.backward()
+    assert not gathers
     assert torch.equal(gathered, plain)
     assert torch.equal(grads[0], z0.grad) and torch.equal(grads[1], z1.grad)
 
@@ -281,4 +291,12 @@ def test_unchecked_non_finite_inputs_give_a_non_finite_loss(path):
     for gamma in (0.5, 1.0, 2.0):
         loss = KernelInfoNCE(gamma=gamma, path=path, check_finite=False)
         assert not torch.isfinite(loss(z0, z1))
+        # a NaN key of the queue form: its distance to the query was read as 0 for gamma < 2
+        assert not torch.isfinite(loss(z0, z1, queue=torch.randn(5, 8)))
     assert not torch.isfinite(make_loss("spectral", check_finite=False)(z0, z1))
+    # the cifar10-concat-sum recipe's loss: whole-vector normalisation checked its inputs
+    # anyway, raising (and syncing with the GPU) where training records a divergence
+    for options in ({}, {"concat_normalization": "whole"}):
+        loss = make_loss("concat-sum", path=path, check_finite=False, **options)
+        assert not torch.isfinite(loss(z0, z1))
+        assert not torch.isfinite(loss(z0, z1, queue=torch.randn(5, 8)))

@@ -10,6 +10,10 @@ resizing bilinearly with ``align_corners=False`` and no antialiasing (torchvisio
 
 Why hand-written: per-image crops with kornia or torchvision run one small kernel sequence per
 image (or a general perspective warp), which dominates the views on a GPU.
+
+:func:`padded_crops` is the other crop of the field, the linear probe's augmentation (a crop
+of the image's own size from the image padded by reflection, and a flip), written as boxes of
+scale 1 for the same ``grid_sample``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TRIES", "resized_crops", "sample_boxes"]
+__all__ = ["TRIES", "padded_crops", "resized_crops", "sample_boxes"]
 
 #: Tries per image before falling back to the central crop, as torchvision makes.
 TRIES = 10
@@ -102,3 +106,28 @@ def resized_crops(
         dim=-1,
     )
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def padded_crops(images: torch.Tensor, padding: int, flip_p: float = 0.5) -> torch.Tensor:
+    """Random crops of each image's own size from the image padded by reflection, each
+    mirrored horizontally with probability ``flip_p``.
+
+    Torchvision's ``RandomCrop(size, padding, padding_mode="reflect")`` then
+    ``RandomHorizontalFlip(flip_p)`` per image, for the whole batch at once: the crop is a box
+    of the padded image at scale 1, so :func:`resized_crops` samples whole pixels. Offsets and
+    flips come from the generator of the images' device.
+
+    Args:
+        images: float (n, C, H, W).
+        padding: pixels of reflection added on every side (< H and < W).
+
+    Returns:
+        float (n, C, H, W).
+    """
+    n, _, height, width = images.shape
+    padded = F.pad(images, (padding,) * 4, mode="reflect")
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), device=images.device)
+    size = torch.tensor([height, width], device=images.device).expand(n, 2)
+    boxes = torch.cat([offsets, size], dim=1).float()
+    flip = torch.rand(n, device=images.device) < flip_p
+    return resized_crops(padded, boxes, (height, width), flip)

@@ -18,7 +18,7 @@ epoch, before validation and checkpoints, where it stops the run with a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import lightning as L
@@ -30,9 +30,10 @@ from torch import nn
 from kinfonce.config import TrainConfig
 from kinfonce.data.augment import EvalTransform, SimCLRViews
 from kinfonce.errors import DivergedError, KinfonceError
-from kinfonce.losses import LOSS_PARAMETERS, make_loss, preset_params
+from kinfonce.losses import preset_params
 from kinfonce.models import ProjectionHead, build_backbone
 from kinfonce.optim import build_optimizer, parameter_groups, warmup_cosine
+from kinfonce.resolve import build_loss
 
 #: Key under which a checkpoint stores the config and data description.
 CHECKPOINT_KEY = "kinfonce"
@@ -44,23 +45,6 @@ DATA_FIELDS = ("image_size", "channels", "num_classes", "mean", "std")
 DIVERGENCE_CHECK_EVERY = 50
 
 
-def embedding_dim(config: TrainConfig, criterion: nn.Module) -> int:
-    """Width of the projection head's output: ``proj_out_dim``, else 128 per part of the
-    loss's features (256 for the concatenation presets).
-
-    Raises:
-        KinfonceError: ``proj_out_dim`` < 1 or not a multiple of the loss's parts.
-    """
-    multiple = criterion.out_dim_multiple
-    out_dim = 128 * multiple if config.proj_out_dim is None else config.proj_out_dim
-    if out_dim < 1 or out_dim % multiple:
-        raise KinfonceError(
-            f"proj_out_dim must be a positive multiple of {multiple} for the {config.loss!r} "
-            f"loss, got {out_dim}"
-        )
-    return out_dim
-
-
 def step_seed(seed: int, step: int, rank: int) -> int:
     """A 32-bit seed for (run seed, training step, rank), independent across the three."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
@@ -70,21 +54,16 @@ class PretrainMethod(L.LightningModule):
     """Base of the pretraining methods.
 
     Args:
-        config: the resolved run configuration.
+        config: the run configuration, resolved by :func:`kinfonce.resolve.resolve` (its
+            values are not checked again here).
         data: the data description, keys :attr:`data_fields` (plain values).
 
     Batches are ``(images, labels, ...)`` with images uint8 (B, C, H, W) and labels int64
     (B,), then whatever :meth:`make_inputs` of a subclass reads.
     """
 
-    #: Loss parameters a method sets when the config leaves them at None.
-    loss_defaults: ClassVar[Mapping[str, float]] = {}
-    #: Options of the loss's form, e.g. ``{"bipartite": True}``.
-    loss_options: ClassVar[Mapping[str, Any]] = {}
     #: Keys of the data description the method is built from (stored in checkpoints).
     data_fields: ClassVar[tuple[str, ...]] = DATA_FIELDS
-    #: The command whose configuration the method takes (stored in checkpoints).
-    kind: ClassVar[str] = "pretrain"
 
     def __init__(self, config: TrainConfig, data: dict[str, Any]):
         super().__init__()
@@ -93,8 +72,7 @@ class PretrainMethod(L.LightningModule):
             raise KinfonceError(f"data description lacks {missing}; needs {list(self.data_fields)}")
         self.config = config
         self.data_info = {key: data[key] for key in self.data_fields}
-        self.criterion = self.build_loss(config)
-        out_dim = embedding_dim(config, self.criterion)
+        self.criterion = build_loss(config)
         self.backbone = build_backbone(
             config.backbone,
             in_channels=data["channels"],
@@ -104,12 +82,10 @@ class PretrainMethod(L.LightningModule):
         self.head = ProjectionHead(
             self.backbone.feature_dim,
             config.proj_hidden_dim,
-            out_dim,
+            config.proj_out_dim,
             batch_norm=config.proj_batch_norm,
         )
-        # None (auto) is decided in setup(), once the training device is known.
-        self.channels_last = bool(config.channels_last)
-        if self.channels_last:
+        if config.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         self.probe = nn.Linear(self.backbone.feature_dim, data["num_classes"])
         self.views = SimCLRViews(
@@ -126,60 +102,6 @@ class PretrainMethod(L.LightningModule):
         self.register_buffer("first_nonfinite_step", torch.tensor(-1), persistent=False)
         self._compiled_embed = None
 
-    @classmethod
-    def loss_params(cls, config: TrainConfig) -> dict[str, float]:
-        """Parameters for ``make_loss``: the config's, else the method's defaults.
-
-        A parameter set in the config that the preset does not take is passed on, so
-        that ``make_loss`` rejects it instead of it being silently ignored; so are the
-        options ``concat_normalization`` (when set) and ``positive_in_denominator`` (when off).
-        """
-        accepted = set(preset_params(config.loss))
-        params = {}
-        for name in LOSS_PARAMETERS:
-            value = getattr(config, name)
-            if value is None and name in accepted:
-                value = cls.loss_defaults.get(name)
-            if value is not None:
-                params[name] = value
-        if config.concat_normalization is not None:
-            params["concat_normalization"] = config.concat_normalization
-        if not config.positive_in_denominator:
-            params["positive_in_denominator"] = False
-        return params
-
-    @classmethod
-    def check_loss(cls, config: TrainConfig) -> None:
-        """Build the config's loss once (a dry run of its parameters) and check the
-        embedding width against it.
-
-        Raises:
-            KinfonceError: naming the loss, its parameters and what is wrong.
-        """
-        try:
-            criterion = cls.build_loss(config)
-        except KinfonceError as err:
-            raise KinfonceError(
-                f"the {config.loss!r} loss cannot be built from {cls.loss_params(config)}: {err}"
-            ) from None
-        embedding_dim(config, criterion)
-
-    @classmethod
-    def build_loss(cls, config: TrainConfig, *, gather_distributed: bool = True) -> nn.Module:
-        """The loss module of the config's preset, in the method's form.
-
-        By default it gathers the in-batch negatives of all processes under DDP; on one
-        process (no process group, or a world of one) that is a no-op. Its inputs are not
-        checked for finiteness (a host synchronisation per call on a GPU): a non-finite input
-        gives a non-finite loss, which the training step records.
-        """
-        params = {**cls.loss_params(config), **cls.loss_options}
-        if config.loss_path != "auto" or "path" in preset_params(config.loss):
-            params["path"] = config.loss_path  # a preset without paths rejects a non-default
-        return make_loss(
-            config.loss, **params, gather_distributed=gather_distributed, check_finite=False
-        )
-
     def make_inputs(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The random inputs of :meth:`contrastive_step`: two views of the batch's images."""
         return self.views.pair(batch[0])
@@ -194,7 +116,7 @@ class PretrainMethod(L.LightningModule):
         return self._embed(images)
 
     def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.channels_last:
+        if self.config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         features = self.backbone(images)
         return features, self.head(features)
@@ -318,13 +240,6 @@ class PretrainMethod(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def setup(self, stage: str) -> None:
-        """Decides ``channels_last: None`` (auto) for the training device: on for a CPU, where
-        it trained 1.2-1.6x faster (docs/benchmarks.md), off elsewhere until measured there."""
-        if self.config.channels_last is None and self.trainer.strategy.root_device.type == "cpu":
-            self.channels_last = True
-            self.to(memory_format=torch.channels_last)  # MoCo's key encoder too
-
     def on_train_start(self) -> None:
         """Set each learning rate to the schedule's value at the current step.
 
@@ -341,7 +256,7 @@ class PretrainMethod(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Plain types only, so that checkpoints load with torch.load(weights_only=True).
         checkpoint[CHECKPOINT_KEY] = {
-            "kind": self.kind,
+            "kind": self.config.command,
             "config": self.config.to_dict(),
             "data": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_info.items()},
         }

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import copy
-from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 
 from kinfonce.config import PretrainConfig
-from kinfonce.errors import KinfonceError
 from kinfonce.methods.base import PretrainMethod
 
 
@@ -27,26 +25,15 @@ class MoCo(PretrainMethod):
 
     The queries are the first view through backbone and head; the keys the second view
     through the momentum copy. Each query's positive is its own key, its negatives the
-    ``queue_size`` keys of earlier batches (of all processes under DDP). Defaults follow
-    Table 4: temperature 0.1 and lambda 0.8 for the sum presets.
+    ``queue_size`` keys of earlier batches (of all processes under DDP). Its loss defaults
+    follow Table 4 (temperature 0.1 and lambda 0.8; ``kinfonce.resolve.METHOD_LOSS_DEFAULTS``).
 
     The key encoder keeps its own batch-norm statistics (computed on key batches). Batch
     norm is not shuffled across devices (MoCo's shuffle-BN).
     """
 
-    loss_defaults: ClassVar = {
-        "temperature": 0.1,
-        "temperature1": 0.1,
-        "temperature2": 0.1,
-        "lam": 0.8,
-    }
-
     def __init__(self, config: PretrainConfig, data: dict):
         super().__init__(config, data)
-        if not 0.0 <= config.moco_momentum < 1.0:
-            raise KinfonceError(f"moco_momentum must be in [0, 1), got {config.moco_momentum}")
-        if config.queue_size < 1:
-            raise KinfonceError(f"queue_size must be >= 1, got {config.queue_size}")
         self.key_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.key_head = copy.deepcopy(self.head).requires_grad_(False)
         out_dim = self.head[-1].out_features

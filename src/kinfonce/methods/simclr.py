@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from kinfonce.config import PretrainConfig
-from kinfonce.errors import KinfonceError
 from kinfonce.methods.base import PretrainMethod
 
 
@@ -13,14 +11,6 @@ class SimCLR(PretrainMethod):
     """Two views through one encoder; the other 2N - 2 embeddings of the batch (of all
     processes, under DDP) are the negatives.
     """
-
-    def __init__(self, config: PretrainConfig, data: dict):
-        if not config.positive_in_denominator:
-            raise KinfonceError(
-                "positive_in_denominator=False needs method 'moco' (a queue of negatives); "
-                "SimCLR's loss counts the positive (Algorithm 2)"
-            )
-        super().__init__(config, data)
 
     def contrastive_step(
         self, view0: torch.Tensor, view1: torch.Tensor

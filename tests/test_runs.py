@@ -1,4 +1,5 @@
-"""Tests for kinfonce.report on generated run directories."""
+"""``kinfonce report`` (kinfonce.runs) on generated run directories, and the figures and
+tables it draws (kinfonce.plots, kinfonce.tables)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,12 @@ import numpy as np
 import pytest
 import yaml
 
-from kinfonce.config import ClipConfig, PretrainConfig, dump_config
-from kinfonce.report import (
-    comparison_group,
-    embed_2d,
-    format_duration,
-    format_percent,
-    load_run,
-    markdown_table,
-    plot_feature_map,
-    read_training_curves,
-    write_report,
-)
+from kinfonce.config import ClipConfig, PretrainConfig, ReportSettings, dump_config
+from kinfonce.epochlog import read_epoch_curves
+from kinfonce.plots import embed_2d, plot_feature_map
+from kinfonce.resolve import resolve
+from kinfonce.runs import comparison_group, load_run, markdown_table, write_report
+from kinfonce.tables import format_duration, format_percent
 
 
 def make_run(
@@ -34,14 +29,16 @@ def make_run(
     epochs: int = 3,
     per_step_loss: bool = False,
 ) -> Path:
-    """A run directory shaped like the one ``kinfonce pretrain`` writes."""
+    """A run directory shaped like the one ``kinfonce pretrain`` writes (a resolved config)."""
     run = root / name
     (run / "checkpoints").mkdir(parents=True)
-    config = PretrainConfig(
-        dataset="digits", loss=loss, lam=0.8 if "sum" in loss else None, epochs=epochs,
-        batch_size=128,
-    ).to_dict()  # fmt: skip
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    config = resolve(
+        PretrainConfig(
+            dataset="digits", loss=loss, lam=0.8 if "sum" in loss else None, epochs=epochs,
+            batch_size=128,
+        )
+    )  # fmt: skip
+    (run / "config.yaml").write_text(dump_config(config))
     metrics = {"linear_top1": linear, "knn_top1": knn, "wall_time_s": 125.4, "epochs": epochs}
     (run / "metrics.json").write_text(json.dumps(metrics))
     log_dir = run / "logs" / "csv" / "version_0"
@@ -86,7 +83,9 @@ def test_markdown_table_lists_each_run(tmp_path):
     assert "50.0%" in second and "| - |" in second
 
 
-def test_loss_parameters_of_an_unknown_config_come_from_its_values(tmp_path):
+def test_loss_parameters_are_read_from_config_yaml(tmp_path):
+    # The report reads what the run recorded, also for a config kinfonce no longer accepts
+    # (an unknown method and loss), and imports no method to fill anything in.
     run = make_run(tmp_path, "a")
     (run / "config.yaml").write_text(
         yaml.safe_dump({"method": "byol", "loss": "other", "temperature": 0.2, "epochs": 1})
@@ -94,26 +93,30 @@ def test_loss_parameters_of_an_unknown_config_come_from_its_values(tmp_path):
     assert "| byol | other | temperature=0.2 |" in markdown_table([load_run(run)])
 
 
-def test_clip_runs_are_reported_with_their_loss_defaults(tmp_path):
-    # A `kinfonce clip` config has no method and keys a PretrainConfig rejects: read as one,
-    # its row would show no method and only the loss parameters written in it.
+def test_clip_runs_are_known_by_their_command(tmp_path):
+    # A `kinfonce clip` config has no method; the row says clip because config.yaml says so
+    # (the report guessed it from a `rewrites` key before), with the parameters it recorded.
     run = make_run(tmp_path, "a")
-    (run / "config.yaml").write_text(dump_config(ClipConfig(loss="laplacian", rewrites=3)))
+    (run / "config.yaml").write_text(dump_config(resolve(ClipConfig(loss="laplacian"))))
     assert "| clip | laplacian | temperature=0.5 |" in markdown_table([load_run(run)])
+    runs = [load_run(run)]
+    assert comparison_group(runs[0]) == "clip: laplacian"
 
 
 def test_training_curves_average_per_step_values(tmp_path):
     run = make_run(tmp_path, "a", per_step_loss=True)
-    curves = read_training_curves(run / "logs" / "csv" / "version_0" / "metrics.csv")
-    assert curves["training loss"] == ([1, 2, 3], [6.0, 5.0, 4.0])
-    epochs, probe = curves["online probe top-1"]
+    path = run / "logs" / "csv" / "version_0" / "metrics.csv"
+    curves = read_epoch_curves(path, ["train_loss", "probe_top1"])
+    assert curves["train_loss"] == ([1, 2, 3], [6.0, 5.0, 4.0])
+    epochs, probe = curves["probe_top1"]
     assert epochs == [1, 2, 3]
     assert probe == pytest.approx([0.5, 0.6, 0.7])
 
 
 def test_write_report_makes_markdown_and_png(tmp_path):
     dirs = [make_run(tmp_path / "x", "run"), make_run(tmp_path / "y", "run", epochs=5)]
-    text, md_path, (png_path, comparison) = write_report(dirs, tmp_path / "out")
+    settings = ReportSettings(output_dir=str(tmp_path / "out"))
+    text, md_path, (png_path, comparison) = write_report(dirs, settings)
     assert "x/run" in text and "y/run" in text  # repeated names get their parent
     assert md_path.read_text().count("| simclr |") == 2
     assert "comparison.png" in md_path.read_text() and comparison.stat().st_size > 0
@@ -127,7 +130,7 @@ def test_run_without_logs_still_reports(tmp_path):
         path.rmdir() if path.is_dir() else path.unlink()
     summary = load_run(run)
     assert summary.curves == {}
-    _, _, figures = write_report([run], tmp_path / "out")
+    _, _, figures = write_report([run], ReportSettings(output_dir=str(tmp_path / "out")))
     assert all(png.stat().st_size > 0 for png in figures)
 
 
@@ -145,7 +148,7 @@ def test_bad_run_directories_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"config\.yaml"):
         load_run(run)
     with pytest.raises(ValueError, match="run_dirs"):
-        write_report([], tmp_path / "out")
+        write_report([], ReportSettings(output_dir=str(tmp_path / "out")))
 
 
 @pytest.mark.parametrize(

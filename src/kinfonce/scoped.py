@@ -1,0 +1,92 @@
+"""Process-wide settings changed for a block only, and restored afterwards, however it exits.
+
+Library code changes no global state for longer than a call: torch's CPU thread count, the
+random generators, environment variables and the float32 matmul precision are each set by
+one context manager here, which puts back what was there before.
+
+Small steps (a linear head on a batch of 64, 100 points of the synthetic experiment) cost
+more in thread synchronisation than they gain; on a loaded 2-core machine, 5 epochs of a
+(1000, 32) -> 10 probe took 4.8 s on two threads and 0.16 s on one
+(:func:`one_cpu_thread`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int) -> Iterator[None]:
+    """Run torch's CPU ops on ``count`` threads inside the block, then restore the previous
+    count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def one_cpu_thread() -> contextlib.AbstractContextManager[None]:
+    """:func:`cpu_threads` with one thread: for loops of tiny torch operations."""
+    return cpu_threads(1)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed Python's ``random``, NumPy's global generator and torch's CPU and CUDA generators
+    with ``seed`` for the block, then restore all of their previous states.
+
+    What ``lightning.seed_everything`` seeds, without its lasting effects (the generators
+    stay seeded after the run, and ``PL_GLOBAL_SEED`` stays in the environment).
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=_cuda_devices()):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # also every CUDA generator
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def _cuda_devices() -> list[int]:
+    """Indices of the CUDA devices whose generators :func:`seeded` saves (none without CUDA)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+@contextlib.contextmanager
+def environment(**variables: str) -> Iterator[None]:
+    """Set environment variables for the block; each comes back to its earlier value (or is
+    removed again) afterwards."""
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str | None) -> Iterator[None]:
+    """``torch.set_float32_matmul_precision(precision)`` for the block (None: unchanged), then
+    the previous setting."""
+    previous = torch.get_float32_matmul_precision()
+    if precision is not None:
+        torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
