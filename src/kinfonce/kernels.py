@@ -51,10 +51,10 @@ def check_weight(name: str, value: float) -> float:
 def safe_pow(x: Tensor, exponent: float) -> Tensor:
     """``x ** exponent`` for ``x >= 0`` whose gradient is 0 (not inf or nan) where ``x == 0``.
 
-    A NaN stays NaN (``x * 0``), so that a non-finite input gives a non-finite loss.
+    A NaN stays NaN (it is not 0), so that a non-finite input gives a non-finite loss.
     """
-    positive = x > 0
-    return torch.where(positive, torch.where(positive, x, 1.0).pow(exponent), x * 0.0)
+    nonzero = x != 0
+    return torch.where(nonzero, torch.where(nonzero, x, 1.0).pow(exponent), 0.0)
 
 
 @dataclass(frozen=True)
