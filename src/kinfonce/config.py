@@ -333,12 +333,6 @@ class TrainConfig(Settings):
     )
     # loss
     loss: str = setting("simple-sum", "loss preset (see kinfonce.losses.LOSS_PRESETS)", "loss")
-    gamma: float | None = setting(
-        None,
-        "kernel exponent gamma of the exponential preset (none: its default)",
-        "loss",
-        loss_parameter=True,
-    )
     temperature: float | None = setting(
         None,
         "temperature tau of a one-kernel preset (none: the preset's or the method's default)",
@@ -363,6 +357,12 @@ class TrainConfig(Settings):
         None,
         "weight lambda of the gamma=1 term of a sum preset (none: the preset's or the "
         "method's default)",
+        "loss",
+        loss_parameter=True,
+    )
+    gamma: float | None = setting(
+        None,
+        "kernel exponent gamma of the exponential preset (none: its default)",
         "loss",
         loss_parameter=True,
     )
