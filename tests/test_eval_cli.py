@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -160,13 +161,29 @@ def test_missing_data_message_names_only_flags_eval_has(run_dir, tmp_path, capsy
     assert named and named <= eval_flags, (named, err)
 
 
+def cifar10_subset(archive: Path, train: int, test: int) -> Path:
+    """A zip of the first ``train`` and ``test`` images of each class of the CIFAR-10 zip."""
+    counts = {"train": train, "test": test}
+    with zipfile.ZipFile(CIFAR10_ZIP) as source, zipfile.ZipFile(archive, "w") as subset:
+        kept: dict[str, int] = {}
+        for name in sorted(source.namelist()):
+            parts = name.split("/")
+            if len(parts) == 3 and parts[2] and kept.get(parts[1] + parts[0], 0) < counts[parts[0]]:
+                kept[parts[1] + parts[0]] = kept.get(parts[1] + parts[0], 0) + 1
+                subset.writestr(name, source.read(name))
+    return archive
+
+
 @pytest.mark.skipif(not CIFAR10_ZIP.is_file(), reason=f"{CIFAR10_ZIP} is not here")
-def test_eval_reproduces_a_cifar10_run_in_channels_last(tmp_path, capsys):
+def test_eval_reproduces_a_cifar10_run_in_channels_last(tmp_path):
     # Issue 19: on 3-channel images eval in another memory format than the run's was off in
-    # the fourth digit; in the run's, the printed figures are the run's.
+    # the fourth digit (CIFAR-10, 2,000 training images: linear top-1 0.2749 against the run's
+    # 0.2748); in the run's, its figures are the run's. A subset of CIFAR-10 (20 training and
+    # 20 test images per class, 3 steps) keeps the check to seconds.
+    data = cifar10_subset(tmp_path / "cifar10-subset.zip", train=20, test=20)
     run = tmp_path / "run"
     flags = tiny_flags(
-        dataset=f"imagefolder:{CIFAR10_ZIP}", train_subset=256, batch_size=64, channels_last=True
+        dataset=f"imagefolder:{data}", train_subset=None, batch_size=60, channels_last=True
     )
     assert main(["pretrain", *flags, "--output-dir", str(run)]) == 0
     pretrain = json.loads((run / "metrics.json").read_text())
