@@ -175,7 +175,7 @@ def cifar10_subset(archive: Path, train: int, test: int) -> Path:
 
 
 @pytest.mark.skipif(not CIFAR10_ZIP.is_file(), reason=f"{CIFAR10_ZIP} is not here")
-def test_eval_reproduces_a_cifar10_run_in_channels_last(tmp_path):
+def test_eval_reproduces_a_cifar10_run_in_channels_last(tmp_path, monkeypatch):
     # Issue 19: on 3-channel images eval in another memory format than the run's was off in
     # the fourth digit (CIFAR-10, 2,000 training images: linear top-1 0.2749 against the run's
     # 0.2748); in the run's, its figures are the run's. A subset of CIFAR-10 (20 training and
@@ -192,3 +192,10 @@ def test_eval_reproduces_a_cifar10_run_in_channels_last(tmp_path):
     evaluated = json.loads((run / "eval" / "metrics.json").read_text())
     for key in ("linear_top1", "linear_top5", "knn_top1", "knn_top5"):
         assert evaluated[key] == pretrain[key], key
+    # the negative control on RGB images: without the run's memory format the features differ
+    settings = EvalSettings(protocol="knn", progress=False)
+    features = evaluate_checkpoint(run / "checkpoints" / "last.ckpt", settings)[0]["test_features"]
+    for module_ in (kinfonce.checkpoints, kinfonce.evaluate):
+        monkeypatch.setattr(module_, "place_backbone", _ignore_memory_format)
+    dropped = evaluate_checkpoint(run / "checkpoints" / "last.ckpt", settings)[0]["test_features"]
+    assert 0 < float((dropped - features).norm() / features.norm()) < 1e-5
