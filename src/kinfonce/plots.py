@@ -23,6 +23,7 @@ from threadpoolctl import threadpool_limits
 
 from kinfonce.errors import KinfonceError
 from kinfonce.fileio import atomic_write
+from kinfonce.tables import is_number
 
 #: Per-epoch curves: column of the epoch log -> (epochs counted from 1, values).
 Curves = Mapping[str, tuple[list[int], list[float]]]
@@ -101,7 +102,7 @@ def plot_loss_comparison(
             points = [
                 (x + offsets[seed], 100 * metrics[key], seed)
                 for seed, metrics in groups[name]
-                if _is_number(metrics.get(key))
+                if is_number(metrics.get(key))
             ]
             if not points:
                 continue
@@ -119,10 +120,6 @@ def plot_loss_comparison(
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("dots: runs (a line joins one seed's); diamonds: mean ± sd", fontsize="small")
     return save_figure(fig, path)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def embed_2d(features, *, seed: int = 0) -> tuple[Any, str]:
