@@ -21,6 +21,12 @@ Squared distances come from ``|a|^2 + |c|^2 - 2 a.c`` (one matrix product), clam
 positive pair's entry is recomputed from the exact difference ``|a - c|^2``, so identical views give
 exactly 0 (the expansion's rounding would give ~1e-7, which ``d^gamma`` with small gamma amplifies).
 
+Both passes run in float32 with autocast off and float32 matrix products at full precision
+("highest"), whatever the caller set (:func:`exact_float32`): a backward pass called inside
+autocast would otherwise run its products in half precision, and on a GPU with TF32 (the
+"high" precision training sets on CUDA) ``|a|^2 + |c|^2 - 2 a.c`` loses the small distances
+that ``d^gamma`` and its ``1 / d`` amplify (docs/architecture.md, "TF32 and the loss").
+
 Two paths compute the same values (:func:`kernel_nll` chooses, see :func:`resolve_path`):
 
 * ``"blocked"``: the row blocks above, O(Na * chunk) memory, each block recomputed in the backward
@@ -32,6 +38,10 @@ Two paths compute the same values (:func:`kernel_nll` chooses, see :func:`resolv
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -47,10 +57,47 @@ AUTO_BLOCK_PAIRS = 2**27
 PATHS = ("auto", "fused", "blocked")
 #: (Na, Nc) float32 matrices the fused path holds at its peak (NT-Xent's cross_entropy holds three).
 FUSED_MATRICES = 2
-#: On a GPU, "auto" fuses while those matrices take at most this share of the device's memory.
+#: (Na, Nc) float32 matrices one block kept for the backward pass holds: squared distances,
+#: log-kernel and shifted exponentials (the queue form's "fused" path, see ``KernelInfoNCE``).
+KEPT_BLOCK_MATRICES = 3
+#: On a GPU, "auto" fuses while those matrices take at most this share of the memory still
+#: available to this process (free on the device plus what torch's allocator holds unused).
 FUSED_MEMORY_SHARE = 0.25
 #: Rows of the fused backward's elementwise work per pass for gamma != 2 (bounds its temporary).
 _FACTOR_BLOCK_PAIRS = 2**26
+
+
+@contextlib.contextmanager
+def highest_matmul_precision() -> Iterator[None]:
+    """float32 matrix products at full precision ("highest": no TF32) inside the block; the
+    previous precision is restored afterwards. Set through the same API as training's "high"
+    (``torch.set_float32_matmul_precision``): torch refuses a mix of it and the per-backend one.
+    """
+    previous = torch.get_float32_matmul_precision()
+    if previous == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def exact_float32(function: Callable) -> Callable:
+    """Runs an autograd Function's ``forward(ctx, tensor, ...)`` or ``backward(ctx, grad, ...)``
+    with autocast off on the device of its first tensor and :func:`highest_matmul_precision`.
+
+    ``torch.amp.custom_fwd`` / ``custom_bwd`` would do the autocast part for one device type
+    fixed when decorating; these Functions run on any device.
+    """
+
+    @functools.wraps(function)
+    def wrapped(ctx, first: Tensor, *rest):
+        with torch.autocast(first.device.type, enabled=False), highest_matmul_precision():
+            return function(ctx, first, *rest)
+
+    return wrapped
 
 
 def _powered(sq: Tensor, gamma: float) -> Tensor:
@@ -127,6 +174,7 @@ class _KernelLogSumExp(torch.autograd.Function):
     needs); with several blocks each block is recomputed in the backward pass."""
 
     @staticmethod
+    @exact_float32
     def forward(ctx, anchors, cands, self_idx, pos_idx, kernel, chunk):
         blocks = _Blocks(anchors, cands, self_idx, pos_idx, kernel, chunk)
         n = anchors.shape[0]
@@ -145,6 +193,7 @@ class _KernelLogSumExp(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @exact_float32
     def backward(ctx, grad_lse, grad_lpos):
         anchors, cands, self_idx, pos_idx = ctx.saved_tensors
         kernel = ctx.kernel
@@ -228,9 +277,7 @@ def kernel_logsumexp(
     if chunk_size is None:
         chunk_size = max(1, AUTO_BLOCK_PAIRS // max(1, cands.shape[0]))
     anchors, cands = _as_float32(anchors, cands)
-    with torch.autocast(device_type=anchors.device.type, enabled=False):
-        lse, lpos = _KernelLogSumExp.apply(anchors, cands, self_idx, pos_idx, kernel, chunk_size)
-    return lse, lpos
+    return _KernelLogSumExp.apply(anchors, cands, self_idx, pos_idx, kernel, chunk_size)
 
 
 def _as_float32(anchors: Tensor, cands: Tensor) -> tuple[Tensor, Tensor]:
@@ -256,12 +303,15 @@ def resolve_path(
     device: torch.device,
     chunk_size: int | None = None,
     single: bool = True,
+    matrices: int = FUSED_MATRICES,
 ) -> str:
     """The path ``"auto"`` stands for, or ``path`` itself after checking it.
 
-    ``"auto"`` is ``"fused"`` on a GPU for one exponential kernel (``single``) while the fused
-    path's :data:`FUSED_MATRICES` float32 (Na, Nc) matrices take at most
-    :data:`FUSED_MEMORY_SHARE` of its memory and no ``chunk_size`` is given, and ``"blocked"``
+    ``"auto"`` is ``"fused"`` on a GPU for one exponential kernel (``single``) while the path's
+    ``matrices`` float32 (Na, Nc) matrices (:data:`FUSED_MATRICES` for the fused path) take at
+    most :data:`FUSED_MEMORY_SHARE` of the memory available on the device now
+    (:func:`available_memory`: other processes, such as tune trials sharing the GPU, and this
+    one's own tensors are left out) and no ``chunk_size`` is given, and ``"blocked"``
     otherwise; on a CPU always: there the fused path was no faster
     (``benchmarks/loss_speed.py``; slower for gamma = 0.5, whose backward pass needs a power),
     while the blocked one keeps one block for the backward pass up to :data:`AUTO_BLOCK_PAIRS`.
@@ -273,9 +323,15 @@ def resolve_path(
         return "blocked"
     if device.type != "cuda" or not single:
         return "blocked"
-    memory = torch.cuda.get_device_properties(device).total_memory
-    fits = FUSED_MATRICES * 4 * n_anchors * n_cands <= FUSED_MEMORY_SHARE * memory
+    fits = matrices * 4 * n_anchors * n_cands <= FUSED_MEMORY_SHARE * available_memory(device)
     return "fused" if fits else "blocked"
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes a new tensor on the CUDA ``device`` can take now: free on the device (which other
+    processes' use lowers) plus what torch's caching allocator holds without using it."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def kernel_nll(
@@ -317,8 +373,7 @@ def kernel_nll(
         )
         return lse - lpos
     anchors, cands = _as_float32(anchors, cands)
-    with torch.autocast(device_type=anchors.device.type, enabled=False):
-        return _FusedNLL.apply(anchors, cands, self_idx, pos_idx, single)
+    return _FusedNLL.apply(anchors, cands, self_idx, pos_idx, single)
 
 
 def _fused_logits(anchors, cands, self_idx, pos_idx, kernel: ExpKernel, rows) -> Tensor:
@@ -368,6 +423,7 @@ class _FusedNLL(torch.autograd.Function):
     """
 
     @staticmethod
+    @exact_float32
     def forward(ctx, anchors, cands, self_idx, pos_idx, kernel: ExpKernel):
         rows = torch.arange(anchors.shape[0], device=anchors.device)
         log_p, logit = _fused_log_softmax(anchors, cands, self_idx, pos_idx, kernel, rows)
@@ -381,6 +437,7 @@ class _FusedNLL(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @exact_float32
     def backward(ctx, grad):
         anchors, cands, self_idx, pos_idx = ctx.saved_tensors
         kernel = ctx.kernel

@@ -25,7 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kinfonce.errors import KinfonceError
-from kinfonce.kernel_lse import check_path, kernel_logsumexp, kernel_nll, resolve_path
+from kinfonce.kernel_lse import (
+    KEPT_BLOCK_MATRICES,
+    check_path,
+    kernel_logsumexp,
+    kernel_nll,
+    resolve_path,
+)
 from kinfonce.kernels import (
     ExpKernel,
     KernelTerm,
@@ -266,7 +272,10 @@ class KernelInfoNCE(nn.Module):
     def _queue_loss(self, q: Tensor, k: Tensor, queue: Tensor) -> Tensor:
         chunk = self.chunk_size
         single = self.kernel.single is not None
-        if resolve_path(self.path, q.shape[0], queue.shape[0], q.device, chunk, single) == "fused":
+        path = resolve_path(
+            self.path, q.shape[0], queue.shape[0], q.device, chunk, single, KEPT_BLOCK_MATRICES
+        )
+        if path == "fused":
             chunk = q.shape[0]  # one block, kept for the backward pass
         lse_neg, _ = kernel_logsumexp(q, queue, self.kernel, chunk_size=chunk)
         lpos = self.kernel.log_pairs(q, k)

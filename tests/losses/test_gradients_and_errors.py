@@ -265,14 +265,23 @@ def test_spectral_loss_refuses_a_bad_mu(mu):
         SpectralContrastiveLoss(mu=mu)
 
 
+def fake_cuda_memory(monkeypatch, free: float, total: float = 141e9, cached: float = 0.0):
+    """A CUDA device with ``free`` bytes free of ``total``, and ``cached`` bytes that torch's
+    allocator holds unused; also reported as total memory, for a rule that would read it."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free), int(total)))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: int(cached) + 10**9)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10**9)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=total)
+    )
+
+
 def test_auto_path_fuses_on_a_gpu_only_while_it_fits(monkeypatch):
     """The fused path holds two (Na, Nc) float32 matrices (NT-Xent's cross_entropy three); 'auto'
-    takes it on a GPU while they use at most a quarter of its memory, and the blocked path on a
-    CPU, with a chunk size, or for a kernel mixture. A rule that fused beyond the memory would
-    run out of it; one that never fused would leave the GPU at the blocked path's speed."""
-    monkeypatch.setattr(
-        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=141e9)
-    )
+    takes it on a GPU while they use at most a quarter of its available memory, and the blocked
+    path on a CPU, with a chunk size, or for a kernel mixture. A rule that fused beyond the memory
+    would run out of it; one that never fused would leave the GPU at the blocked path's speed."""
+    fake_cuda_memory(monkeypatch, free=141e9)
     cuda = torch.device("cuda")
     assert resolve_path("auto", 32768, 32768, cuda) == "fused"  # 8.6 GB of 35
     assert resolve_path("auto", 131072, 131072, cuda) == "blocked"  # 137 GB
@@ -280,6 +289,44 @@ def test_auto_path_fuses_on_a_gpu_only_while_it_fits(monkeypatch):
     assert resolve_path("auto", 1024, 1024, cuda, single=False) == "blocked"
     assert resolve_path("auto", 1024, 1024, torch.device("cpu")) == "blocked"
     assert resolve_path("fused", 10**6, 10**6, torch.device("cpu")) == "fused"
+
+
+def test_auto_path_budget_is_the_memory_available_now(monkeypatch):
+    """Tune trials sharing a GPU: with 10 GB of 141 free, 2N = 32,768 (8.6 GB) must not fuse,
+    though it would fit a quarter of the total; memory torch's allocator caches unused counts
+    as available."""
+    cuda = torch.device("cuda")
+    fake_cuda_memory(monkeypatch, free=10e9)
+    assert resolve_path("auto", 32768, 32768, cuda) == "blocked"
+    assert resolve_path("auto", 8192, 8192, cuda) == "fused"  # 0.5 GB of 2.5
+    fake_cuda_memory(monkeypatch, free=10e9, cached=30e9)
+    assert resolve_path("auto", 32768, 32768, cuda) == "fused"  # 8.6 GB of 10
+
+
+def test_queue_form_budgets_the_three_matrices_of_its_kept_block(monkeypatch):
+    """The queue form's fused path keeps one block of three (Na, Nc) matrices (squared
+    distances, log-kernel, exponentials) for the backward pass; its budget must count three.
+    4096 queries x 524,288 queue entries: 17.2 GB as two matrices, 25.8 GB as three, against
+    a quarter of 80 GB."""
+    import inspect
+
+    import kinfonce.losses as losses
+    from kinfonce.kernel_lse import FUSED_MATRICES, KEPT_BLOCK_MATRICES
+
+    fake_cuda_memory(monkeypatch, free=80e9)
+    cuda = torch.device("cuda")
+    assert resolve_path("auto", 4096, 524288, cuda) == "fused"
+    assert resolve_path("auto", 4096, 524288, cuda, matrices=KEPT_BLOCK_MATRICES) == "blocked"
+    budgets = []
+
+    def spy(*args, **kwargs):
+        bound = inspect.signature(resolve_path).bind(*args, **kwargs).arguments
+        budgets.append(bound.get("matrices", FUSED_MATRICES))
+        return resolve_path(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "resolve_path", spy)
+    KernelInfoNCE(gamma=1.0)(torch.randn(4, 8), torch.randn(4, 8), queue=torch.randn(6, 8))
+    assert budgets == [KEPT_BLOCK_MATRICES]
 
 
 @pytest.mark.parametrize("path", ["fused", "blocked"])
