@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -82,14 +84,95 @@ def test_heads_trained_together_equal_heads_trained_alone():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graph_replay_equals_eager_steps():
-    x, y = (t.cuda() for t in data(32))
+    """On the last GPU (not the current one when there are several, as with ``kinfonce eval
+    --device cuda:1``): the replayed steps equal the eager ones, and they were replayed (a
+    failed capture falls back to eager steps with a warning, and would pass the comparison)."""
+    device = f"cuda:{torch.cuda.device_count() - 1}"
+    x, y = (t.to(device) for t in data(32))
     results = []
     for graphs in (False, True):
-        heads = LinearHeads([32], C, seed=0, momentum=0.9, weight_decay=1e-6, device="cuda")
-        train_on_features(heads, [x], y, epochs=3, batch_size=16, lr=0.3, seed=0, graphs=graphs)
+        heads = LinearHeads([32], C, seed=0, momentum=0.9, weight_decay=1e-6, device=device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_on_features(heads, [x], y, epochs=3, batch_size=16, lr=0.3, seed=0, graphs=graphs)
+        assert not [w for w in caught if "capture failed" in str(w.message)]
         results.append(heads.params)
     for eager, graphed in zip(*results, strict=True):
         torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-7)
+
+
+class FakeCuda:
+    """Stand-ins for the torch.cuda pieces a graph capture uses, recording which device was
+    current (set by ``torch.cuda.device``) when each was made or used."""
+
+    def __init__(self, monkeypatch):
+        self.current, self.seen = None, []
+        fake = self
+
+        class Device:
+            def __init__(self, device):
+                self.device = torch.device(device)
+
+            def __enter__(self):
+                self.previous, fake.current = fake.current, self.device
+
+            def __exit__(self, *exc):
+                fake.current = self.previous
+
+        class Stream:
+            def __init__(self):
+                fake.seen.append(("stream", fake.current))
+
+            def wait_stream(self, other):
+                pass
+
+        class Graph:
+            def __init__(self):
+                fake.seen.append(("graph", fake.current))
+
+            def replay(self):
+                fake.seen.append(("replay", fake.current))
+
+        class Capture(contextlib.nullcontext):
+            def __enter__(self):
+                fake.seen.append(("capture", fake.current))
+
+        monkeypatch.setattr(torch.cuda, "device", Device)
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", lambda graph: Capture())
+
+
+def test_graph_capture_and_replay_run_on_the_features_device(monkeypatch):
+    """Streams made for the capture live on the current device; with the features on another
+    GPU the capture fails and the probe silently runs eager steps. Every stream, capture and
+    replay must happen with the features' device current. (CPU tensors stand in for the GPU's;
+    the fakes only record the current device.)"""
+    fake = FakeCuda(monkeypatch)
+    x, y = data(8)
+    heads = LinearHeads([8], C, seed=0, momentum=0.9, weight_decay=1e-6, device="cpu")
+    train_on_features(heads, [x], y, epochs=2, batch_size=16, lr=0.3, seed=0, graphs=True)
+    kinds = {kind for kind, _ in fake.seen}
+    assert kinds == {"stream", "graph", "capture", "replay"}, kinds
+    assert all(device == y.device for _, device in fake.seen), fake.seen
+
+
+def test_seeded_heads_leave_the_cuda_generators_alone(monkeypatch):
+    """The heads' initialisation seeds the CPU generator only: ``torch.manual_seed`` would
+    also reseed every CUDA generator, and the training's random views draw from them."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    state = torch.get_rng_state()
+    heads = LinearHeads([8], C, seed=3, momentum=0.9, weight_decay=0.0, device="cpu")
+    assert not reseeded
+    assert torch.equal(torch.get_rng_state(), state)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(3)
+        want = nn.Linear(8, C)
+    assert torch.equal(heads.params[0], want.weight) and torch.equal(heads.params[1], want.bias)
 
 
 def test_divergence_names_the_head():

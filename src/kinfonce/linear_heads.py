@@ -17,6 +17,7 @@ a given seed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -37,8 +38,11 @@ def cosine_lrs(lr: float, steps: int) -> list[float]:
 
 
 def _seeded_head(feature_dim: int, num_classes: int, seed: int, device) -> nn.Linear:
+    """``nn.Linear`` initialised on the CPU from its generator seeded with ``seed``, then moved;
+    the CPU generator is restored and no other generator is touched (``torch.manual_seed``
+    would reseed every CUDA generator too)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         return nn.Linear(feature_dim, num_classes).to(device)
 
 
@@ -137,7 +141,7 @@ class _CachedLoop:
 
 class _Graphed:
     """``loop.step(size)`` captured as a CUDA graph (after one warm-up step whose effect is
-    undone), replayed by calling it."""
+    undone), replayed by calling it; made and called with the loop's GPU as current device."""
 
     def __init__(self, loop: _CachedLoop, size: int) -> None:
         saved = [t.clone() for t in loop.state()]
@@ -183,20 +187,23 @@ def train_on_features(
     step: Callable[[int], None] = loop.step
     if graphs is None:
         graphs = y.device.type == "cuda"
-    if graphs:
-        try:
-            captured = {size: _Graphed(loop, size) for size in set(sizes)}
-            step = lambda size: captured[size](size)  # noqa: E731
-        except RuntimeError as err:  # a setup that cannot capture: the same steps, eagerly
-            message = f"linear probe: CUDA graph capture failed ({err}); eager steps"
-            warnings.warn(message, stacklevel=2)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(epochs), desc="linear probe", disable=not progress, leave=False):
-        loop.perm.copy_(torch.randperm(n, generator=generator))
-        loop.position.zero_()
-        for size in sizes:
-            step(size)
-        heads.check_finite(lr)
+    # the capture's streams and the replays belong to the features' GPU, which need not be the
+    # current one (``kinfonce eval --device cuda:1``)
+    with torch.cuda.device(y.device) if graphs else contextlib.nullcontext():
+        if graphs:
+            try:
+                captured = {size: _Graphed(loop, size) for size in set(sizes)}
+                step = lambda size: captured[size](size)  # noqa: E731
+            except RuntimeError as err:  # a setup that cannot capture: the same steps, eagerly
+                message = f"linear probe: CUDA graph capture failed ({err}); eager steps"
+                warnings.warn(message, stacklevel=3)
+        generator = torch.Generator().manual_seed(seed)
+        for _ in tqdm(range(epochs), desc="linear probe", disable=not progress, leave=False):
+            loop.perm.copy_(torch.randperm(n, generator=generator))
+            loop.position.zero_()
+            for size in sizes:
+                step(size)
+            heads.check_finite(lr)
 
 
 def train_streamed(
