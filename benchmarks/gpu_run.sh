@@ -16,14 +16,20 @@ SITE=${SITE:-/tmp/site}
 mkdir -p "$OUT" "$SITE"
 log() { echo "$*" | tee -a "$OUT/driver.log"; }
 
-if [ -f .device/site.tar.xz ]; then
-  tar xJf .device/site.tar.xz -C "$SITE" || log "could not unpack .device/site.tar.xz"
-else
-  log "no .device/site.tar.xz (simplejpeg): run ../shared/device/pack.sh 2000 first"
-fi
+# The packages the machine lacks travel in .device/site.tar.xz: without them the run would spend
+# its GPU time on parts that fail, so it stops here, before the first part.
+stop() {
+  log "stop: $* -- run 'bash ../shared/device/pack.sh 2000' in the checkout and carry .device along"
+  exit 2
+}
+[ -f .device/site.tar.xz ] || stop "no .device/site.tar.xz (simplejpeg and the packages it carries)"
+tar xJf .device/site.tar.xz -C "$SITE" || stop "could not unpack .device/site.tar.xz"
+[ -f .device/data/cifar10-subset.zip ] || log "no .device/data/cifar10-subset.zip: part pretrain will fail"
 export PYTHONPATH=$SITE:$PWD/src PYTHONUNBUFFERED=1 KINFONCE_CACHE=${KINFONCE_CACHE:-/tmp/kc}
+python3 -c "import simplejpeg" 2>> "$OUT/driver.log" ||
+  stop "simplejpeg does not import from .device/site.tar.xz (built for another Python?)"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-python3 -c "import torch; print('torch', torch.__version__)" \
+python3 -c "import torch, simplejpeg; print('torch', torch.__version__, 'simplejpeg', simplejpeg.__version__)" \
   2>&1 | tee -a "$OUT/driver.log"
 
 start=$SECONDS

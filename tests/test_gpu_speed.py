@@ -8,6 +8,8 @@ renamed function, a wrong key in the summary) costs the whole measurement. This 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,3 +50,21 @@ def test_every_part_runs_and_the_summary_has_every_figure(tmp_path, monkeypatch,
         "pretrain_eval_s",
     ):
         assert float(figures[key]) > 0, key
+
+
+def test_gpu_run_stops_before_any_part_without_the_carried_packages(tmp_path):
+    """Without .device/site.tar.xz (``pack.sh`` not run, or .device not carried) the GPU run
+    stops at once with a message naming the fix, instead of spending the machine's time on
+    parts that fail for want of simplejpeg."""
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["bash", str(SCRIPT.parent / "gpu_run.sh")],
+        cwd=tmp_path,
+        env={**os.environ, "OUT": str(out), "SITE": str(tmp_path / "site")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "no .device/site.tar.xz" in done.stdout and "pack.sh 2000" in done.stdout
+    assert not list(out.glob("*.json")) and not (out / "loss.log").exists()

@@ -8,7 +8,9 @@ bomb): it is skipped, named and counted, and the other files load.
 
 JPEGs are decoded by ``simplejpeg`` (libjpeg-turbo; measured ~40 us per 32x32 image against
 ~100 us for torchvision.io, whose image decoding is deprecated, and several hundred for PIL,
-whose per-file header parsing is Python), other formats by PIL. One process: on the 2 shared
+whose per-file header parsing is Python), other formats by PIL. simplejpeg is imported where the
+first JPEG is met, so that everything else (other formats, every part of kinfonce that decodes
+nothing) runs on a machine without it. One process: on the 2 shared
 cores this was measured, a pool of two decoded CIFAR-10's test set four times slower (pool start
 and transfers) than the plain loop (docs/benchmarks.md).
 """
@@ -21,9 +23,9 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
-import simplejpeg
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
@@ -45,6 +47,28 @@ def _check_pixels(height: int, width: int) -> None:
         )
 
 
+#: The start-of-image marker every JPEG file begins with.
+_JPEG_START = b"\xff\xd8"
+
+
+def _jpeg_codec(data: bytes) -> ModuleType | None:
+    """simplejpeg when ``data`` is a JPEG (``simplejpeg.is_jpeg``), else None.
+
+    Raises:
+        KinfonceError: a JPEG, and simplejpeg is not installed.
+    """
+    if not data.startswith(_JPEG_START):
+        return None
+    try:
+        import simplejpeg
+    except ImportError:
+        raise KinfonceError(
+            "decoding JPEG files needs simplejpeg, a dependency of kinfonce that is not "
+            "installed here: pip install simplejpeg"
+        ) from None
+    return simplejpeg if simplejpeg.is_jpeg(data) else None
+
+
 def image_shape(data: bytes) -> tuple[int, int]:
     """(height, width) from an image's header, without decoding its pixels.
 
@@ -52,8 +76,9 @@ def image_shape(data: bytes) -> tuple[int, int]:
         PIL.Image.DecompressionBombError: more than twice PIL's ``MAX_IMAGE_PIXELS``.
         Exception: any error of an unreadable header.
     """
-    if simplejpeg.is_jpeg(data):
-        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    jpeg = _jpeg_codec(data)
+    if jpeg is not None:
+        height, width, _, _ = jpeg.decode_jpeg_header(data)
         _check_pixels(height, width)
         return height, width
     with Image.open(io.BytesIO(data)) as pil:  # PIL checks the pixel count itself
@@ -71,9 +96,10 @@ def decode_one(data: bytes, size: int | None = None) -> np.ndarray:
         PIL.Image.DecompressionBombError: too many pixels (checked before decoding).
         OSError, ValueError: the bytes are not a decodable image.
     """
-    if simplejpeg.is_jpeg(data):
+    jpeg = _jpeg_codec(data)
+    if jpeg is not None:
         image_shape(data)  # refuses a decompression bomb before allocating its pixels
-        image = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        image = jpeg.decode_jpeg(data, colorspace="RGB", strict=True)
     else:
         with Image.open(io.BytesIO(data)) as pil:
             image = np.asarray(pil.convert("RGB"))
@@ -87,9 +113,12 @@ def decode_one(data: bytes, size: int | None = None) -> np.ndarray:
 def _per_file(tree: ImageTree, name: str, decode: Callable[[bytes], object]) -> object | str:
     """``decode(bytes of name)``, or the error as a line. Any exception counts: reading and
     decoding untrusted files fails in many ways (BadZipFile, zlib.error, OSError, ValueError,
-    SyntaxError, DecompressionBombError, ...), and each must skip one file, not the load."""
+    SyntaxError, DecompressionBombError, ...), and each must skip one file, not the load. A
+    KinfonceError (a missing decoder) is about the machine, not the file, and stops the load."""
     try:
         return decode(tree.read(name))
+    except KinfonceError:
+        raise
     except Exception as err:
         return f"{type(err).__name__}: {err}"
 
