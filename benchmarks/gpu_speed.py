@@ -5,7 +5,11 @@ Parts (each guarded: one that fails is reported and the others still run):
 * ``loss``: forward + backward of ``KernelInfoNCE`` (paths auto, fused, blocked) at gamma 2 and
   1 against plain NT-Xent (``cross_entropy`` on the masked logit matrix, temperature tau / 2,
   the same loss as gamma 2) and the literal exp/sum formula, D = 128, float32; median time and
-  peak memory above the inputs.
+  peak memory above the inputs. Then both choices of docs/architecture.md "TF32 and the loss"
+  at float32 matmul precision "high" (training's on CUDA): the loss's products at "highest" (as
+  it is) and in TF32 (its scope removed), beside NT-Xent at "high". On a GPU one size more,
+  past the 2N where "auto" leaves the fused path for the blocked one on this device's free
+  memory (``auto_switch_2n``).
 * ``step``: kinfonce's SimCLR step (uint8 batch on the device, both views made there, ResNet-18
   with the CIFAR stem, projection head 2048 -> 128, Simple Sum loss, online probe, SGD, bf16
   autocast) in images/s, as is and with channels-last; the share of the step spent on the
@@ -39,6 +43,7 @@ The last line is ``RESULT key=value ...``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -48,12 +53,13 @@ import time
 import traceback
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import kinfonce.kernel_lse as kernel_lse
 from kinfonce import KernelInfoNCE
 from kinfonce.kernels import safe_pow
 
@@ -165,27 +171,72 @@ def autograd_kernel_nll(z0: torch.Tensor, z1: torch.Tensor, gamma: float, tau: f
     return (torch.logsumexp(logit, 1) - pos[idx]).mean()
 
 
+@contextlib.contextmanager
+def loss_precision(tf32_in_loss: bool) -> Iterator[None]:
+    """Float32 matmul precision "high", as training sets it on CUDA, for the block; with
+    ``tf32_in_loss`` the loss's own scope to "highest" is removed, so that its products run in
+    TF32 as they did before issue 22 (the other choice of docs/architecture.md)."""
+    previous, scope = torch.get_float32_matmul_precision(), kernel_lse.highest_matmul_precision
+    torch.set_float32_matmul_precision("high")
+    if tf32_in_loss:
+        kernel_lse.highest_matmul_precision = contextlib.nullcontext
+    try:
+        yield
+    finally:
+        kernel_lse.highest_matmul_precision = scope
+        torch.set_float32_matmul_precision(previous)
+
+
+def auto_switch_2n(device: torch.device) -> int | None:
+    """The largest 2N the two-view loss's "auto" path still fuses on ``device`` now."""
+    if device.type != "cuda":
+        return None
+    share = kernel_lse.FUSED_MEMORY_SHARE * kernel_lse.available_memory(device)
+    return int((share / (4 * kernel_lse.FUSED_MATRICES)) ** 0.5)
+
+
 def loss_part(device: torch.device, scale: str) -> dict:
     cfg, tau, rows = SCALES[scale], 0.5, []
-    result = {"rows": rows, "device": str(device)}
-    for two_n in cfg["loss_sizes"]:
+    switch = auto_switch_2n(device)
+    result = {"rows": rows, "device": str(device), "auto_switch_2n": switch}
+    sizes = list(cfg["loss_sizes"])
+    if switch:  # one size past the switch, a multiple of 1024
+        sizes.append(-(-5 * switch // 4 // 1024) * 1024)
+    for two_n in sizes:
         gen = torch.Generator().manual_seed(two_n)
         z0 = torch.randn(two_n // 2, 128, generator=gen).to(device)
         z1 = (z0 + 0.5 * torch.randn(two_n // 2, 128, generator=gen).to(device)).contiguous()
         mask = torch.eye(two_n, dtype=torch.bool, device=device)
         reps = cfg["loss_reps"] or max(5, min(50, 2**16 // two_n))
+        past_switch = switch is not None and two_n > switch
         for gamma in (2.0, 1.0):
             candidates = {
                 f"kinfonce {path}": KernelInfoNCE(gamma, tau, path=path, check_finite=False)
                 for path in ("auto", "fused", "blocked")
             }
-            candidates["literal exp/sum"] = lambda a, b, g=gamma: literal(a, b, g, tau)
+            if not past_switch:  # there it takes more memory than the device has
+                candidates["literal exp/sum"] = lambda a, b, g=gamma: literal(a, b, g, tau)
             if gamma == 2.0:
                 candidates["nt-xent"] = lambda a, b, m=mask: nt_xent(a, b, tau / 2, m)
-            for name, loss in candidates.items():
-                rows.append(_loss_row(name, loss, z0, z1, two_n, gamma, device, reps))
-                print(_loss_text(rows[-1]), flush=True)
-                keep(result)
+            auto = candidates["kinfonce auto"]
+            high = {"kinfonce auto, high": auto}
+            if gamma == 2.0:
+                high["nt-xent, high"] = candidates["nt-xent"]
+            tf32 = {"kinfonce auto, high, TF32 in loss": auto}
+            for tf32_in_loss, named in ((None, candidates), (False, high), (True, tf32)):
+                precision = (
+                    contextlib.nullcontext()
+                    if tf32_in_loss is None
+                    else loss_precision(tf32_in_loss)
+                )
+                with precision:
+                    for name, loss in named.items():
+                        rows.append(_loss_row(name, loss, z0, z1, two_n, gamma, device, reps))
+                        print(_loss_text(rows[-1]), flush=True)
+                        keep(result)
+        del z0, z1, mask
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return result
 
 
@@ -230,10 +281,10 @@ def _compiled_rows(two_n: int, tau: float, device: torch.device, result: dict) -
 
 def _loss_text(r: dict) -> str:
     if "error" in r:
-        return f"| {r['2N']:>6} | {r['gamma']:g} | {r['loss']:<24} | {r['error']} |"
+        return f"| {r['2N']:>6} | {r['gamma']:g} | {r['loss']:<34} | {r['error']} |"
     peak = "-" if r.get("peak_mib") is None else f"{r['peak_mib']:,.0f}"
     extra = f" (compile {r['compile_s']:.1f} s)" if "compile_s" in r else ""
-    return f"| {r['2N']:>6} | {r['gamma']:g} | {r['loss']:<24} | {r['ms']:9.2f}{extra} | {peak} |"
+    return f"| {r['2N']:>6} | {r['gamma']:g} | {r['loss']:<34} | {r['ms']:9.2f}{extra} | {peak} |"
 
 
 # ---------------------------------------------------------------------------------------- step
@@ -590,13 +641,20 @@ def summary(results: dict[str, dict]) -> str:
         lines += [_loss_text(r) for r in loss_rows]
         by = {(r["loss"], r["2N"], r["gamma"]): r for r in loss_rows if "ms" in r}
         for (name, two_n, gamma), r in by.items():
+            key = f"g{gamma:g}_2n{two_n}"
             reference = by.get(("nt-xent", two_n, 2.0))
             if name == "kinfonce auto" and reference:
-                key = f"g{gamma:g}_2n{two_n}"
                 result[f"loss_time_over_ntxent_{key}"] = round(r["ms"] / reference["ms"], 2)
                 if r.get("peak_mib") and reference.get("peak_mib"):
                     ratio = r["peak_mib"] / reference["peak_mib"]
                     result[f"loss_memory_over_ntxent_{key}"] = round(ratio, 2)
+            tf32 = by.get(("kinfonce auto, high, TF32 in loss", two_n, gamma))
+            if name == "kinfonce auto, high" and tf32:
+                result[f"loss_exact_over_tf32_{key}"] = round(r["ms"] / tf32["ms"], 2)
+        switch = results["loss"].get("auto_switch_2n") if "loss" in results else None
+        if switch:
+            lines.append(f"auto leaves the fused path above 2N = {switch:,} on this device now")
+            result["loss_auto_switch_2n"] = switch
     step_rows = results.get("step", {}).get("rows", []) + compiled.get("rows", [])
     best = None
     if step_rows:

@@ -42,6 +42,8 @@ def test_every_part_runs_and_the_summary_has_every_figure(tmp_path, monkeypatch,
     for key in (
         "loss_time_over_ntxent_g2_2n256",
         "loss_time_over_ntxent_g1_2n256",
+        "loss_exact_over_tf32_g2_2n256",
+        "loss_exact_over_tf32_g1_2n256",
         "step_images_per_s",
         "views_share",
         "peer_images_per_s",
@@ -68,3 +70,25 @@ def test_gpu_run_stops_before_any_part_without_the_carried_packages(tmp_path):
     assert done.returncode == 2, done.stdout + done.stderr
     assert "no .device/site.tar.xz" in done.stdout and "pack.sh 2000" in done.stdout
     assert not list(out.glob("*.json")) and not (out / "loss.log").exists()
+
+
+def test_the_size_past_the_switch_is_past_the_rule_of_auto(monkeypatch):
+    """The loss part adds one 2N past the point where "auto" leaves the fused path, from this
+    device's available memory; a formula that drifted from ``resolve_path`` would measure the
+    fused path twice and the switch never."""
+    from types import SimpleNamespace
+
+    from kinfonce.kernel_lse import resolve_path
+
+    gpu_speed = load_script()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(139e9), int(141e9)))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=141e9)
+    )
+    cuda = torch.device("cuda")
+    switch = gpu_speed.auto_switch_2n(cuda)
+    assert resolve_path("auto", switch, switch, cuda) == "fused"
+    assert resolve_path("auto", switch + 8, switch + 8, cuda) == "blocked"
+    assert 60_000 < switch < 70_000  # an H200's 139 GB free

@@ -3,7 +3,8 @@
 With float32 matmul precision "high" (what training sets on CUDA) cuBLAS may run float32
 matrix products on tensor cores in TF32: each input element keeps its 8-bit exponent and only
 the top 10 of its 23 mantissa bits; products are accumulated in float32. :class:`EmulatedTF32`
-applies that rounding (truncation, the worse of the two roundings the hardware may use) to the
+applies that rounding (truncation by default, the worse of the two roundings the hardware may
+use, or rounding to the nearest) to the
 inputs of every matrix product run while cuBLAS's TF32 flag is on, so that a CPU shows what a
 GPU would compute. Products at "highest" precision are left exact, as cuBLAS leaves them.
 """
@@ -27,9 +28,12 @@ _MATMULS = {
 }
 
 
-def tf32_round(x: torch.Tensor) -> torch.Tensor:
-    """float32 ``x`` with its mantissa truncated to TF32's 10 bits (same dtype and shape)."""
+def tf32_round(x: torch.Tensor, nearest: bool = False) -> torch.Tensor:
+    """float32 ``x`` with its mantissa cut to TF32's 10 bits (same dtype and shape): truncated,
+    or rounded to the nearest (ties away from zero) when ``nearest``."""
     bits = x.contiguous().view(torch.int32)
+    if nearest:
+        bits = bits + (1 << (DROPPED_BITS - 1))
     return (bits & ~((1 << DROPPED_BITS) - 1)).view(torch.float32).view_as(x)
 
 
@@ -41,11 +45,12 @@ def tf32_in_effect() -> bool:
 
 class EmulatedTF32(TorchDispatchMode):
     """Inside the block, float32 matrix products (forward and backward) round their matrix
-    operands as TF32 does whenever :func:`tf32_in_effect`; ``self.rounded`` counts them."""
+    operands as TF32 does whenever :func:`tf32_in_effect` (truncated, or to the nearest when
+    ``nearest``); ``self.rounded`` counts them."""
 
-    def __init__(self) -> None:
+    def __init__(self, nearest: bool = False) -> None:
         super().__init__()
-        self.rounded = 0
+        self.rounded, self.nearest = 0, nearest
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -53,6 +58,6 @@ class EmulatedTF32(TorchDispatchMode):
         if operands and tf32_in_effect() and args[operands[0]].dtype == torch.float32:
             args = list(args)
             for index in operands:
-                args[index] = tf32_round(args[index])
+                args[index] = tf32_round(args[index], self.nearest)
             self.rounded += 1
         return func(*args, **kwargs)
