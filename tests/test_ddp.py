@@ -24,7 +24,8 @@ from kinfonce.config import PretrainConfig
 from kinfonce.data import load_dataset
 from kinfonce.data.augment import EvalTransform
 from kinfonce.data.batches import PretrainData
-from kinfonce.methods import SimCLR
+from kinfonce.errors import DivergedError
+from kinfonce.methods import MoCo, SimCLR
 from kinfonce.methods.base import data_description
 from kinfonce.resolve import build_loss, resolve
 
@@ -143,3 +144,61 @@ def test_two_processes_match_one_process_on_the_full_batch():
     assert worst_control > 10 * UPDATE_TOLERANCE, (
         f"the check cannot see a missing gather (relative difference {worst_control:.2e})"
     )
+
+
+class DivergesOnRankOne(MoCo):
+    """Rank 1's loss is NaN at its first step, and only there: MoCo's queries are not gathered,
+    so no other rank's loss sees it, and the NaN is added without a gradient, so the averaged
+    gradients stay finite. Each rank that stops notes it in ``records`` before raising."""
+
+    records = None  # set per test (inherited by the forked processes)
+
+    def contrastive_step(self, *inputs):
+        loss, features = super().contrastive_step(*inputs)
+        if self.global_rank == 1 and self.global_step == 0:
+            loss = loss + torch.tensor(float("nan"))
+        return loss, features
+
+    def check_finite_loss(self) -> None:
+        try:
+            super().check_finite_loss()
+        except DivergedError as err:
+            (self.records / f"rank{self.global_rank}").write_text(str(err))
+            torch.distributed.barrier()  # both notes written before either process exits
+            raise
+
+
+def test_divergence_on_one_rank_stops_every_rank(tmp_path):
+    """A non-finite loss seen on one rank only must stop every rank with a DivergedError naming
+    that step. Kept as a module buffer, the record was overwritten by rank 0's (DDP broadcasts
+    buffers before each forward), so the run went on with a NaN behind it; and a rank that
+    stopped alone left the others waiting in their next collective."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    config = PretrainConfig(
+        method="moco", train_subset=128, batch_size=32, proj_hidden_dim=32, queue_size=64,
+        warmup_epochs=0, epochs=1,
+    ).resolved()  # fmt: skip
+    splits = load_dataset("digits").with_train_subset(128, seed=0)
+    module = DivergesOnRankOne(config, data_description(splits))
+    DivergesOnRankOne.records = tmp_path
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=DDPStrategy(start_method="fork", timeout=timedelta(seconds=60)),
+        max_epochs=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    with pytest.raises(Exception, match="DivergedError"):
+        trainer.fit(module, datamodule=PretrainData(splits, config.batch_size, config.seed))
+    for rank in (0, 1):
+        note = tmp_path / f"rank{rank}"
+        assert note.is_file(), f"rank {rank} did not stop"
+        assert "not finite at training step 0" in note.read_text()
