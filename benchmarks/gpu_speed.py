@@ -312,10 +312,11 @@ def _autocast(device: torch.device):
 
 
 def kinfonce_step(module, optimizer, images, labels, device) -> None:
-    """What a training step does (``PretrainMethod.training_step``) plus backward and SGD."""
+    """What a training step does (``PretrainMethod.training_step``: the views in float32
+    outside autocast, the rest inside) plus backward and SGD."""
+    with torch.no_grad():
+        view0, view1 = module.views.pair(images)
     with _autocast(device):
-        with torch.no_grad():
-            view0, view1 = module.views.pair(images)
         loss, features = module.contrastive_step(view0, view1)
         probe_loss = F.cross_entropy(module.probe(features.detach()), labels)
     module._record_nonfinite(loss.detach())
