@@ -176,15 +176,14 @@ def loss_precision(tf32_in_loss: bool) -> Iterator[None]:
     """Float32 matmul precision "high", as training sets it on CUDA, for the block; with
     ``tf32_in_loss`` the loss's own scope to "highest" is removed, so that its products run in
     TF32 as they did before issue 22 (the other choice of docs/architecture.md)."""
-    previous, scope = torch.get_float32_matmul_precision(), kernel_lse.highest_matmul_precision
-    torch.set_float32_matmul_precision("high")
+    scope = kernel_lse.matmul_precision
     if tf32_in_loss:
-        kernel_lse.highest_matmul_precision = contextlib.nullcontext
+        kernel_lse.matmul_precision = lambda precision: contextlib.nullcontext()
     try:
-        yield
+        with scope("high"):
+            yield
     finally:
-        kernel_lse.highest_matmul_precision = scope
-        torch.set_float32_matmul_precision(previous)
+        kernel_lse.matmul_precision = scope
 
 
 def auto_switch_2n(device: torch.device) -> int | None:

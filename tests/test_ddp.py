@@ -177,10 +177,12 @@ def test_divergence_on_one_rank_stops_every_rank(tmp_path):
 
     from lightning.pytorch.strategies import DDPStrategy
 
-    config = PretrainConfig(
-        method="moco", train_subset=128, batch_size=32, proj_hidden_dim=32, queue_size=64,
-        warmup_epochs=0, epochs=1,
-    ).resolved()  # fmt: skip
+    config = resolve(
+        PretrainConfig(
+            method="moco", train_subset=128, batch_size=32, proj_hidden_dim=32, queue_size=64,
+            warmup_epochs=0, epochs=1,
+        )
+    )  # fmt: skip
     splits = load_dataset("digits").with_train_subset(128, seed=0)
     module = DivergesOnRankOne(config, data_description(splits))
     DivergesOnRankOne.records = tmp_path

@@ -7,8 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kinfonce.clip import ClipMethod, evaluate_clip
+from kinfonce.clip import evaluate_clip
 from kinfonce.config import ClipConfig
+from kinfonce.methods.clip import ClipMethod
+from kinfonce.resolve import resolve
 from kinfonce.text import SmallTextEncoder
 from tests.fake_gpu import FakeGPU
 
@@ -28,8 +30,8 @@ def clip_module(**options) -> ClipMethod:
     config = ClipConfig(
         dataset="cifar10", backbone="resnet-mini", proj_hidden_dim=16, text_width=8,
         text_layers=1, **options,
-    ).resolved()  # fmt: skip
-    return ClipMethod(config, DATA)
+    )  # fmt: skip
+    return ClipMethod(resolve(config), DATA)
 
 
 def test_fake_gpu_records_mixed_devices_only():
@@ -90,3 +92,33 @@ def test_clip_step_embeds_through_the_shared_path(channels_last):
     loss, features = module.contrastive_step(view, torch.tensor([0, 1, 2, 3]))
     assert torch.isfinite(loss) and features.shape[0] == 4
     assert seen[0].is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_nothing_reseeds_every_gpu(monkeypatch, tmp_path):
+    """A training step's views, the linear probe's heads and the random baseline encoder are
+    seeded on the CPU and the training device only: ``torch.manual_seed`` would reseed the
+    generator of every GPU, and leave the others so (before issue 22 each of these did)."""
+    from kinfonce.data import load_dataset
+    from kinfonce.data.augment import EvalTransform
+    from kinfonce.evaluate import evaluate_baselines, linear_probe_augmented
+    from kinfonce.methods import SimCLR
+    from kinfonce.methods.base import data_description
+    from kinfonce.probes import LinearProbeSettings
+    from tests.helpers import tiny_config
+
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    config = resolve(tiny_config(tmp_path, baselines=True))
+    splits = load_dataset("digits").with_train_subset(64, seed=0)
+    module = SimCLR(config, data_description(splits))
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    module.training_step((splits.train.images[:8], splits.train.labels[:8]), 0)
+    assert not reseeded, "the training step"
+    evaluate_baselines(module.backbone, splits, config, "cpu")
+    assert not reseeded, "the end-of-run evaluation"
+    linear_probe_augmented(
+        module.backbone, splits.train.images, splits.train.labels, splits.test.images,
+        splits.test.labels, EvalTransform(splits.mean, splits.std), num_classes=10,
+        settings=LinearProbeSettings(epochs=1),
+    )  # fmt: skip
+    assert not reseeded, "the augmented linear probe"

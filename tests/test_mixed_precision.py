@@ -13,10 +13,10 @@ import math
 import pytest
 import torch
 
-from kinfonce.config import PretrainConfig
+from kinfonce.config import ClipConfig, PretrainConfig
 from kinfonce.methods import SimCLR
-from tests.test_clip import pattern_config, write_pattern_set
-from tests.test_pretrain import tiny_config
+from kinfonce.resolve import resolve
+from tests.helpers import noisy_colour, tiny_config, write_image_tree
 
 CIFAR = dict(image_size=32, channels=3, num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25,) * 3)
 
@@ -29,8 +29,8 @@ def test_views_are_made_outside_autocast(blur, monkeypatch):
     grey levels); without blur equal (the crop's grid_sample is not autocast)."""
     config = PretrainConfig(
         dataset="cifar10", backbone="resnet-mini", proj_hidden_dim=16, blur=blur
-    ).resolved()
-    module = SimCLR(config, CIFAR)
+    )
+    module = SimCLR(resolve(config), CIFAR)
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (8,))
     seen = []
@@ -66,13 +66,19 @@ def test_bf16_mixed_pretrain_ends_with_finite_metrics(tmp_path):
     assert saved["final_train_loss"] == pytest.approx(metrics["final_train_loss"])
 
 
-def test_bf16_mixed_clip_ends_with_finite_metrics(tmp_path, monkeypatch):
+def test_bf16_mixed_clip_ends_with_finite_metrics(tmp_path):
     """One tiny ``clip`` run in bf16-mixed on the CPU, zero-shot evaluation included."""
     from kinfonce.clip import run_clip
 
-    monkeypatch.setenv("KINFONCE_CACHE", str(tmp_path / "cache"))
-    root = write_pattern_set(tmp_path / "patterns", train_per_class=16, test_per_class=4)
-    metrics = run_clip(pattern_config(root, tmp_path, precision="bf16-mixed", epochs=1))
+    colours = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+    root = write_image_tree(
+        tmp_path / "colours", noisy_colour(colours), list(colours), {"train": 16, "test": 4}
+    )
+    config = tiny_config(
+        tmp_path, ClipConfig, dataset=f"imagefolder:{root}", train_subset=None, batch_size=16,
+        rewrites=2, text_width=8, text_layers=1, precision="bf16-mixed",
+    )  # fmt: skip
+    metrics = run_clip(config)
     finite_metrics(metrics)
     assert 0.0 <= metrics["zero_shot_top1"] <= 1.0
     assert math.isfinite(metrics["final_train_loss"])

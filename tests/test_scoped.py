@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from types import SimpleNamespace
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from kinfonce.scoped import cpu_threads, environment, seeded
+from kinfonce.scoped import cpu_threads, environment, seeded, torch_seeded
 from kinfonce.train import run_pretrain
 from tests.helpers import tiny_config
 
@@ -32,6 +33,47 @@ def test_seeded_seeds_every_generator_and_restores_each():
     np.random.seed(3)
     torch.manual_seed(3)
     assert draws == (random.random(), np.random.rand(), torch.rand(1).item())
+
+
+def test_torch_seeded_seeds_the_cpu_and_one_gpu_only(monkeypatch):
+    """The CPU generator as ``torch.manual_seed`` would seed it, restored afterwards; of the
+    GPUs only the given one is seeded and restored (``torch.manual_seed`` reseeds every GPU's
+    generator and leaves it so). The GPU side is checked on stand-ins of torch.cuda."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(("all", seed)))
+    torch.default_generator.manual_seed(7)
+    before = torch.get_rng_state()
+    with torch_seeded(3):
+        draw = torch.rand(2)
+    assert torch.equal(torch.get_rng_state(), before) and not calls
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(3)
+        assert torch.equal(draw, torch.rand(2))
+
+    current = []
+    forked = []
+
+    class Device:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            current.append(self.device)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    def fork_rng(devices):
+        forked.append(list(devices))
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch.random, "fork_rng", fork_rng)
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append((current[-1], seed)))
+    with torch_seeded(5, "cuda:1"):
+        pass
+    assert forked == [[torch.device("cuda:1")]]
+    assert calls == [(torch.device("cuda:1"), 5)]
 
 
 def test_threads_and_environment_come_back_also_after_an_error(monkeypatch):

@@ -67,7 +67,11 @@ def zero_shot_metrics(
     module: ClipMethod, images: Tensor, labels: Tensor, device: str, batch_size: int = 256
 ) -> dict[str, float]:
     """Zero-shot top-1/top-5 of labelled uint8 images (N, C, H, W), with the plain prompts
-    (``zero_shot_*``) and with all captions of each class (``zero_shot_ensemble_*``)."""
+    (``zero_shot_*``) and with all captions of each class (``zero_shot_ensemble_*``).
+
+    The whole module (image and text encoders, class captions) is moved to ``device`` first
+    and stays there: after fit, Lightning leaves it on the CPU."""
+    module.to(device)
     encoder = nn.Sequential(module.backbone, module.head)
     z = extract_features(
         encoder, images, module.eval_transform, batch_size=batch_size, device=device

@@ -42,6 +42,7 @@ from kinfonce.probes import (
     score_head,
     standardizer,
 )
+from kinfonce.scoped import torch_seeded
 
 PROTOCOLS = ("linear", "knn", "both")
 
@@ -177,8 +178,7 @@ def linear_probe_augmented(
             return norm(_encode(encoder, batch))
 
     settings = settings or LinearProbeSettings()
-    with eval_mode(encoder), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
+    with eval_mode(encoder), torch_seeded(settings.seed, device):  # the crops draw on device
         head = fit_linear_head(
             augmented_features,
             train_y,
@@ -489,8 +489,7 @@ def evaluate_baselines(
     """
     encoders = {"": place_backbone(backbone, device, channels_last=config.channels_last)}
     if config.baselines:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
+        with torch_seeded(config.seed):
             encoders["random_encoder_"] = build_backbone(
                 config.backbone,
                 in_channels=splits.channels,

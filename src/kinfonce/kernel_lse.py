@@ -39,9 +39,8 @@ Two paths compute the same values (:func:`kernel_nll` chooses, see :func:`resolv
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -49,6 +48,7 @@ from torch.autograd.function import once_differentiable
 
 from kinfonce.errors import KinfonceError
 from kinfonce.kernels import ExpKernel, MixtureKernel
+from kinfonce.scoped import matmul_precision
 
 _TINY = torch.finfo(torch.float32).tiny
 #: Largest block, in anchor-candidate pairs, when no chunk size is given (512 MiB per float32 matrix).
@@ -67,26 +67,11 @@ FUSED_MEMORY_SHARE = 0.25
 _FACTOR_BLOCK_PAIRS = 2**26
 
 
-@contextlib.contextmanager
-def highest_matmul_precision() -> Iterator[None]:
-    """float32 matrix products at full precision ("highest": no TF32) inside the block; the
-    previous precision is restored afterwards. Set through the same API as training's "high"
-    (``torch.set_float32_matmul_precision``): torch refuses a mix of it and the per-backend one.
-    """
-    previous = torch.get_float32_matmul_precision()
-    if previous == "highest":
-        yield
-        return
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
 def exact_float32(function: Callable) -> Callable:
     """Runs an autograd Function's ``forward(ctx, tensor, ...)`` or ``backward(ctx, grad, ...)``
-    with autocast off on the device of its first tensor and :func:`highest_matmul_precision`.
+    with autocast off on the device of its first tensor and float32 matrix products at
+    "highest" precision (set through ``torch.set_float32_matmul_precision``, the API training
+    sets "high" with: torch refuses a mix of it and the per-backend one).
 
     ``torch.amp.custom_fwd`` / ``custom_bwd`` would do the autocast part for one device type
     fixed when decorating; these Functions run on any device.
@@ -94,7 +79,7 @@ def exact_float32(function: Callable) -> Callable:
 
     @functools.wraps(function)
     def wrapped(ctx, first: Tensor, *rest):
-        with torch.autocast(first.device.type, enabled=False), highest_matmul_precision():
+        with torch.autocast(first.device.type, enabled=False), matmul_precision("highest"):
             return function(ctx, first, *rest)
 
     return wrapped

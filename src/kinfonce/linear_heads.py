@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kinfonce.errors import DivergedError
+from kinfonce.scoped import torch_seeded
 
 __all__ = ["LinearHeads", "cosine_lrs", "train_on_features", "train_streamed"]
 
@@ -39,10 +40,8 @@ def cosine_lrs(lr: float, steps: int) -> list[float]:
 
 def _seeded_head(feature_dim: int, num_classes: int, seed: int, device) -> nn.Linear:
     """``nn.Linear`` initialised on the CPU from its generator seeded with ``seed``, then moved;
-    the CPU generator is restored and no other generator is touched (``torch.manual_seed``
-    would reseed every CUDA generator too)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
+    no generator is left changed."""
+    with torch_seeded(seed):
         return nn.Linear(feature_dim, num_classes).to(device)
 
 
@@ -52,7 +51,8 @@ class LinearHeads:
     Args:
         feature_dims: input width of each head.
         num_classes: output width C of every head.
-        seed: every head starts as ``nn.Linear`` initialised after ``torch.manual_seed(seed)``.
+        seed: every head starts as ``nn.Linear`` initialised from torch's CPU generator seeded
+            with ``seed``.
         momentum, weight_decay: SGD settings.
         device: where the parameters live.
     """

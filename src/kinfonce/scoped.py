@@ -58,6 +58,24 @@ def seeded(seed: int) -> Iterator[None]:
             np.random.set_state(numpy_state)
 
 
+@contextlib.contextmanager
+def torch_seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Seed torch's CPU generator and, for a CUDA ``device``, that device's generator with
+    ``seed`` for the block, then restore both; no other generator is touched.
+
+    For code that draws from the CPU and one device (a layer's initialisation, a step's views):
+    ``torch.manual_seed`` would also reseed the generator of every other GPU, and leave it so.
+    """
+    device = torch.device(device)
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 def _cuda_devices() -> list[int]:
     """Indices of the CUDA devices whose generators :func:`seeded` saves (none without CUDA)."""
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []

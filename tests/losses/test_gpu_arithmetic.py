@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from kinfonce import KernelInfoNCE
-from kinfonce.kernel_lse import highest_matmul_precision
 from kinfonce.kernels import simple_sum_kernel
+from kinfonce.scoped import matmul_precision
 
 from . import reference as ref
 from .tf32 import EmulatedTF32, tf32_round
@@ -51,10 +51,8 @@ def relative(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.fixture
 def tf32_precision():
     """Float32 matmul precision "high", as training sets it on CUDA, for the test only."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    yield
-    torch.set_float32_matmul_precision(previous)
+    with matmul_precision("high"):
+        yield
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -66,7 +64,7 @@ def test_loss_products_stay_float32_under_tf32(case, tf32_precision):
     changed after the loss."""
     kwargs, queue = CASES[case]
     xs = inputs(queue)
-    with highest_matmul_precision():
+    with matmul_precision("highest"):
         want_value, want_grads = value_and_grads(KernelInfoNCE(**kwargs), xs)
     with EmulatedTF32():
         value, grads = value_and_grads(KernelInfoNCE(**kwargs), xs)
@@ -78,17 +76,17 @@ def test_loss_products_stay_float32_under_tf32(case, tf32_precision):
 
 def test_the_emulation_rounds_products_at_high_precision_only(tf32_precision):
     """The emulation itself: a product at "high" is rounded (and differs from float32), one
-    inside :func:`highest_matmul_precision` is not. Without this the test above could pass with
+    inside ``matmul_precision("highest")`` is not. Without this the test above could pass with
     an emulation that never rounds."""
     a, b = torch.randn(64, 128), torch.randn(128, 64)
     with EmulatedTF32() as emulated:
         rounded = a @ b
-        with highest_matmul_precision():
+        with matmul_precision("highest"):
             exact = a @ b
     assert emulated.rounded == 1
     torch.testing.assert_close(rounded, tf32_round(a) @ tf32_round(b))
     assert relative(rounded, exact) > 1e-4
-    with highest_matmul_precision():
+    with matmul_precision("highest"):
         torch.testing.assert_close(exact, a @ b, rtol=0, atol=0)
 
 

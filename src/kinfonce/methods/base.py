@@ -12,8 +12,8 @@ and may draw other inputs than two views (:meth:`make_inputs`), train more modul
 
 Nothing in a training step waits for the GPU: a non-finite loss is recorded on the
 device and checked every :data:`DIVERGENCE_CHECK_EVERY` steps and at the end of every
-epoch, before validation and checkpoints, where it stops the run with a
-:class:`~kinfonce.errors.DivergedError` that names the first bad step.
+epoch, before validation and checkpoints, where it stops the run (every process of it)
+with a :class:`~kinfonce.errors.DivergedError` that names the first bad step.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from kinfonce.losses import preset_params
 from kinfonce.models import ProjectionHead, build_backbone
 from kinfonce.optim import build_optimizer, parameter_groups, warmup_cosine
 from kinfonce.resolve import build_loss
+from kinfonce.scoped import torch_seeded
 
 #: Key under which a checkpoint stores the config and data description.
 CHECKPOINT_KEY = "kinfonce"
@@ -98,8 +99,10 @@ class PretrainMethod(L.LightningModule):
             flip_p=config.flip_p,
         )
         self.eval_transform = EvalTransform(data["mean"], data["std"])
-        # the global step at which the loss was first not finite, -1 while it has been
-        self.register_buffer("first_nonfinite_step", torch.tensor(-1), persistent=False)
+        # The global step at which the loss was first not finite, -1 while it has been; made on
+        # the loss's device at the first step. Not a buffer: DDP broadcasts rank 0's buffers
+        # before every forward pass, which would erase a record made on another rank.
+        self._first_nonfinite: torch.Tensor | None = None
         self._compiled_embed = None
 
     def make_inputs(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -142,11 +145,14 @@ class PretrainMethod(L.LightningModule):
         # The inputs draw from the generator of the module's device, seeded here per (step,
         # rank) inside a fork that restores it: a resumed run draws the same views as an
         # uninterrupted one, whatever else used the generator in between (data-loader set-up
-        # does).
+        # does). They are made in float32 outside the autocast that mixed precision runs this
+        # step in (the blur is a convolution, which autocast would run in half precision).
         seed = step_seed(self.config.seed, self.global_step, self.global_rank)
-        cuda = [self.device] if self.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(seed)
+        with (
+            torch.no_grad(),
+            torch.autocast(self.device.type, enabled=False),
+            torch_seeded(seed, self.device),
+        ):
             inputs = self.make_inputs(batch)
         loss, features = self.contrastive_step(*inputs)
         self._record_nonfinite(loss.detach())
@@ -179,7 +185,9 @@ class PretrainMethod(L.LightningModule):
 
     def _record_nonfinite(self, loss: torch.Tensor) -> None:
         """Keep the first step with a non-finite loss, on the device (nothing waits for it)."""
-        first = self.first_nonfinite_step
+        first = self._first_nonfinite
+        if first is None or first.device != loss.device:
+            first = self._first_nonfinite = torch.full((), -1, device=loss.device)
         bad = ~torch.isfinite(loss) & (first < 0)
         first.copy_(torch.where(bad, self.global_step, first))
 
@@ -190,9 +198,16 @@ class PretrainMethod(L.LightningModule):
             self.check_finite_loss()
 
     def check_finite_loss(self) -> None:
-        """Raise a DivergedError if a training step since the start had a non-finite loss."""
-        step = int(self.first_nonfinite_step)
-        if step >= 0:
+        """Raise a DivergedError if a training step since the start had a non-finite loss, on
+        this process or any other: the first such step over all processes, so that all stop
+        together (a process that stopped alone would leave the others waiting for it, and a
+        NaN seen by one only, as MoCo's ungathered queries can, would stop none)."""
+        first = self._first_nonfinite
+        if first is None:  # no step yet
+            first = torch.full((), -1, device=self.device)
+        never = torch.iinfo(first.dtype).max
+        step = int(self.trainer.strategy.reduce(first.where(first >= 0, never), reduce_op="min"))
+        if step != never:
             raise DivergedError(
                 f"the {self.config.loss!r} loss was not finite at training step {step} "
                 f"(epoch {self.current_epoch}); {divergence_advice(self.config.loss)}"

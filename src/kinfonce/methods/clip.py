@@ -93,9 +93,10 @@ class ClipMethod(PretrainMethod):
         return self.views(images), draw_captions(options, counts)
 
     def contrastive_step(self, view: Tensor, captions: Tensor) -> tuple[Tensor, Tensor]:
-        """(bipartite loss of the (image, caption) pairs, (B, F) backbone features)."""
-        features = self.backbone(view)
-        return self.criterion(self.head(features), self.text(captions)), features
+        """(bipartite loss of the (image, caption) pairs, (B, F) backbone features); the images
+        go through :meth:`embed`, as every method's do (memory format, compilation)."""
+        features, image_z = self.embed(view)
+        return self.criterion(image_z, self.text(captions)), features
 
     def trained_modules(self) -> list[nn.Module]:
         return [*super().trained_modules(), self.text]
