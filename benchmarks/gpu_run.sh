@@ -5,13 +5,13 @@
 #
 #     bash benchmarks/gpu_run.sh            # logs, JSON and summary.txt in $OUT
 #
-# BUDGET (seconds, default 360) bounds all parts together; a part that would start with less
+# BUDGET (seconds, default 480) bounds all parts together; a part that would start with less
 # than 20 s left is skipped. The summary (tables, RESULT line) is printed last and saved in
 # $OUT/summary.txt; each part's log is $OUT/PART.log, its results $OUT/PART.json (written after
 # every measurement, so a part stopped by its limit keeps what it measured).
 set -u
 OUT=${OUT:-/tmp/gpu-speed-out}
-BUDGET=${BUDGET:-360}
+BUDGET=${BUDGET:-480}
 SITE=${SITE:-/tmp/site}
 mkdir -p "$OUT" "$SITE"
 log() { echo "$*" | tee -a "$OUT/driver.log"; }
@@ -47,10 +47,11 @@ run() {  # run PART LIMIT_SECONDS
 }
 
 # most important first; compilation (slowest, needs a C compiler for Triton) last
-run loss 90
+run loss 120
 run step 90
 run eval 90
 run peer 90
 run pretrain 120
+run clip 90
 run compile 150
 python3 benchmarks/gpu_speed.py --summary "$OUT" 2>&1 | tee "$OUT/summary.txt"

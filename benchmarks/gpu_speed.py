@@ -23,6 +23,8 @@ Parts (each guarded: one that fails is reported and the others still run):
   against its eager steps.
 * ``pretrain``: ``kinfonce pretrain`` on a CIFAR-10 subset with both baselines; fit and
   evaluation times and accuracies from its ``metrics.json``.
+* ``clip``: ``kinfonce clip`` in bf16-mixed, one epoch, to its zero-shot evaluation, which
+  must find the whole module on the device; times and accuracies from its ``metrics.json``.
 * ``compile`` (GPU only, last because slowest): the step compiled (``--compile``), with and
   without channels-last, and ``torch.compile`` of a plain-autograd Kernel-InfoNCE at one size;
   compile times included.
@@ -63,7 +65,7 @@ import kinfonce.kernel_lse as kernel_lse
 from kinfonce import KernelInfoNCE
 from kinfonce.kernels import safe_pow
 
-PARTS = ("loss", "step", "eval", "peer", "pretrain", "compile")
+PARTS = ("loss", "step", "eval", "peer", "pretrain", "clip", "compile")
 _JSON: Path | None = None  # where the part being run keeps its results (--json)
 
 
@@ -90,12 +92,17 @@ SCALES = {
         pretrain=["--dataset", "digits", "--train-subset", "128", "--batch-size", "32",
                   "--epochs", "1", "--eval-linear-epochs", "2", "--eval-knn-k", "10",
                   "--proj-hidden-dim", "32"],
+        clip=["--dataset", "digits", "--train-subset", "128", "--batch-size", "32",
+              "--epochs", "1", "--eval-linear-epochs", "2", "--eval-knn-k", "10",
+              "--proj-hidden-dim", "32", "--text-width", "8", "--text-layers", "1",
+              "--no-baselines", "--precision", "bf16-mixed"],
     ),
     "cpu": dict(
         loss_sizes=[1024, 8192], compile_size=0, loss_reps=3, backbone="resnet-mini",
         proj_hidden=2048, batch=256, steps=5, workers=min(2, os.cpu_count() or 1),
         peer_images=2048, eval_train=5000, eval_test=1000, eval_epochs=10,
         pretrain=["--dataset", "digits"],
+        clip=["--dataset", "digits", "--no-baselines", "--precision", "bf16-mixed"],
     ),
     "gpu": dict(
         loss_sizes=[1024, 8192, 32768], compile_size=8192, loss_reps=0, backbone="resnet18",
@@ -103,6 +110,9 @@ SCALES = {
         peer_images=0, eval_train=45000, eval_test=10000, eval_epochs=100,
         pretrain=["--dataset", f"imagefolder:{SUBSET_ZIP}", "--backbone", "resnet18",
                   "--batch-size", "512", "--epochs", "3", "--precision", "bf16-mixed"],
+        clip=["--dataset", f"imagefolder:{SUBSET_ZIP}", "--backbone", "resnet18",
+              "--batch-size", "512", "--epochs", "1", "--precision", "bf16-mixed",
+              "--no-baselines", "--eval-linear-epochs", "10"],
     ),
 }  # fmt: skip
 
@@ -579,7 +589,9 @@ def graph_against_eager(device: torch.device) -> dict:
 # ------------------------------------------------------------------------------------ pretrain
 
 
-def pretrain_part(device: torch.device, scale: str) -> dict:
+def _cli_run(command: str, device: torch.device, scale: str) -> tuple[list[str], float, dict]:
+    """``kinfonce COMMAND`` with the scale's flags on ``device``: (its arguments, wall seconds,
+    its metrics.json)."""
     from kinfonce.cli import main as cli
 
     cfg = SCALES[scale]
@@ -588,15 +600,28 @@ def pretrain_part(device: torch.device, scale: str) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "run"
         accelerator = "gpu" if device.type == "cuda" else "cpu"
-        args = ["pretrain", *cfg["pretrain"], "--accelerator", accelerator, "--no-progress"]
+        args = [command, *cfg[command], "--accelerator", accelerator, "--no-progress"]
         started = time.perf_counter()
         code = cli([*args, "--output-dir", str(out)])
         wall = time.perf_counter() - started
         if code != 0:
-            raise RuntimeError(f"kinfonce pretrain exited with {code}")
-        metrics = json.loads((out / "metrics.json").read_text())
+            raise RuntimeError(f"kinfonce {command} exited with {code}")
+        return args, wall, json.loads((out / "metrics.json").read_text())
+
+
+def pretrain_part(device: torch.device, scale: str) -> dict:
+    args, wall, metrics = _cli_run("pretrain", device, scale)
     keys = ("pretrain_time_s", "evaluation_time_s", "train_images", "epochs", "linear_top1",
             "knn_top1", "random_encoder_linear_top1", "raw_pixels_linear_top1")  # fmt: skip
+    return {"command": " ".join(args), "wall_s": wall, **{k: metrics.get(k) for k in keys}}
+
+
+def clip_part(device: torch.device, scale: str) -> dict:
+    """``kinfonce clip`` in bf16-mixed through its final evaluation: on a GPU the zero-shot
+    evaluation must find the whole module on the device (issue 22, point 1)."""
+    args, wall, metrics = _cli_run("clip", device, scale)
+    keys = ("pretrain_time_s", "evaluation_time_s", "train_images", "linear_top1",
+            "zero_shot_top1", "zero_shot_ensemble_top1", "final_train_loss")  # fmt: skip
     return {"command": " ".join(args), "wall_s": wall, **{k: metrics.get(k) for k in keys}}
 
 
@@ -608,6 +633,7 @@ RUNNERS = {
     "peer": peer_part,
     "eval": eval_part,
     "pretrain": pretrain_part,
+    "clip": clip_part,
     "compile": compile_part,
 }
 
@@ -698,6 +724,13 @@ def summary(results: dict[str, dict]) -> str:
                   f"{pretrain['raw_pixels_linear_top1']:.3f})"]  # fmt: skip
         result["pretrain_fit_s"] = round(pretrain["pretrain_time_s"], 1)
         result["pretrain_eval_s"] = round(pretrain["evaluation_time_s"], 1)
+    clip = results.get("clip", {})
+    if "zero_shot_top1" in clip:
+        lines += ["", f"`kinfonce {clip['command']}`: fit {clip['pretrain_time_s']:.1f} s, "
+                  f"evaluation {clip['evaluation_time_s']:.1f} s, zero-shot top-1 "
+                  f"{clip['zero_shot_top1']:.3f}, linear top-1 {clip['linear_top1']:.3f}"]  # fmt: skip
+        result["clip_eval_s"] = round(clip["evaluation_time_s"], 1)
+        result["clip_zero_shot_top1"] = round(clip["zero_shot_top1"], 3)
     failed = [name for name, r in results.items() if "error" in r]
     for name in failed:
         lines.append(f"part {name} failed: {results[name]['error']}")

@@ -50,6 +50,7 @@ def test_every_part_runs_and_the_summary_has_every_figure(tmp_path, monkeypatch,
         "step_over_peer",
         "eval_s",
         "pretrain_eval_s",
+        "clip_eval_s",
     ):
         assert float(figures[key]) > 0, key
 
