@@ -657,6 +657,14 @@ def run_part(name: str, device: torch.device, scale: str) -> dict:
     return result
 
 
+def _run_text(run: dict) -> str:
+    """The command of a ``kinfonce`` run part and its fit and evaluation times."""
+    return (
+        f"`kinfonce {run['command']}`: fit {run['pretrain_time_s']:.1f} s, evaluation "
+        f"{run['evaluation_time_s']:.1f} s"
+    )
+
+
 def summary(results: dict[str, dict]) -> str:
     """The tables and the RESULT line, from the parts' results."""
     lines, result = [], {}
@@ -717,18 +725,15 @@ def summary(results: dict[str, dict]) -> str:
             result["probe_graph_capture"] = evaluation["graph_capture"] == "ok"
     pretrain = results.get("pretrain", {})
     if "pretrain_time_s" in pretrain:
-        lines += ["", f"`kinfonce {pretrain['command']}`: fit {pretrain['pretrain_time_s']:.1f} s,"
-                  f" evaluation {pretrain['evaluation_time_s']:.1f} s, linear top-1 "
-                  f"{pretrain['linear_top1']:.3f} (random encoder "
-                  f"{pretrain['random_encoder_linear_top1']:.3f}, raw pixels "
+        lines += ["", _run_text(pretrain) + f", linear top-1 {pretrain['linear_top1']:.3f} "
+                  f"(random encoder {pretrain['random_encoder_linear_top1']:.3f}, raw pixels "
                   f"{pretrain['raw_pixels_linear_top1']:.3f})"]  # fmt: skip
         result["pretrain_fit_s"] = round(pretrain["pretrain_time_s"], 1)
         result["pretrain_eval_s"] = round(pretrain["evaluation_time_s"], 1)
     clip = results.get("clip", {})
     if "zero_shot_top1" in clip:
-        lines += ["", f"`kinfonce {clip['command']}`: fit {clip['pretrain_time_s']:.1f} s, "
-                  f"evaluation {clip['evaluation_time_s']:.1f} s, zero-shot top-1 "
-                  f"{clip['zero_shot_top1']:.3f}, linear top-1 {clip['linear_top1']:.3f}"]  # fmt: skip
+        lines += ["", _run_text(clip) + f", zero-shot top-1 {clip['zero_shot_top1']:.3f}, "
+                  f"linear top-1 {clip['linear_top1']:.3f}"]  # fmt: skip
         result["clip_eval_s"] = round(clip["evaluation_time_s"], 1)
         result["clip_zero_shot_top1"] = round(clip["zero_shot_top1"], 3)
     failed = [name for name, r in results.items() if "error" in r]

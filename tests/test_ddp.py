@@ -69,8 +69,9 @@ def without_gather(module: SimCLR) -> SimCLR:
 UPDATE_TOLERANCE = 1e-3
 
 
-def fit(module: SimCLR, data: PretrainData, devices: int, strategy: str) -> float:
-    trainer = L.Trainer(
+def cpu_trainer(devices: int, strategy) -> L.Trainer:
+    """One epoch on ``devices`` CPU processes, no validation, logs or checkpoints."""
+    return L.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy=strategy,
@@ -82,6 +83,10 @@ def fit(module: SimCLR, data: PretrainData, devices: int, strategy: str) -> floa
         enable_model_summary=False,
         use_distributed_sampler=False,
     )
+
+
+def fit(module: SimCLR, data: PretrainData, devices: int, strategy: str) -> float:
+    trainer = cpu_trainer(devices, strategy)
     trainer.fit(module, datamodule=data)
     return float(trainer.callback_metrics["train_loss"])
 
@@ -186,18 +191,7 @@ def test_divergence_on_one_rank_stops_every_rank(tmp_path):
     splits = load_dataset("digits").with_train_subset(128, seed=0)
     module = DivergesOnRankOne(config, data_description(splits))
     DivergesOnRankOne.records = tmp_path
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=DDPStrategy(start_method="fork", timeout=timedelta(seconds=60)),
-        max_epochs=1,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-    )
+    trainer = cpu_trainer(2, DDPStrategy(start_method="fork", timeout=timedelta(seconds=60)))
     with pytest.raises(Exception, match="DivergedError"):
         trainer.fit(module, datamodule=PretrainData(splits, config.batch_size, config.seed))
     for rank in (0, 1):
