@@ -1,7 +1,10 @@
 """The decoded-image cache: reuse, invalidation by the source's identity, corrupt entries."""
 
+import errno
+import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +108,65 @@ def test_a_racing_writer_keeps_the_existing_entry(tmp_path, monkeypatch):
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporary left
     again = load_dataset(f"imagefolder:{tree}", cache_dir=cache)
     assert torch.equal(again.train.images, first.train.images)
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command (the pickle a hostile cache entry could hold)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("damage", ["pickle with code", "meta without class_names"])
+def test_entries_that_cannot_be_read_are_rebuilt_without_running_code(tmp_path, damage):
+    """Issue 21, point 11: an UnpicklingError or a KeyError escaped as a traceback, and the
+    entry was kept, so that every later run failed the same way."""
+    tree, cache = _tree(tmp_path / "tree"), tmp_path / "cache"
+    expected = load_dataset(f"imagefolder:{tree}", cache_dir=cache)
+    (entry,) = _entries(cache)
+    marker = tmp_path / "code-ran"
+    if damage == "pickle with code":
+        torch.save(_RunsCode(marker), entry / "train.pt")  # a torch zip whose pickle runs code
+    else:
+        meta = json.loads((entry / "meta.json").read_text())
+        del meta["class_names"]
+        (entry / "meta.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="removing unreadable cache entry"):
+        again = load_dataset(f"imagefolder:{tree}", cache_dir=cache)
+    assert torch.equal(again.train.images, expected.train.images) and not marker.exists()
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        load_dataset(f"imagefolder:{tree}", cache_dir=cache)
+    assert not [w for w in later if "unreadable" in str(w.message)]  # rebuilt for good
+
+
+@pytest.mark.parametrize("fault", ["full disk", "read-only file system"])
+def test_an_unwritable_cache_warns_and_serves_the_decoded_images(tmp_path, monkeypatch, fault):
+    """Issue 21, point 12: torch.save's RuntimeError on a full disk, or an OSError on a
+    read-only file system, ended the run with a traceback, where running without the cache
+    serves."""
+    import kinfonce.data.cache as cache_module
+
+    tree, cache = _tree(tmp_path / "tree"), tmp_path / "cache"
+    if fault == "full disk":
+
+        def save(*args, **kwargs):
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed "
+                "writing file data/0: file write failed"
+            )
+
+        monkeypatch.setattr(cache_module.torch, "save", save)
+    else:
+
+        def mkdtemp(*args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system", str(cache))
+
+        monkeypatch.setattr(cache_module.tempfile, "mkdtemp", mkdtemp)
+    with pytest.warns(UserWarning, match="cannot write its cache entry .* without caching"):
+        data = load_dataset(f"imagefolder:{tree}", cache_dir=cache)
+    assert len(data.test) == 6 and data.class_names == ["a", "b"]
+    assert not cache.exists() or not list(cache.iterdir())  # no entry, no temporary left

@@ -331,3 +331,47 @@ def test_a_tree_too_big_for_memory_is_refused_before_decoding(tmp_path, monkeypa
     )
     with pytest.raises(ValueError, match=r"9 images at 8x8 px need .* GiB .* --image-size"):
         load_dataset(f"imagefolder:{tree}", cache_dir=tmp_path / "cache")
+
+
+def test_a_class_whose_every_image_is_undecodable_is_refused(tmp_path):
+    """Issue 21, point 8: every `dog` image (train and test) garbage bytes; the two class
+    folders passed the 2-class check, dog vanished and kNN reported 100% on cat alone."""
+    tree = tmp_path / "tree"
+    _write_tree(tree, {"train": 3, "test": 2}, classes=["cat", "dog"])
+    for path in tree.glob("*/dog/*.png"):
+        path.write_bytes(b"garbage bytes, not an image")
+    refused = pytest.raises(ValueError, match=r"class\(es\) \['dog'\] have no decodable image")
+    with pytest.warns(UserWarning, match="skipped"), refused:
+        load_dataset(f"imagefolder:{tree}", cache_dir=tmp_path / "cache")
+
+
+def test_a_corrupt_stored_zip_member_is_skipped_by_its_crc(tmp_path):
+    """Issue 21, point 10: a stored (uncompressed) member is sliced out of a memory map,
+    which skipped the CRC check, so corrupt pixels of a BMP (no checksum of its own) were
+    decoded as garbage without a word."""
+    tree = tmp_path / "tree"
+    write_image_tree(tree, flat_colour(COLOURS), COLOURS, {"train": 2, "test": 1}, fmt="BMP")
+    archive = tmp_path / "tree.zip"
+    _zip_tree(tree, archive)
+    raw = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as zipped:
+        member = zipped.getinfo("train/cat/1.bmp")
+    assert member.compress_type == zipfile.ZIP_STORED
+    start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
+    raw[start + member.compress_size - 5] ^= 0xFF  # one pixel byte
+    archive.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="skipped 1 undecodable") as record:
+        data = load_dataset(f"imagefolder:{archive}", cache_dir=tmp_path / "cache")
+    assert "train/cat/1.bmp (BadZipFile: Bad CRC-32" in " ".join(str(w.message) for w in record)
+    assert len(data.train) + len(data.val) == 5
+    _check_colours(data.train.images, data.train.labels, data.class_names)
+
+
+def test_a_truncated_zip_is_called_truncated(tmp_path):
+    """Issue 21, point 15: a zip cut short was reported as "not a zip archive"."""
+    tree, archive = tmp_path / "tree", tmp_path / "tree.zip"
+    _write_tree(tree, {"train": 2, "test": 1})
+    _zip_tree(tree, archive)
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or damaged zip archive"):
+        load_dataset(f"imagefolder:{archive}", cache_dir=tmp_path / "cache")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -59,22 +60,61 @@ def _entry_dir(root: Path, name: str, key: str) -> Path:
     return root / f"{safe}-{key}"
 
 
+def _read_split(path: Path) -> LabeledImages:
+    """One split file of an entry, checked: a mapping of uint8 ``images`` (N, C, H, W) and
+    int64 ``labels`` (N,).
+
+    Raises:
+        ValueError: the file holds something else.
+    """
+    blob = torch.load(path, weights_only=True, mmap=True)
+    images = blob.get("images") if isinstance(blob, dict) else None
+    labels = blob.get("labels") if isinstance(blob, dict) else None
+    if not (
+        isinstance(images, torch.Tensor)
+        and isinstance(labels, torch.Tensor)
+        and images.dtype == torch.uint8
+        and images.ndim == 4
+        and labels.dtype == torch.int64
+        and labels.shape == images.shape[:1]
+    ):
+        raise ValueError(f"{path.name} holds no uint8 images (N, C, H, W) with int64 labels (N,)")
+    return LabeledImages(images, labels)
+
+
+def _read_meta(path: Path) -> dict:
+    """An entry's ``meta.json``, checked: a mapping with a list of ``class_names``.
+
+    Raises:
+        ValueError: bad JSON, or no such list.
+    """
+    meta = json.loads(path.read_text())
+    names = meta.get("class_names") if isinstance(meta, dict) else None
+    if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+        raise ValueError(f"{path.name} has no list of class_names")
+    return meta
+
+
 def load_cached(root: Path, name: str, key: str) -> CachedImages | None:
-    """The cached entry, or None if absent; a corrupt entry is reported, removed, and None."""
+    """The cached entry, or None if absent; an entry that cannot be read (truncated, bad
+    JSON, a missing field, pickled objects that are not plain tensors) is reported, removed,
+    and None, so that it is decoded again. Nothing in an entry is executed: splits are read
+    with ``torch.load(weights_only=True)``."""
     entry = _entry_dir(root, name, key)
     if not (entry / "meta.json").is_file():
         return None
     try:
-        meta = json.loads((entry / "meta.json").read_text())
+        meta = _read_meta(entry / "meta.json")
         splits = {}
         for split in (*_SPLITS, "unlabeled"):
             if split == "unlabeled" and not (entry / f"{split}.pt").is_file():
                 continue
-            blob = torch.load(entry / f"{split}.pt", weights_only=True, mmap=True)
-            splits[split] = LabeledImages(blob["images"], blob["labels"])
-    except (OSError, RuntimeError, ValueError, KeyError, json.JSONDecodeError) as err:
+            splits[split] = _read_split(entry / f"{split}.pt")
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
         warnings.warn(
-            f"removing unreadable cache entry {entry} ({err}); decoding again", stacklevel=2
+            f"removing unreadable cache entry {entry} ({type(err).__name__}: {err}); decoding "
+            "again",
+            stacklevel=2,
         )
         shutil.rmtree(entry, ignore_errors=True)
         return None

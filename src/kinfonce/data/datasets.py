@@ -7,7 +7,14 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from kinfonce.data.cache import CachedImages, cache_key, cache_root, load_cached, save_cached
+from kinfonce.data.cache import (
+    CACHE_ENV,
+    CachedImages,
+    cache_key,
+    cache_root,
+    load_cached,
+    save_cached,
+)
 from kinfonce.data.digits import load_digits_splits
 from kinfonce.data.imagefolder import load_split_tree
 from kinfonce.data.splits import DatasetSplits, LabeledImages, channel_stats, split_off_validation
@@ -69,7 +76,17 @@ def _decoded_with_cache(
     key = cache_key(name, identity)
     cached = load_cached(cache_dir, name, key)
     if cached is None:
-        save_cached(cache_dir, name, key, decode())  # decoding warned about skipped files
+        decoded = decode()  # decoding warned about skipped files
+        try:
+            save_cached(cache_dir, name, key, decoded)
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+            warnings.warn(
+                f"{name}: cannot write its cache entry under {cache_dir} ({err}); using the "
+                f"decoded images without caching them (free space there, or set {CACHE_ENV} "
+                "to a writable directory, so that later runs need not decode again)",
+                stacklevel=3,
+            )
+            return decoded
         cached = load_cached(cache_dir, name, key)
         if cached is None:
             raise RuntimeError(f"cache entry for {name} under {cache_dir} unreadable after writing")

@@ -65,8 +65,8 @@ def load_split_tree(
 
     Raises:
         FileNotFoundError: a split folder is missing or holds no image.
-        ValueError: the splits' class sets differ (the message names the differences), or
-            there are fewer than 2 classes.
+        ValueError: the splits' class sets differ (the message names the differences),
+            there are fewer than 2 classes, or a class has no decodable image in a split.
     """
     names = [n for n in tree.names() if _is_image(n)]
     prefix = _find_split_root(names, splits)
@@ -112,7 +112,32 @@ def load_split_tree(
                 f"{'/'.join(splits)}"
             )
     result, skipped = decode_labelled_splits(tree, labelled, image_size)
+    check_every_class_decoded(result, reference, str(tree.path))
     return result, reference, skipped
+
+
+def check_every_class_decoded(
+    images: dict[str, LabeledImages], class_names: Sequence[str], source: str
+) -> None:
+    """Refuse labelled splits in which a class kept no decodable image: a class whose every
+    file is undecodable would otherwise vanish, and a probe of the classes left would look
+    perfect (a 2-class tree scoring 100% on one). The unlabelled split has no classes.
+
+    Raises:
+        KinfonceError: naming the split and the classes without a decoded image.
+    """
+    for split, found in images.items():
+        if split == "unlabeled":
+            continue
+        present = set(found.labels.unique().tolist())
+        missing = [name for label, name in enumerate(class_names) if label not in present]
+        if missing:
+            shown = missing[:10] + (["..."] if len(missing) > 10 else [])
+            raise KinfonceError(
+                f"{source}: class(es) {shown} have no decodable image under {split}/ (every "
+                "file of theirs was skipped); each class needs at least one decodable image "
+                "in each split: repair or remove those files"
+            )
 
 
 def available_memory() -> int:

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from torchvision.datasets.utils import download_and_extract_archive
 
-from kinfonce.data.imagefolder import decode_labelled_splits
+from kinfonce.data.imagefolder import check_every_class_decoded, decode_labelled_splits
 from kinfonce.data.splits import LabeledImages
 from kinfonce.data.tree import ImageTree
 from kinfonce.errors import KinfonceError, MissingFileError
@@ -100,4 +100,5 @@ def load_tinyimagenet_splits(
         "test": [(n, index[annotations[n]]) for n in val_files],
     }
     splits, skipped = decode_labelled_splits(tree, members, image_size)
+    check_every_class_decoded(splits, wnids, str(root))
     return splits, _class_names(root, wnids), skipped

@@ -6,7 +6,9 @@ Python) exceeds decoding the image. Members stored without compression (``zip -0
 archives usually are) are therefore sliced straight out of a memory map of the archive, at the
 offset ``zipfile`` reports plus the local header's length (PKWARE APPNOTE 4.3.7: 30 bytes, then
 the name and extra field, whose lengths sit at bytes 26-29). Compressed or encrypted members go
-through ``zipfile``. A corrupt member is then caught by the image decoder instead of the CRC.
+through ``zipfile``, which checks their CRC-32; a stored member's CRC-32 is checked here, the
+first time it is read, so that corrupt bytes are skipped and named as a deflated member's are
+(decoding a tree reads each member twice: its header, then its pixels).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import mmap
 import os
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 from kinfonce.errors import KinfonceError, MissingFileError
@@ -33,7 +36,7 @@ class ImageTree:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: ``path`` is a file but not a zip archive.
+        ValueError: ``path`` is a file but not a zip archive, or a truncated one.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -42,12 +45,21 @@ class ImageTree:
             raise MissingFileError(f"image tree {self.path} does not exist")
         self.is_zip = self.path.is_file()
         if self.is_zip and not zipfile.is_zipfile(self.path):
+            with open(self.path, "rb") as file:
+                starts_as_zip = file.read(len(_LOCAL_MAGIC)) == _LOCAL_MAGIC
+            if starts_as_zip:
+                raise KinfonceError(
+                    f"{self.path} is a truncated or damaged zip archive: it starts as one but its "
+                    "central directory (the list of members at its end) is missing; copy or "
+                    "download it again"
+                )
             raise KinfonceError(
                 f"{self.path} is a file but not a zip archive (a directory or .zip expected)"
             )
         self._zip: zipfile.ZipFile | None = None
         self._map: mmap.mmap | None = None
         self._members: dict[str, zipfile.ZipInfo] | None = None
+        self._crc_checked: set[str] = set()
 
     def identity(self) -> list:
         """What a cache key hashes: the zip's path, size and mtime, or those of every file."""
@@ -69,7 +81,12 @@ class ImageTree:
         )
 
     def read(self, name: str) -> bytes:
-        """The bytes of one file."""
+        """The bytes of one file.
+
+        Raises:
+            zipfile.BadZipFile: a zip member whose bytes fail its CRC-32.
+            OSError: an unreadable file or member.
+        """
         if not self.is_zip:
             return (self.path / name).read_bytes()
         info = self._zip_members()[name]
@@ -83,7 +100,12 @@ class ImageTree:
         if magic != _LOCAL_MAGIC:
             raise OSError(f"bad local header for member {name} in {self.path}")
         start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-        return self._map[start : start + info.compress_size]
+        data = self._map[start : start + info.compress_size]
+        if name not in self._crc_checked:
+            if zlib.crc32(data) != info.CRC:
+                raise zipfile.BadZipFile(f"Bad CRC-32 for stored member {name!r}")
+            self._crc_checked.add(name)
+        return data
 
     def _zip_members(self) -> dict[str, zipfile.ZipInfo]:
         if self._members is None:
