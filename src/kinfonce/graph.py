@@ -249,6 +249,29 @@ def summarize_pair_graph(
     )
 
 
+def image_components(
+    edges: Sequence[tuple[int, int]] | Tensor, num_a: int | None = None, num_b: int | None = None
+) -> np.ndarray:
+    """(num_a,) int64 the connected component of each A vertex (image) of a pair graph."""
+    pairs, num_a, num_b = _pair_edges(edges, num_a, num_b)
+    adjacency = pair_adjacency(pairs, num_a, num_b)
+    _, labels = scipy.sparse.csgraph.connected_components(adjacency, directed=False)
+    return labels[:num_a].astype(np.int64)
+
+
+def images_joined(before: np.ndarray, after: np.ndarray) -> int:
+    """How many images share a component with more images in ``after`` than in ``before``:
+    those that added edges (e.g. caption rewrites) joined to images they were apart from.
+
+    Args:
+        before, after: (N,) component of each image (:func:`image_components`) in a graph and
+            in the same graph with edges added.
+    """
+    if before.shape != after.shape:
+        raise KinfonceError(f"component labels differ in shape: {before.shape}, {after.shape}")
+    return int((np.bincount(after)[after] > np.bincount(before)[before]).sum())
+
+
 def laplacian(weights: Tensor) -> Tensor:
     """Graph Laplacian operator L(W) of Definition 2.6.
 

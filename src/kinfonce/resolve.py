@@ -101,7 +101,14 @@ def resolve_with_sources(config: ConfigT) -> tuple[ConfigT, Sources]:
     ``--print-config``)."""
     check_names(config)
     sources: Sources = {}
-    for step in (_runtime, _augmentation, _loss_parameters, _check_rules, _embedding_width):
+    for step in (
+        _caption_source,
+        _runtime,
+        _augmentation,
+        _loss_parameters,
+        _check_rules,
+        _embedding_width,
+    ):
         decided = {k: v for k, v in step(config).items() if getattr(config, k) != v[0]}
         config = dataclasses.replace(config, **{k: value for k, (value, _) in decided.items()})
         sources.update({k: why for k, (_, why) in decided.items()})
@@ -120,7 +127,8 @@ def check_names(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value not in valid:
             raise KinfonceError(f"{name} must be one of {sorted(valid)}, got {value!r}")
-    check_dataset_name(config.dataset, config.image_size)
+    if not getattr(config, "captions", None):
+        check_dataset_name(config.dataset, config.image_size)
 
 
 def _runtime(config: TrainConfig) -> Decisions:
@@ -145,6 +153,22 @@ def _runtime(config: TrainConfig) -> Decisions:
         ),
         "channels_last": (channels_last, f"on for a CPU only, and this run's is {accelerator}"),
     }
+
+
+#: The ``dataset`` of a ``kinfonce clip`` run on the user's own pairs (``--captions``).
+CAPTIONS_DATASET = "captions"
+
+
+def _caption_source(config: TrainConfig) -> Decisions:
+    """A run on ``--captions`` names its data set ``captions`` (run directory, report)."""
+    if not getattr(config, "captions", None):
+        return {}
+    if config.dataset not in (TrainConfig.dataset, CAPTIONS_DATASET):
+        raise KinfonceError(
+            f"dataset {config.dataset!r} and captions {config.captions!r} are alternatives: "
+            "kinfonce clip trains on class prompts of --dataset or on the pairs of --captions"
+        )
+    return {"dataset": (CAPTIONS_DATASET, "--captions")}
 
 
 def _has_mps() -> bool:
@@ -258,6 +282,11 @@ def _clip_rules(config: TrainConfig) -> None:
         raise KinfonceError(
             "unlabeled must be false for kinfonce clip: its captions come from class labels"
         )
+    for name in ("image_root", "rewrite_files"):
+        if getattr(config, name) and not config.captions:
+            raise KinfonceError(
+                f"{name} needs captions (--captions FILE): it belongs to a user's own pairs"
+            )
     if config.text_encoder == "small" and config.text_width % HEADS:
         raise KinfonceError(
             f"text_width must be a multiple of {HEADS} (the attention heads of the small text "

@@ -37,6 +37,9 @@ TABLE_COLUMNS = (
     "batch size",
     "linear top-1",
     "kNN top-1",
+    "zero-shot top-1",
+    "R@1 image/text",
+    "R@1 text/image",
     "run time",
 )
 
@@ -124,6 +127,9 @@ def summary_row(run: RunSummary, name: str) -> dict[str, str]:
         "batch size": text("batch_size"),
         "linear top-1": format_percent(met.get("linear_top1")),
         "kNN top-1": format_percent(met.get("knn_top1")),
+        "zero-shot top-1": format_percent(met.get("zero_shot_top1")),
+        "R@1 image/text": format_percent(met.get("image_to_text_r1")),
+        "R@1 text/image": format_percent(met.get("text_to_image_r1")),
         "run time": format_duration(met.get("wall_time_s")),
     }
 

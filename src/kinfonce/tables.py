@@ -81,6 +81,30 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
             f"zero-shot top-1 (plain prompt):                {metrics['zero_shot_top1']:.4f}",
             f"zero-shot top-1 (all captions of each class):  {metrics['zero_shot_ensemble_top1']:.4f}",
         ]
+    if "image_to_text_r1" in metrics:
+        lines.append(format_retrieval(metrics))
+    return "\n".join(lines)
+
+
+def format_retrieval(metrics: Mapping[str, Any]) -> str:
+    """Retrieval recall at 1, 5 and 10 on the held-out pairs, and the pair graph's components
+    without and with rewrites, of a ``kinfonce clip --captions`` run."""
+    ks = (1, 5, 10)
+    lines = [
+        f"retrieval on {metrics['test_images']} held-out images and their "
+        f"{metrics['test_captions']} captions",
+        f"{'direction':<24}" + "".join(f"{f'R@{k}':>9}" for k in ks),
+    ]
+    for label, name in (("image to text", "image_to_text"), ("text to image", "text_to_image")):
+        lines.append(f"{label:<24}" + "".join(f"{metrics[f'{name}_r{k}']:>9.4f}" for k in ks))
+    if "graph_components" in metrics:
+        lines.append(
+            f"pair graph components: {metrics['graph_components']} (own captions), "
+            f"{metrics['graph_components_with_rewrites']} (with rewrites); largest "
+            f"{metrics['graph_largest_component']} -> "
+            f"{metrics['graph_largest_component_with_rewrites']} vertices; "
+            f"{metrics['graph_images_joined_by_rewrites']} images joined by the rewrites"
+        )
     return "\n".join(lines)
 
 

@@ -23,6 +23,9 @@ from kinfonce.errors import KinfonceError
 
 #: Attention heads of the small text encoder; its width must be a multiple.
 HEADS = 4
+#: Tokens of a caption the small text encoder reads; longer captions are cut (CLIP's
+#: context is 77 BPE tokens; 32 words hold typical alt-text and COCO captions).
+MAX_TOKENS = 32
 
 
 def words(text: str) -> list[str]:
@@ -44,9 +47,11 @@ class WordTokenizer:
         self.ids = {word: i for i, word in enumerate(self.vocab)}
 
     def __call__(self, texts: Sequence[str]) -> Tensor:
-        """(V,) strings -> (V, L) int64 token ids padded with 0, L the longest caption."""
+        """(V,) strings -> (V, L) int64 token ids padded with 0, L the longest caption's
+        token count, at most :data:`MAX_TOKENS` (longer captions are cut)."""
         rows = [
-            [self.ids.get(w, self.UNKNOWN) for w in words(text)] or [self.UNKNOWN] for text in texts
+            [self.ids.get(w, self.UNKNOWN) for w in words(text)[:MAX_TOKENS]] or [self.UNKNOWN]
+            for text in texts
         ]
         tokens = torch.full((len(rows), max(map(len, rows))), self.PAD, dtype=torch.int64)
         for r, row in enumerate(rows):

@@ -174,10 +174,12 @@ class TrainingJob:
     Attributes:
         build: (resolved config, data splits) -> (LightningModule, data module).
         evaluate: (trained module, splits, config, device) -> final metrics.
+        load: resolved config -> its data splits (None: :func:`load_training_splits`).
     """
 
     build: Callable[[Any, DatasetSplits], tuple[PretrainMethod, PretrainData]]
     evaluate: Callable[[Any, DatasetSplits, Any, str], dict[str, Any]]
+    load: Callable[[Any], DatasetSplits] | None = None
 
 
 def _build_pretrain(
@@ -273,7 +275,7 @@ def run_training(
     if checkpoint is not None:
         check_resumable(checkpoint, config)
     with seeded(config.seed):
-        splits = load_training_splits(config)
+        splits = (job.load or load_training_splits)(config)
         check_batch_size(config.batch_size, splits.pretraining_size, trainer.world_size)
         module, data = job.build(config, splits)
         claim = (

@@ -102,38 +102,49 @@ class DatasetSplits:
         """These splits with a seeded random subset of ``size`` training images (all when None)."""
         if size is None or size >= len(self.train):
             return self
-        if size < 1:
-            raise KinfonceError(f"train_subset must be >= 1, got {size}")
-        generator = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(self.train), generator=generator)[:size].sort().values
-        return dataclasses.replace(self, train=self.train.subset(order))
+        return dataclasses.replace(
+            self, train=self.train.subset(subset_index(len(self.train), size, seed))
+        )
+
+
+def subset_index(count: int, size: int, seed: int) -> torch.Tensor:
+    """(size,) int64 sorted indices of a seeded random subset of ``count`` items."""
+    if size < 1:
+        raise KinfonceError(f"train_subset must be >= 1, got {size}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(count, generator=generator)[:size].sort().values
+
+
+def split_index(
+    labels: torch.Tensor, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held out) sorted int64 indices of ``labels`` ((N,) int64): ``fraction`` of them
+    held out, drawn with ``seed``, stratified by label whenever every class can give items
+    to both sides."""
+    if not 0.0 <= fraction < 1.0:
+        raise KinfonceError(f"val_fraction must be in [0, 1), got {fraction!r}")
+    if fraction == 0.0:
+        return torch.arange(len(labels)), torch.zeros(0, dtype=torch.int64)
+    counts = torch.bincount(labels)
+    classes = int((counts > 0).sum())
+    n_held = math.ceil(fraction * len(labels))
+    can_stratify = counts[counts > 0].min() >= 2 and classes <= n_held <= len(labels) - classes
+    kept, held = train_test_split(
+        np.arange(len(labels)),
+        test_size=n_held,
+        random_state=seed,
+        stratify=labels.numpy() if can_stratify else None,
+    )
+    return torch.from_numpy(np.sort(kept)), torch.from_numpy(np.sort(held))
 
 
 def split_off_validation(
     data: LabeledImages, val_fraction: float, seed: int
 ) -> tuple[LabeledImages, LabeledImages]:
-    """Split ``data`` into (train, val): val is ``val_fraction`` of it, drawn with ``seed``.
-
-    Stratified by label whenever every class can give images to both sides.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise KinfonceError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    if val_fraction == 0.0:
-        return data, data.subset(torch.zeros(0, dtype=torch.int64))
-    counts = torch.bincount(data.labels)
-    classes = int((counts > 0).sum())
-    n_val = math.ceil(val_fraction * len(data))
-    can_stratify = counts[counts > 0].min() >= 2 and classes <= n_val <= len(data) - classes
-    train_idx, val_idx = train_test_split(
-        np.arange(len(data)),
-        test_size=n_val,
-        random_state=seed,
-        stratify=data.labels.numpy() if can_stratify else None,
-    )
-    return (
-        data.subset(torch.from_numpy(np.sort(train_idx))),
-        data.subset(torch.from_numpy(np.sort(val_idx))),
-    )
+    """Split ``data`` into (train, val): val is ``val_fraction`` of it, drawn with ``seed``
+    (:func:`split_index`)."""
+    train_idx, val_idx = split_index(data.labels, val_fraction, seed)
+    return data.subset(train_idx), data.subset(val_idx)
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[tuple[float, ...], ...]:
