@@ -198,3 +198,24 @@ def test_divergence_on_one_rank_stops_every_rank(tmp_path):
         note = tmp_path / f"rank{rank}"
         assert note.is_file(), f"rank {rank} did not stop"
         assert "not finite at training step 0" in note.read_text()
+
+
+def test_cpu_time_counts_every_rank(tmp_path):
+    """``cpu_time_s`` of a run on two forked processes counts their training, not only the
+    main process's (which waits while they train): it counted rank 0 alone, 1.24 s against
+    7.29 s of training on two processes. The processes' own CPU time is what the operating
+    system charged to the children this run forked."""
+    import os
+
+    from kinfonce.train import run_pretrain
+    from tests.helpers import tiny_config
+
+    config = tiny_config(tmp_path, accelerator="cpu", devices="2", strategy="ddp_fork", epochs=2)
+    before = os.times()
+    metrics = run_pretrain(config)
+    after = os.times()
+    own = after.user + after.system - before.user - before.system
+    children = sum(after[2:4]) - sum(before[2:4])
+    assert children > 0.2, "the forked ranks did no measurable work; the check would be empty"
+    # every rank's training, and the main process's work outside it, none twice
+    assert own + 0.5 * children < metrics["cpu_time_s"] <= 1.05 * (own + children)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -133,22 +134,75 @@ def test_shell_commands_parse(page, capsys):
                 settings_from_flags(args, settings)
 
 
-def test_guide_lists_every_preset_with_its_defaults_and_learning_rate():
-    # Catches the guide's preset table drifting from the presets' defaults or learning rates.
-    import re
-
-    from kinfonce.config import PretrainConfig
-    from kinfonce.losses import LOSS_PRESETS, preset_defaults
-
+def guide_preset_rows() -> dict[str, list[str]]:
+    """Preset name -> the cells (preset, definition, parameters) of the guide's preset table."""
     rows = {}
     for line in (DOCS / "guide.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 2:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and line.startswith("| `"):
             for name in re.findall(r"`([a-z0-9.-]+)`", cells[0]):
                 rows[name] = cells
+    return rows
+
+
+def test_guide_lists_every_preset_with_its_defaults_and_learning_rate():
+    # Catches the guide's preset table drifting from the presets' defaults or learning rates.
+    from kinfonce.losses import LOSS_PRESETS, preset_defaults
+
+    rows = guide_preset_rows()
     assert set(LOSS_PRESETS) <= set(rows)
     for name in LOSS_PRESETS:
-        _, params = rows[name]
         for key, value in preset_defaults(name).items():
-            assert f"`{key}` {value}" in params, (name, key)
+            assert f"`{key}` {value}" in rows[name][2], (name, key)
     assert f"peak learning rate, {PretrainConfig().lr}" in (DOCS / "guide.md").read_text()
+
+
+#: Distinct values given to a preset's parameters, so that each kernel term of the built loss
+#: shows which parameter its gamma, temperature and weight came from.
+MARKERS = {"temperature": 0.11, "temperature1": 0.12, "temperature2": 0.13, "gamma": 1.5}
+MARKERS.update(lam=0.3, gamma1=0.75)
+
+
+def preset_definition(name: str) -> str | None:
+    """The guide's definition of a preset, written from the loss it builds: each kernel term
+    with its weight, gamma, temperature and half; None for a loss without a kernel."""
+    from kinfonce.losses import LossMixture, make_loss, preset_defaults
+
+    params = {k: v for k, v in MARKERS.items() if k in preset_defaults(name)}
+    loss = make_loss(name, **params)
+    if not hasattr(loss, "kernel"):
+        return None
+    named = {value: f"`{key}`" for key, value in params.items()}
+    letter = "L" if isinstance(loss, LossMixture) else "K"
+    weights = {1.0: ""}
+    if "lam" in params:
+        weights = {params["lam"]: "`lam` · ", 1 - params["lam"]: "(1 - `lam`) · "}
+    halves = ("first", "second")
+    terms = []
+    for term in loss.kernel.terms:
+        gamma = named.get(term.kernel.gamma, f"gamma {term.kernel.gamma:g}")
+        text = f"{weights[term.weight]}{letter}({gamma}, {named[term.kernel.temperature]})"
+        if loss.kernel.parts == 2:
+            text += f" on the {halves[term.part]} half"
+        terms.append(text)
+    return " + ".join(terms)
+
+
+def test_guide_defines_each_preset_as_the_code_builds_it():
+    # Catches the guide describing a preset otherwise than the loss it builds: which term lam
+    # weighs, which temperature belongs to which kernel, which half a term sees (the guide
+    # once said lam weighs the Gaussian term with temperature1, the reverse of the code).
+    from kinfonce.losses import LOSS_PRESETS
+
+    rows = guide_preset_rows()
+    for name in LOSS_PRESETS:
+        expected = preset_definition(name)
+        if expected is not None:
+            assert rows[name][1] == expected, name
+
+
+def test_a_command_without_flags_says_so():
+    # Catches the empty flag table that `kinfonce recipes` had in docs/flags.md.
+    text = flag_reference(build_parser())
+    section = text[text.index("## `kinfonce recipes`") :].split("\n## ")[0]
+    assert "No flags." in section and "| flag |" not in section

@@ -69,6 +69,42 @@ def test_parameter_groups_exclude_norm_and_bias():
     assert plain["weight_decay"] == 0.0 and plain["lars_adapt"] is False
 
 
+def test_without_exclude_bn_bias_every_parameter_is_decayed_and_adapted():
+    # Catches exclude_bn_bias=False (the authors' code's default) still exempting batch-norm
+    # weights and biases from weight decay and the trust ratio.
+    net = small_net()
+    (group,) = parameter_groups(net, 1e-6, exclude_bn_bias=False)
+    assert len(group["params"]) == len(list(net.parameters()))
+    assert group["weight_decay"] == 1e-6 and group["lars_adapt"] is True
+
+
+def test_the_optimiser_of_a_run_follows_exclude_bn_bias(monkeypatch):
+    # Catches the config field not reaching the parameter groups a run's optimiser gets.
+    from kinfonce.config import PretrainConfig
+    from kinfonce.data import load_dataset
+    from kinfonce.methods import SimCLR, base
+    from kinfonce.methods.base import data_description
+    from kinfonce.resolve import resolve
+
+    class Built(Exception):
+        pass
+
+    def capture(name, groups, **options):
+        raise Built(groups)
+
+    monkeypatch.setattr(base, "build_optimizer", capture)
+    description = data_description(load_dataset("digits"))
+    for exclude in (True, False):
+        module = SimCLR(resolve(PretrainConfig(exclude_bn_bias=exclude)), description)
+        with pytest.raises(Built) as built:
+            module.configure_optimizers()
+        trained = built.value.args[0][:-1]  # the last group is the online probe's
+        one_dim = [p for g in trained for p in g["params"] if p.ndim == 1]
+        decayed = [p for g in trained if g["lars_adapt"] and g["weight_decay"] > 0
+                   for p in g["params"] if p.ndim == 1]  # fmt: skip
+        assert one_dim and len(decayed) == (0 if exclude else len(one_dim))
+
+
 @pytest.mark.parametrize("name", ["lars", "sgd", "adam"])
 def test_build_optimizer_steps(name):
     net = small_net()

@@ -20,6 +20,7 @@ from kinfonce.config import PretrainConfig
 from kinfonce.errors import DivergedError
 from kinfonce.methods import base
 from kinfonce.rundir import RUN_DIR_ENV, resolve_run_dir
+from kinfonce.tables import format_percent
 from kinfonce.train import run_pretrain
 from tests.helpers import tiny_config, tiny_flags
 
@@ -118,7 +119,7 @@ def test_cli_pretrain_prints_baselines(tmp_path, capsys):
         assert key in metrics
     # Catches a printed table that shows other numbers than the saved ones.
     for key in METRIC_KEYS:
-        assert f"{metrics[key]:.4f}" in out, key
+        assert format_percent(metrics[key]) in out, key
 
 
 class StopAfterFirstEpoch(L.Callback):

@@ -109,6 +109,8 @@ def test_recipes_follow_the_paper_where_it_speaks():
     assert tiny.stem == "imagenet" and tiny.blur and tiny.jitter_strength == 1.0
     concat = get_recipe("cifar10-concat-sum").config()
     assert concat.concat_normalization == "whole" and concat.proj_out_dim == 256
+    # the authors' code decays and adapts every parameter unless asked not to
+    assert not any(get_recipe(name).config().exclude_bn_bias for name in load_recipes())
 
 
 def tiny_splits(dataset: str, n: int = 8) -> DatasetSplits:

@@ -69,7 +69,7 @@ def test_markdown_table_lists_each_run(tmp_path):
         "run": "a",
         "method": "simclr",
         "loss": "simple-sum",
-        "loss parameters": "temperature1=0.5, temperature2=0.5, lam=0.8",
+        "loss parameters": "gamma1=1, temperature1=0.5, temperature2=0.5, lam=0.8",
         "backbone": "resnet-mini",
         "data set": "digits",
         "epochs": "3",

@@ -23,7 +23,6 @@ from ray import tune as ray_tune
 from kinfonce.cli import main
 from kinfonce.config import PretrainConfig, SearchSettings
 from kinfonce.space import (
-    TABLE3_RANGES,
     Dimension,
     check_space,
     default_space,
@@ -40,8 +39,8 @@ from tests.helpers import tiny_config
 @pytest.mark.parametrize(
     ("loss", "keys"),
     [
-        ("simple-sum", {"lr", "temperature1", "temperature2", "lam"}),
-        ("concat-sum", {"lr", "temperature1", "temperature2", "lam"}),
+        ("simple-sum", {"lr", "temperature1", "temperature2", "lam", "gamma1"}),
+        ("concat-sum", {"lr", "temperature1", "temperature2", "lam", "gamma1"}),
         ("laplacian", {"lr", "temperature"}),
         ("exponential", {"lr", "temperature"}),
         ("spectral", {"lr"}),
@@ -50,12 +49,16 @@ from tests.helpers import tiny_config
 def test_default_space_is_table3_for_the_presets_parameters(loss, keys):
     # Bug caught: a default space with a parameter the preset rejects (every trial would
     # fail) or without one it takes (it would never be searched), or off Table 3's ranges.
+    # The sums' gamma1 is the authors' code's {0.5, 1} (Table 3 has none); the temperatures'
+    # range is the code's [0.01, 1] (Table 3 prints [0, 1]).
     space = default_space(loss)
     assert set(space) == keys
+    table3 = {"lr": ("loguniform", (1e-2, 10.0)), "lam": ("uniform", (0.0, 1.0))}
+    table3.update(dict.fromkeys(("temperature", "temperature1", "temperature2"),
+                                ("loguniform", (1e-2, 1.0))))  # fmt: skip
+    table3["gamma1"] = ("choice", (0.5, 1.0))
     for key, dim in space.items():
-        kind, low, high = TABLE3_RANGES[key]
-        assert (dim.kind, dim.values) == (kind, (low, high))
-    assert space["lr"] == Dimension("loguniform", (1e-2, 10.0))
+        assert (dim.kind, dim.values) == table3[key], key
     for method in ("simclr", "moco"):
         check_space(space, PretrainConfig(loss=loss, method=method))
 
@@ -273,3 +276,19 @@ def test_failure_reason_is_the_exception_line():
     )
     assert failure_reason(text) == "KinfonceError: z0 contains non-finite values (nan or inf)"
     assert failure_reason(None) is None
+
+
+def test_published_budgets_set_the_search_settings_and_flags_override_them():
+    # Catches the paper's budget (500 samples) and the authors' code's (100 samples, grace
+    # period 20, max_t 200) not being offered, a flag losing to a budget, and an unknown
+    # budget name passing silently.
+    from kinfonce.errors import KinfonceError
+    from kinfonce.space import budget_settings
+
+    code = budget_settings("authors-code", {})
+    assert (code.num_samples, code.grace_period, code.max_t) == (100, 20, 200)
+    assert budget_settings("paper", {}).num_samples == 500
+    assert budget_settings("authors-code", {"num_samples": 8}).num_samples == 8
+    assert budget_settings(None, {}) == SearchSettings()
+    with pytest.raises(KinfonceError, match=r"--budget must be one of \['authors-code', 'paper'\]"):
+        budget_settings("papers", {})

@@ -177,6 +177,24 @@ def checkpoint_progress(path: Path) -> tuple[int, int]:
     return progress  # type: ignore[return-value]
 
 
+def trained_epochs(path: Path) -> int:
+    """How many epochs a kinfonce checkpoint's run had trained when it was saved (an
+    interrupted epoch not counted)."""
+    checkpoint = load_checkpoint(path)
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+    processed = progress.get("total", {}).get("processed")
+    return processed if isinstance(processed, int) else int(checkpoint_progress(path)[0])
+
+
+def describe_resume(path: Path, epochs: int) -> str:
+    """The line that says what a resume continues: the checkpoint, the epochs it had trained
+    and those left of ``epochs``."""
+    done = trained_epochs(path)
+    left = max(epochs - done, 0)
+    tail = f"{left} to go" if left else "none to go: only the final evaluation runs"
+    return f"resuming from {path}: {done} of {epochs} epochs trained, {tail}"
+
+
 def furthest_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The readable one of :data:`RESUME_CANDIDATES` with the highest (epoch, global step).
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from kinfonce.config import (
@@ -159,15 +161,25 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
         description="Random search over config fields with Ray Tune; ASHA stops poor trials "
         "early. Each trial is a `kinfonce pretrain` run (without the final evaluation) that "
         "reports its online-probe accuracy once per epoch. Without arguments: a small search "
-        "on the embedded digits set. The default space is Table 3's for the loss preset: lr "
-        "log-uniform in [0.01, 10], the preset's temperatures log-uniform in [0.01, 1], lambda "
-        "uniform in [0, 1]. Writes the best trials, the best config (for `kinfonce pretrain "
+        "on the embedded digits set. The default space for the loss preset: lr log-uniform in "
+        "[0.01, 10] and lambda uniform in [0, 1] (Table 3), the preset's temperatures "
+        "log-uniform in [0.01, 1] (the authors' code; Table 3 prints [0, 1]), a sum's gamma1 "
+        "0.5 or 1 (the authors' code). Writes the best trials, the best config (for `kinfonce pretrain "
         "--config`) and a PNG of every trial's probe accuracy into the search directory. The "
         "search sets each trial's " + ", ".join(sorted(TRIAL_FIELDS)) + " itself.",
     )
     parser.add_argument("--config", metavar="YAML", help="YAML file of config fields (all trials)")
     parser.add_argument(
-        "--space", metavar="YAML", help="search space file; without it, Table 3's for the loss"
+        "--space",
+        metavar="YAML",
+        help="search space file; without it, the default space for the loss (Table 3's, with "
+        "the authors' code's temperature range and the sums' gamma1)",
+    )
+    parser.add_argument(
+        "--budget",
+        metavar="NAME",
+        help="start the search settings from a published budget: paper (500 samples, Appendix "
+        "B) or authors-code (100 samples, grace period 20, max_t 200); flags override it",
     )
     parser.add_argument(
         "--resume", metavar="DIR", help="continue the interrupted search in DIR with its settings"
@@ -186,7 +198,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 def _run_tune(args: argparse.Namespace) -> int:
     from kinfonce.config import build_config, dump_config
     from kinfonce.errors import KinfonceError
-    from kinfonce.space import default_space, load_space
+    from kinfonce.space import budget_settings, default_space, load_space
     from kinfonce.tables import search_summary
     from kinfonce.tune import default_search_dir, resume_search, run_search
 
@@ -195,7 +207,7 @@ def _run_tune(args: argparse.Namespace) -> int:
     runtime = settings_from_flags(args, SearchRuntime)
     if args.resume:
         given = [f"--{k.replace('_', '-')}" for k in (*settings, *fields)]
-        given += [f"--{k}" for k in ("config", "space") if getattr(args, k)]
+        given += [f"--{k}" for k in ("config", "space", "budget") if getattr(args, k)]
         given += ["--output-dir"] if runtime.output_dir else []
         if given:
             raise KinfonceError(
@@ -211,7 +223,7 @@ def _run_tune(args: argparse.Namespace) -> int:
     else:
         if args.retry_failed:
             raise KinfonceError("--retry-failed goes with --resume DIR")
-        search = SearchSettings(**settings)
+        search = budget_settings(args.budget, settings)
         base = build_config(args.config, fields)
         space = load_space(args.space) if args.space else default_space(base.loss)
         search_dir = runtime.output_dir or default_search_dir(base)
@@ -352,14 +364,25 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 def _run_report(args: argparse.Namespace) -> int:
     from kinfonce.fileio import check_writable_dir
-    from kinfonce.runs import write_report
+    from kinfonce.runs import report_dir, write_report
 
     settings = settings_from_flags(args, ReportSettings)
-    check_writable_dir(settings.output_dir, "--output-dir")
+    check_writable_dir(report_dir(args.run_dirs, settings), "--output-dir")
     text, md_path, figures = write_report(args.run_dirs, settings)
     print(text)
     print(f"wrote {md_path}, " + ", ".join(str(path) for path in figures))
     return 0
+
+
+def _warning_line(command: str) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints one line, ``kinfonce COMMAND: warning: ...``,
+    without the source line Python would show (a user acts on the message, not on kinfonce's
+    code)."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"kinfonce {command}: warning: {message}", file=file or sys.stderr)
+
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     from kinfonce.errors import KinfonceError
 
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line(args.command)
+            return int(args.func(args) or 0)
     except KinfonceError as err:  # a user error: one line; any other exception keeps its traceback
         print(f"kinfonce {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -279,7 +279,8 @@ class TrainConfig(Settings):
     )
     val_fraction: float = setting(
         0.1,
-        "fraction of the training set held out for the online probe",
+        "fraction of the whole training set held out for the online probe, drawn before "
+        "--train-subset (its size does not follow the subset)",
         "data",
         Rule(lambda v: 0 < v < 1, "in (0, 1): the online probe needs a validation split"),
     )
@@ -351,24 +352,31 @@ class TrainConfig(Settings):
         "loss",
         loss_parameter=True,
     )
+    gamma1: float | None = setting(
+        None,
+        "kernel exponent gamma of the first term of a sum preset, 1 (Laplacian) by default; "
+        "the authors' search draws 0.5 or 1 (none: the preset's default)",
+        "loss",
+        loss_parameter=True,
+    )
     temperature1: float | None = setting(
         None,
-        "temperature of the gamma=1 term of a sum preset (none: the preset's or the method's "
-        "default)",
+        "temperature of the first (gamma1) term of a sum preset (none: the preset's or the "
+        "method's default)",
         "loss",
         loss_parameter=True,
     )
     temperature2: float | None = setting(
         None,
-        "temperature of the gamma=2 term of a sum preset (none: the preset's or the method's "
-        "default)",
+        "temperature of the second (Gaussian, gamma 2) term of a sum preset (none: the preset's "
+        "or the method's default)",
         "loss",
         loss_parameter=True,
     )
     lam: float | None = setting(
         None,
-        "weight lambda of the gamma=1 term of a sum preset (none: the preset's or the "
-        "method's default)",
+        "weight lambda of the first (gamma1) term of a sum preset, 1 - lambda the second's "
+        "(none: the preset's or the method's default)",
         "loss",
         loss_parameter=True,
     )
@@ -412,7 +420,16 @@ class TrainConfig(Settings):
         0.9, "momentum of LARS and SGD", "optimisation", between(0, 1, high_open=True)
     )
     weight_decay: float = setting(
-        1e-6, "weight decay (not on batch-norm weights and biases)", "optimisation", at_least(0.0)
+        1e-6,
+        "weight decay (not on batch-norm weights and biases with --exclude-bn-bias)",
+        "optimisation",
+        at_least(0.0),
+    )
+    exclude_bn_bias: bool = setting(
+        True,
+        "exempt batch-norm weights and all biases from weight decay and from LARS's trust "
+        "ratio (off: every parameter gets both, as the authors' code by default)",
+        "optimisation",
     )
     trust_coefficient: float = setting(0.001, "LARS trust coefficient", "optimisation", above(0.0))
     warmup_epochs: float = setting(
@@ -868,8 +885,11 @@ class EvalSettings(Settings):
 class ReportSettings(Settings):
     """Settings of ``kinfonce report``."""
 
-    output_dir: str = setting(
-        "report", "directory for report.md, curves.png and comparison.png", "output"
+    output_dir: str | None = setting(
+        None,
+        "directory for report.md, curves.png and comparison.png (none: report/ in the "
+        "deepest directory that holds every run directory given)",
+        "output",
     )
 
 

@@ -42,7 +42,8 @@ from kinfonce.probes import (
     score_head,
     standardizer,
 )
-from kinfonce.scoped import torch_seeded
+from kinfonce.scoped import progress_bars, torch_seeded
+from kinfonce.tables import ENCODER_NAMES
 
 PROTOCOLS = ("linear", "knn", "both")
 
@@ -66,6 +67,7 @@ def extract_features(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    desc: str = "features",
     to_cpu: bool = True,
 ) -> Tensor:
     """Encode images with a frozen encoder, deterministically and without gradients.
@@ -82,6 +84,7 @@ def extract_features(
         batch_size: images per forward pass.
         device: device to run the encoder on.
         progress: show a progress bar.
+        desc: its label.
         to_cpu: return the features on the CPU; else they stay on ``device``.
 
     Returns:
@@ -101,7 +104,7 @@ def extract_features(
     chunks = []
     with eval_mode(encoder), torch.no_grad():
         starts = range(0, images_uint8.shape[0], batch_size)
-        for start in tqdm(starts, desc="features", disable=not progress, leave=False):
+        for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
             batch = transform(images_uint8[start : start + batch_size].to(device))
             chunks.append(_encode(encoder, batch).float())
     features = torch.cat(chunks) if chunks else torch.empty(0, 0)
@@ -166,8 +169,8 @@ def linear_probe_augmented(
         ``{"top1": float, "top5": float}`` test accuracy as fractions.
     """
     extract = dict(batch_size=feature_batch_size, device=device, progress=progress, to_cpu=False)
-    train_x = extract_features(encoder, train_images, transform, **extract)
-    test_x = extract_features(encoder, test_images, transform, **extract)
+    train_x = extract_features(encoder, train_images, transform, desc="train features", **extract)
+    test_x = extract_features(encoder, test_images, transform, desc="test features", **extract)
     check_features(train_x, train_y, test_x, test_y, num_classes)
     norm = standardizer(train_x)
     padding = crop_padding(train_images.shape[-1])
@@ -254,10 +257,10 @@ def evaluate_encoders(
     features = {}
     for key, encoder in encoders.items():
         check_encoder_fits(encoder, splits.test.images, transform, name, device)
-        train_x = extract_features(encoder, splits.train.images, transform, **extract)
-        features[key] = (
-            train_x,
-            extract_features(encoder, splits.test.images, transform, **extract),
+        label = ENCODER_NAMES.get(key, key.strip("_").replace("_", " "))
+        features[key] = tuple(
+            extract_features(encoder, part.images, transform, desc=f"{label}: {split}", **extract)
+            for split, part in (("train features", splits.train), ("test features", splits.test))
         )
     train_y, test_y, k = splits.train.labels, splits.test.labels, splits.num_classes
     metrics: dict[str, dict[str, Any]] = {
@@ -387,14 +390,15 @@ def evaluate_checkpoint(
     own_data = settings.dataset is None or settings.dataset == config["dataset"]
     name = config["dataset"] if settings.dataset is None else settings.dataset
     seed = config["seed"] if settings.seed is None else settings.seed
-    splits = load_dataset(
-        name,
-        root=settings.data_root or (config["data_root"] if own_data else None),
-        download=settings.download or (bool(config["download"]) and own_data),
-        val_fraction=config["val_fraction"],
-        seed=config["seed"],
-        image_size=config["image_size"] if own_data else None,
-    )
+    with progress_bars(settings.progress):
+        splits = load_dataset(
+            name,
+            root=settings.data_root or (config["data_root"] if own_data else None),
+            download=settings.download or (bool(config["download"]) and own_data),
+            val_fraction=config["val_fraction"],
+            seed=config["seed"],
+            image_size=config["image_size"] if own_data else None,
+        )
     _check_data_fits_checkpoint(splits, config, str(checkpoint))
     if own_data:  # the training subset pretraining used, hence its probe's figures
         splits = splits.with_train_subset(config["train_subset"], config["seed"])

@@ -59,10 +59,13 @@ def flag_reference(parser: argparse.ArgumentParser) -> str:
     parts = [HEADER]
     for name, sub in subcommands(parser).items():
         parts.append(f"\n## `kinfonce {name}`\n\n{' '.join((sub.description or '').split())}\n")
+        actions = [a for a in sub._actions if not isinstance(a, argparse._HelpAction)]
+        if not actions:
+            parts.append("\nNo flags.\n")
+            continue
         parts.append("\n| flag | meaning |\n|---|---|\n")
-        for action in sub._actions:
-            if not isinstance(action, argparse._HelpAction):
-                parts.append(f"| {_flag_names(action)} | {_help_text(action)} |\n")
+        for action in actions:
+            parts.append(f"| {_flag_names(action)} | {_help_text(action)} |\n")
     return "".join(parts)
 
 

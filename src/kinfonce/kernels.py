@@ -186,31 +186,33 @@ def as_mixture(kernel: ExpKernel | MixtureKernel) -> MixtureKernel:
 
 
 def simple_sum_kernel(
-    temperature1: float = 0.5, temperature2: float = 0.5, lam: float = 0.5
+    temperature1: float = 0.5, temperature2: float = 0.5, lam: float = 0.5, gamma1: float = 1.0
 ) -> MixtureKernel:
-    """Simple Sum Kernel of Section 5.2: ``lam * Laplacian(tau1) + (1 - lam) * Gaussian(tau2)``."""
+    """Simple Sum Kernel of Section 5.2: ``lam * Laplacian(tau1) + (1 - lam) * Gaussian(tau2)``;
+    ``gamma1`` replaces the first kernel's exponent 1 (the authors' search draws 0.5 or 1)."""
     lam = check_weight("lam", lam)
     return MixtureKernel(
         [
-            KernelTerm(ExpKernel(1.0, temperature1), lam, 0),
+            KernelTerm(ExpKernel(gamma1, temperature1), lam, 0),
             KernelTerm(ExpKernel(2.0, temperature2), 1.0 - lam, 0),
         ]
     )
 
 
 def concat_sum_kernel(
-    temperature1: float = 0.5, temperature2: float = 0.5, lam: float = 0.5
+    temperature1: float = 0.5, temperature2: float = 0.5, lam: float = 0.5, gamma1: float = 1.0
 ) -> MixtureKernel:
     """Concatenation Sum Kernel of Section 5.2.
 
     ``lam * Laplacian(tau1)`` on the first half of the features plus ``(1 - lam) * Gaussian(tau2)``
-    on the second half. (Section 5.2 prints the Gaussian on the first half; Table 2 puts the
-    Laplacian there. The two differ only in which half is which; we follow Table 2.)
+    on the second half; ``gamma1`` replaces the first kernel's exponent 1. (Section 5.2 prints
+    the Gaussian on the first half; Table 2 puts the Laplacian there. The two differ only in
+    which half is which; we follow Table 2.)
     """
     lam = check_weight("lam", lam)
     return MixtureKernel(
         [
-            KernelTerm(ExpKernel(1.0, temperature1), lam, 0),
+            KernelTerm(ExpKernel(gamma1, temperature1), lam, 0),
             KernelTerm(ExpKernel(2.0, temperature2), 1.0 - lam, 1),
         ],
         parts=2,

@@ -9,6 +9,9 @@ Two readings of "Simple Sum" and "Concatenation Sum" exist in the paper, and bot
   ``lam * C(gamma=1, tau1) + (1 - lam) * C(gamma=2, tau2)``, a weighted sum of two Kernel-InfoNCE
   losses, :class:`LossMixture` (presets ``simple-sum`` and ``concat-sum``).
 
+Every sum preset takes ``gamma1``, the exponent of its first term (1, the Laplacian, by
+default): the authors' search draws it from {0.5, 1}.
+
 The paper's Tables 1 and 4 were measured with the second reading.
 """
 
@@ -452,6 +455,7 @@ def _table2_mixture(
     temperature1: float,
     temperature2: float,
     lam: float,
+    gamma1: float,
     common: dict,
     split: bool,
     normalize_whole: bool = False,
@@ -460,7 +464,7 @@ def _table2_mixture(
     if normalize_whole:
         common = {**common, "normalize": False}
     return LossMixture(
-        [_laplacian(temperature1, **common), _gaussian(temperature2, **common)],
+        [_exponential(temperature1, gamma1, **common), _gaussian(temperature2, **common)],
         [lam, 1.0 - lam],
         split_features=split,
         normalize_whole=normalize_whole,
@@ -468,8 +472,14 @@ def _table2_mixture(
     )
 
 
-def _simple_sum(temperature1: float = 0.5, temperature2: float = 0.5, lam: float = 0.5, **common):
-    return _table2_mixture(temperature1, temperature2, lam, common, split=False)
+def _simple_sum(
+    temperature1: float = 0.5,
+    temperature2: float = 0.5,
+    lam: float = 0.5,
+    gamma1: float = 1.0,
+    **common,
+):
+    return _table2_mixture(temperature1, temperature2, lam, gamma1, common, split=False)
 
 
 #: Where Concatenation Sum puts its embedding on the unit sphere: each half (kinfonce's
@@ -482,6 +492,7 @@ def _concat_sum(
     temperature1: float = 0.5,
     temperature2: float = 0.5,
     lam: float = 0.5,
+    gamma1: float = 1.0,
     concat_normalization: str = "halves",
     **common,
 ):
@@ -491,19 +502,31 @@ def _concat_sum(
             f"got {concat_normalization!r}"
         )
     whole = concat_normalization == "whole" and common.get("normalize", True)
-    return _table2_mixture(temperature1, temperature2, lam, common, True, normalize_whole=whole)
+    return _table2_mixture(
+        temperature1, temperature2, lam, gamma1, common, True, normalize_whole=whole
+    )
 
 
 def _simple_sum_kernel(
-    temperature1: float = 0.5, temperature2: float = 0.5, lam: float = 0.5, **common
+    temperature1: float = 0.5,
+    temperature2: float = 0.5,
+    lam: float = 0.5,
+    gamma1: float = 1.0,
+    **common,
 ) -> KernelInfoNCE:
-    return KernelInfoNCE(kernel=simple_sum_kernel(temperature1, temperature2, lam), **common)
+    kernel = simple_sum_kernel(temperature1, temperature2, lam, gamma1)
+    return KernelInfoNCE(kernel=kernel, **common)
 
 
 def _concat_sum_kernel(
-    temperature1: float = 0.5, temperature2: float = 0.5, lam: float = 0.5, **common
+    temperature1: float = 0.5,
+    temperature2: float = 0.5,
+    lam: float = 0.5,
+    gamma1: float = 1.0,
+    **common,
 ) -> KernelInfoNCE:
-    return KernelInfoNCE(kernel=concat_sum_kernel(temperature1, temperature2, lam), **common)
+    kernel = concat_sum_kernel(temperature1, temperature2, lam, gamma1)
+    return KernelInfoNCE(kernel=kernel, **common)
 
 
 def _spectral(
@@ -539,7 +562,7 @@ _COMMON = (
 )
 
 #: Every kernel or loss parameter some preset takes (``mu``: spectral's), in display order.
-LOSS_PARAMETERS = ("gamma", "temperature", "temperature1", "temperature2", "lam", "mu")
+LOSS_PARAMETERS = ("gamma", "temperature", "gamma1", "temperature1", "temperature2", "lam", "mu")
 
 
 def preset_defaults(name: str, names: Sequence[str] = LOSS_PARAMETERS) -> dict[str, Any]:

@@ -101,11 +101,14 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(
+    module: nn.Module, weight_decay: float, *, exclude_bn_bias: bool = True
+) -> list[dict]:
     """Split trainable parameters into decayed/adapted weights and the rest.
 
-    Parameters with at most one dimension (batch-norm weights and biases, linear and
-    convolution biases) get no weight decay and ``lars_adapt=False``.
+    With ``exclude_bn_bias``, parameters with at most one dimension (batch-norm weights and
+    biases, linear and convolution biases) get no weight decay and ``lars_adapt=False``;
+    without it, every parameter gets both (the authors' code's default).
 
     Returns:
         up to two parameter groups (empty groups are dropped).
@@ -113,7 +116,7 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     weights, others = [], []
     for param in module.parameters():
         if param.requires_grad:
-            (weights if param.ndim > 1 else others).append(param)
+            (weights if param.ndim > 1 or not exclude_bn_bias else others).append(param)
     groups = [
         {"params": weights, "weight_decay": weight_decay, "lars_adapt": True},
         {"params": others, "weight_decay": 0.0, "lars_adapt": False},

@@ -146,6 +146,23 @@ def claim_run_dir(run_dir: Path, *, resume: bool) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def set_aside_stale_eval(run_dir: Path, trained_epochs: int) -> Path | None:
+    """Move ``RUN_DIR/eval`` (``kinfonce eval`` of an earlier checkpoint) aside when a resume
+    trains the run further: to ``eval-before-epoch-<trained_epochs>`` (with a number added if
+    that exists). Returns where it went, or None when there was none."""
+    stale = run_dir / "eval"
+    if not stale.is_dir():
+        return None
+    target = run_dir / f"eval-before-epoch-{trained_epochs}"
+    count = 1
+    while target.exists():
+        count += 1
+        target = run_dir / f"eval-before-epoch-{trained_epochs}-{count}"
+    stale.rename(target)
+    fsync_directory(run_dir)
+    return target
+
+
 def run_record(accelerator: str) -> dict[str, Any]:
     """What a run ran on: kinfonce, torch and Lightning versions, the device, the git commit.
 

@@ -11,6 +11,7 @@ one.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,20 +148,29 @@ def comparison_group(run: RunSummary) -> str:
     return str(loss) if method == "simclr" else f"{method}: {loss}"
 
 
+def report_dir(run_dirs: list[str | Path], settings: ReportSettings) -> Path:
+    """Where a report goes: ``settings.output_dir``, else ``report/`` in the deepest
+    directory that holds every run directory (beside the runs, not in the current one)."""
+    if not run_dirs:
+        raise KinfonceError("run_dirs must name at least one run directory")
+    if settings.output_dir is not None:
+        return Path(settings.output_dir)
+    parents = [str(Path(d).resolve().parent) for d in run_dirs]
+    return Path(os.path.commonpath(parents)) / "report"
+
+
 def write_report(
     run_dirs: list[str | Path], settings: ReportSettings | None = None
 ) -> tuple[str, Path, list[Path]]:
     """Load runs, write ``report.md``, ``curves.png`` and ``comparison.png`` into
-    ``settings.output_dir``.
+    :func:`report_dir`.
 
     Returns:
         (markdown text, markdown path, figure paths).
     """
     settings = settings or ReportSettings()
-    if not run_dirs:
-        raise KinfonceError("run_dirs must name at least one run directory")
+    out = report_dir(run_dirs, settings)
     runs = [load_run(d) for d in run_dirs]
-    out = Path(settings.output_dir)
     named = {name: run.curves for run, name in zip(runs, run_names(runs), strict=True)}
     points = [(comparison_group(r), r.config.get("seed", 0), r.metrics) for r in runs]
     figures = [

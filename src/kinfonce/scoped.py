@@ -1,8 +1,9 @@
 """Process-wide settings changed for a block only, and restored afterwards, however it exits.
 
 Library code changes no global state for longer than a call: torch's CPU thread count, the
-random generators, environment variables and the float32 matmul precision are each set by
-one context manager here, which puts back what was there before.
+random generators, environment variables, the float32 matmul precision and whether progress
+bars are shown are each set by one context manager here, which puts back what was there
+before.
 
 Small steps (a linear head on a batch of 64, 100 points of the synthetic experiment) cost
 more in thread synchronisation than they gain; on a loaded 2-core machine, 5 epochs of a
@@ -13,6 +14,7 @@ more in thread synchronisation than they gain; on a loaded 2-core machine, 5 epo
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import random
 from collections.abc import Iterator
@@ -108,3 +110,22 @@ def matmul_precision(precision: str | None) -> Iterator[None]:
         yield
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+_PROGRESS_SHOWN = contextvars.ContextVar("kinfonce_progress_shown", default=True)
+
+
+@contextlib.contextmanager
+def progress_bars(shown: bool) -> Iterator[None]:
+    """Show (or hide) the progress bars of code that takes no ``progress`` argument of its
+    own, such as data loading, inside the block (:func:`progress_shown`)."""
+    token = _PROGRESS_SHOWN.set(shown)
+    try:
+        yield
+    finally:
+        _PROGRESS_SHOWN.reset(token)
+
+
+def progress_shown() -> bool:
+    """Whether progress bars are shown here: the innermost :func:`progress_bars`, else True."""
+    return _PROGRESS_SHOWN.get()

@@ -29,6 +29,7 @@ from kinfonce.config import (
     RUNTIME_FIELDS,
     TRIAL_FIELDS,
     PretrainConfig,
+    SearchSettings,
     config_from_mapping,
     field_type,
 )
@@ -43,15 +44,6 @@ LISTS = ("choice", "grid")
 #: Fields a search may not vary: where and how a trial runs, and its length, which the
 #: search sets itself (``kinfonce.config.TRIAL_FIELDS``; epochs: ASHA's ``max_t``).
 FIXED_FIELDS = RUNTIME_FIELDS | TRIAL_FIELDS
-
-#: Table 3's ranges (paper, Appendix B): learning rate, then the loss parameters.
-TABLE3_RANGES: dict[str, tuple[str, float, float]] = {
-    "lr": ("loguniform", 1e-2, 10.0),
-    "temperature": ("loguniform", 1e-2, 1.0),
-    "temperature1": ("loguniform", 1e-2, 1.0),
-    "temperature2": ("loguniform", 1e-2, 1.0),
-    "lam": ("uniform", 0.0, 1.0),
-}
 
 _SUITABLE = {float: "uniform, loguniform, choice or grid", int: "randint, choice or grid"}
 
@@ -85,6 +77,21 @@ class Dimension:
     def to_yaml(self) -> dict[str, list[Any]]:
         """The YAML form, ``{kind: [values...]}``, that :func:`parse_dimension` reads back."""
         return {self.kind: list(self.values)}
+
+
+#: The default space's dimensions, each a config field the preset may take: the learning rate
+#: and lambda as Table 3 (paper, Appendix B) draws them; the temperatures log-uniform in
+#: [0.01, 1], the authors' code's range (Table 3 prints [0, 1], which a log-uniform draw cannot
+#: take); gamma1, the exponent of a sum's first term, from {0.5, 1} as the authors' code
+#: draws it (not in the paper).
+DEFAULT_DIMENSIONS: dict[str, Dimension] = {
+    "lr": Dimension("loguniform", (1e-2, 10.0)),
+    "temperature": Dimension("loguniform", (1e-2, 1.0)),
+    "temperature1": Dimension("loguniform", (1e-2, 1.0)),
+    "temperature2": Dimension("loguniform", (1e-2, 1.0)),
+    "lam": Dimension("uniform", (0.0, 1.0)),
+    "gamma1": Dimension("choice", (0.5, 1.0)),
+}
 
 
 def parse_dimension(key: str, spec: Any) -> Dimension:
@@ -180,17 +187,35 @@ def load_space(path: str | Path) -> dict[str, Dimension]:
 
 
 def default_space(loss: str) -> dict[str, Dimension]:
-    """Table 3's space for a loss preset: the learning rate and the preset's own parameters.
+    """The default space for a loss preset (:data:`DEFAULT_DIMENSIONS`): the learning rate
+    and the preset's own parameters.
 
-    E.g. ``simple-sum`` gets lr, temperature1, temperature2 and lam; ``laplacian`` gets lr
-    and temperature; ``spectral`` only lr.
+    E.g. ``simple-sum`` gets lr, temperature1, temperature2, lam and gamma1; ``laplacian``
+    gets lr and temperature; ``spectral`` only lr.
     """
     takes = set(preset_params(loss))
-    return {
-        key: Dimension(kind, (low, high))
-        for key, (kind, low, high) in TABLE3_RANGES.items()
-        if key == "lr" or key in takes
-    }
+    return {key: dim for key, dim in DEFAULT_DIMENSIONS.items() if key == "lr" or key in takes}
+
+
+#: Published search budgets, by source (``kinfonce tune --budget NAME``): the search settings
+#: each one fixes. The paper samples 500 configurations per run (Appendix B); the authors'
+#: code 100, with ASHA's grace period 20 and max_t 200 epochs (its random_search.py).
+SEARCH_BUDGETS: dict[str, dict[str, int]] = {
+    "paper": {"num_samples": 500},
+    "authors-code": {"num_samples": 100, "grace_period": 20, "max_t": 200},
+}
+
+
+def budget_settings(budget: str | None, given: dict[str, Any]) -> SearchSettings:
+    """The search settings of a published budget (:data:`SEARCH_BUDGETS`; None: none), with
+    the settings ``given`` on the command line over it.
+
+    Raises:
+        KinfonceError: an unknown budget, naming the known ones.
+    """
+    if budget is not None and budget not in SEARCH_BUDGETS:
+        raise KinfonceError(f"--budget must be one of {sorted(SEARCH_BUDGETS)}, got {budget!r}")
+    return SearchSettings(**{**SEARCH_BUDGETS.get(budget or "", {}), **given})
 
 
 def space_to_yaml(space: dict[str, Dimension]) -> dict[str, dict[str, list[Any]]]:

@@ -11,6 +11,13 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+#: What each encoder of a run's final evaluation is, by its metric prefix.
+ENCODER_NAMES = {
+    "": "pretrained encoder",
+    "random_encoder_": "random-weight encoder",
+    "raw_pixels_": "raw pixels",
+}
+
 #: Columns of the trial tables of ``kinfonce tune``, before the searched fields.
 TRIAL_COLUMNS = ("rank", "trial", "status", "epochs", "probe top-1", "train loss")
 
@@ -64,22 +71,21 @@ def format_markdown(columns: Sequence[str], rows: list[Mapping[str, str]]) -> st
 
 def format_summary(metrics: Mapping[str, Any]) -> str:
     """A small table of a training run: the pretrained encoder against the two baselines,
-    then the zero-shot accuracy of a ``kinfonce clip`` run."""
-    rows = [("pretrained encoder", "")]
-    if "random_encoder_linear_top1" in metrics:
-        rows += [("random-weight encoder", "random_encoder_"), ("raw pixels", "raw_pixels_")]
+    then the zero-shot accuracy of a ``kinfonce clip`` run; accuracies in percent, as
+    ``kinfonce eval`` and ``kinfonce report`` print them."""
+    prefixes = [p for p in ENCODER_NAMES if p + "linear_top1" in metrics]
     lines = [f"{'features':<24}{'linear top-1':>14}{'kNN top-1':>12}"]
-    for label, prefix in rows:
-        lines.append(
-            f"{label:<24}{metrics[prefix + 'linear_top1']:>14.4f}{metrics[prefix + 'knn_top1']:>12.4f}"
-        )
-    if len(rows) > 1:
-        best = max(rows, key=lambda row: metrics[row[1] + "linear_top1"])[0]
-        lines.append(f"highest linear-probe accuracy: {best}")
+    for prefix in prefixes:
+        linear, knn = (format_percent(metrics[prefix + k]) for k in ("linear_top1", "knn_top1"))
+        lines.append(f"{ENCODER_NAMES[prefix]:<24}{linear:>14}{knn:>12}")
+    if len(prefixes) > 1:
+        best = max(prefixes, key=lambda prefix: metrics[prefix + "linear_top1"])
+        lines.append(f"highest linear-probe accuracy: {ENCODER_NAMES[best]}")
     if "zero_shot_top1" in metrics:
         lines += [
-            f"zero-shot top-1 (plain prompt):                {metrics['zero_shot_top1']:.4f}",
-            f"zero-shot top-1 (all captions of each class):  {metrics['zero_shot_ensemble_top1']:.4f}",
+            f"zero-shot top-1 (plain prompt):                {format_percent(metrics['zero_shot_top1'])}",
+            "zero-shot top-1 (all captions of each class):  "
+            + format_percent(metrics["zero_shot_ensemble_top1"]),
         ]
     if "image_to_text_r1" in metrics:
         lines.append(format_retrieval(metrics))

@@ -40,10 +40,16 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from kinfonce.checkpoints import AtomicCheckpointIO, check_resumable, resume_checkpoint
+from kinfonce.checkpoints import (
+    AtomicCheckpointIO,
+    check_resumable,
+    describe_resume,
+    resume_checkpoint,
+    trained_epochs,
+)
 from kinfonce.config import PretrainConfig, TrainConfig, dump_config
 from kinfonce.data import DatasetSplits, load_dataset
 from kinfonce.data.batches import PretrainData, check_batch_size
@@ -55,14 +61,31 @@ from kinfonce.methods import PretrainMethod, method_class
 from kinfonce.methods.base import data_description
 from kinfonce.plots import CURVE_PANELS, plot_curve_panels
 from kinfonce.resolve import check_machine, resolve
+from kinfonce.runclock import RunClock, run_times
 from kinfonce.rundir import (
     check_run_dir_free,
     claim_run_dir,
     resolve_run_dir,
     run_record,
+    set_aside_stale_eval,
     shared_with_workers,
 )
-from kinfonce.scoped import matmul_precision, seeded
+from kinfonce.scoped import matmul_precision, progress_bars, seeded
+from kinfonce.tables import format_percent
+
+
+class RunProgressBar(TQDMProgressBar):
+    """Lightning's progress bar without the logger's version (``v_num``, which would show the
+    end of the TensorBoard directory's name), with accuracies in percent as the summary
+    tables print them."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return {
+            key: format_percent(float(value)) if key.endswith("top1") else value
+            for key, value in items.items()
+        }
 
 
 class ResumableExceptionCheckpoint(OnExceptionCheckpoint):
@@ -104,7 +127,9 @@ def make_trainer(
             logger=TensorBoardLogger(run_dir, name="logs", version="tensorboard"),
             plugins=[AtomicCheckpointIO()],
             callbacks=[
+                *([RunProgressBar()] if config.progress else []),
                 EpochLog(run_dir / "logs" / "metrics.csv"),
+                RunClock(),
                 ModelCheckpoint(
                     dirpath=checkpoints,
                     filename="best",
@@ -216,6 +241,14 @@ def load_training_splits(config: TrainConfig) -> DatasetSplits:
     return splits.with_train_subset(config.train_subset, config.seed)
 
 
+def _set_aside_stale_eval(run_dir: Path, checkpoint: Path, epochs: int) -> None:
+    """``RUN_DIR/eval`` moved aside when the resume trains on (its checkpoint is then old)."""
+    done = trained_epochs(checkpoint)
+    moved = set_aside_stale_eval(run_dir, done) if done < epochs else None
+    if moved is not None:
+        print(f"moved {run_dir / 'eval'} (an evaluation of an earlier checkpoint) to {moved}")
+
+
 def run_pretrain(
     config: PretrainConfig,
     *,
@@ -274,8 +307,11 @@ def run_training(
     checkpoint = resume_checkpoint(run_dir, resume)
     if checkpoint is not None:
         check_resumable(checkpoint, config)
+        if owner:
+            print(describe_resume(checkpoint, config.epochs))
     with seeded(config.seed):
-        splits = (job.load or load_training_splits)(config)
+        with progress_bars(config.progress):
+            splits = (job.load or load_training_splits)(config)
         check_batch_size(config.batch_size, splits.pretraining_size, trainer.world_size)
         module, data = job.build(config, splits)
         claim = (
@@ -284,14 +320,17 @@ def run_training(
         with claim:
             if owner:
                 write_text_atomic(run_dir / "config.yaml", dump_config(config))
+                if checkpoint is not None:
+                    _set_aside_stale_eval(run_dir, checkpoint, config.epochs)
             try:
-                fit_started = time.perf_counter()
+                fit_started, fit_cpu = time.perf_counter(), time.process_time()
                 with (
                     quiet_lightning(config.accelerator),
                     shared_with_workers(run_dir, trainer.world_size),
                 ):
                     trainer.fit(module, datamodule=data, ckpt_path=checkpoint, weights_only=True)
-                pretrain_time = time.perf_counter() - fit_started
+                fit_wall = time.perf_counter() - fit_started
+                fit_cpu = time.process_time() - fit_cpu
                 if not owner:
                     return {}
                 metrics = {}
@@ -319,11 +358,14 @@ def run_training(
             metrics.update(
                 epochs=config.epochs,
                 train_images=len(splits.train),
-                pretrain_time_s=pretrain_time,
-                wall_time_s=time.perf_counter() - started,
-                # CPU time of all threads: on a busy machine, a better gauge of the work than
-                # wall time.
-                cpu_time_s=time.process_time() - cpu_started,
+                # CPU time of all threads and ranks: on a busy machine, a better gauge of the
+                # work than wall time. All three count every segment of a resumed run.
+                **run_times(
+                    logged,
+                    segment_wall=time.perf_counter() - started,
+                    fit_wall=fit_wall,
+                    main_cpu_outside_fit=time.process_time() - cpu_started - fit_cpu,
+                ),
                 run_dir=str(run_dir),
                 run=run_record(config.accelerator),
             )

@@ -117,3 +117,28 @@ def test_positive_out_of_the_denominator_needs_a_queue(batch):
     loss = make_loss("gaussian", positive_in_denominator=False)
     with pytest.raises(KinfonceError, match="queue"):
         loss(*batch)
+
+
+@pytest.mark.parametrize("loss", ["simple-sum", "simple-sum-kernel", "concat-sum"])
+def test_gamma1_sets_the_exponent_of_a_sums_first_term(batch, loss):
+    # Catches gamma1 not reaching the first term (it was fixed at 1, the Laplacian), or
+    # reaching the Gaussian term: the authors' search draws it from {0.5, 1}.
+    z0, z1 = (unit(z) for z in batch)
+    tau1, tau2, lam = 0.3, 0.5, 0.4
+    got = make_loss(loss, temperature1=tau1, temperature2=tau2, lam=lam, gamma1=0.5)(z0, z1)
+    if loss == "concat-sum":
+        (l0, r0), (l1, r1) = (unit(h) for h in z0.chunk(2, 1)), (unit(h) for h in z1.chunk(2, 1))
+        left, right = two_view_term(l0, l1, 0.5, tau1), two_view_term(r0, r1, 2.0, tau2)
+        expected = lam * left + (1 - lam) * right
+    elif loss == "simple-sum":
+        expected = lam * two_view_term(z0, z1, 0.5, tau1) + (1 - lam) * two_view_term(
+            z0, z1, 2.0, tau2
+        )
+    else:  # one mixture kernel in one InfoNCE ratio
+        z = torch.cat([z0, z1]).double()
+        kernel = lam * torch.exp(-powers(z, z, 0.5) / tau1)
+        kernel = kernel + (1 - lam) * torch.exp(-powers(z, z, 2.0) / tau2)
+        n = z0.shape[0]
+        positive = kernel[torch.arange(2 * n), (torch.arange(2 * n) + n) % (2 * n)]
+        expected = -torch.log(positive / (kernel.sum(1) - kernel.diagonal())).mean()
+    torch.testing.assert_close(got.double(), expected, rtol=RTOL, atol=0)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from kinfonce.data.tree import ImageTree
 from kinfonce.errors import KinfonceError
+from kinfonce.scoped import progress_shown
 
 #: (height, width) of an image, or why it cannot be read.
 Shape = tuple[int, int] | str
@@ -127,7 +128,7 @@ def read_shapes(tree: ImageTree, names: Sequence[str], desc: str = "reading size
     """The (height, width) of each file from its header, or why it cannot be read."""
     return [
         _per_file(tree, name, image_shape)  # type: ignore[misc]
-        for name in tqdm(names, desc=desc, unit="img", leave=False)
+        for name in tqdm(names, desc=desc, unit="img", leave=False, disable=not progress_shown())
     ]
 
 
@@ -188,7 +189,11 @@ def decode_images(
     kept: list[int] = []
     resized = 0
     for index, (name, shape) in enumerate(
-        zip(tqdm(names, desc=desc, unit="img", leave=False), shapes, strict=True)
+        zip(
+            tqdm(names, desc=desc, unit="img", leave=False, disable=not progress_shown()),
+            shapes,
+            strict=True,
+        )
     ):
         image = shape if isinstance(shape, str) else _per_file(tree, name, decode_at_size)
         if isinstance(image, str):

@@ -69,10 +69,23 @@ def _explained(name: str, root: Path, download: bool, load: Callable):
         if download:
             raise
         raise MissingFileError(
-            f"{name} not found under {root} ({err}). Pass download=True (`--download` on the "
-            f"command line) to fetch it there, or place it as "
-            + TORCHVISION_LAYOUTS[name].replace("ROOT", str(root))
+            f"{name} not found under {root} ({err}). "
+            + _image_tree_hint(name, root)
+            + "Pass download=True (`--download` on the command line) to fetch it there, or "
+            "place it as " + TORCHVISION_LAYOUTS[name].replace("ROOT", str(root))
         ) from err
+
+
+def _image_tree_hint(name: str, root: Path) -> str:
+    """What to do when the root of a named data set is an image tree (a ``.zip``, or a
+    directory with ``train/``): load it as one, which keeps a recipe's other settings."""
+    if root.suffix.lower() != ".zip" and not (root / "train").is_dir():
+        return ""
+    return (
+        f"{root} looks like an image tree (train/<class>/*, test/<class>/*): load it with "
+        f"--dataset imagefolder:{root} instead of --dataset {name} --data-root (after "
+        "--recipe NAME it replaces the recipe's data set and keeps its other settings). "
+    )
 
 
 def load_stl10_unlabeled(root: Path, download: bool) -> LabeledImages:

@@ -233,7 +233,11 @@ class PretrainMethod(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.config
         # The contrastive loss trains backbone and head; the probe has its own rate.
-        groups = parameter_groups(nn.ModuleList(self.trained_modules()), cfg.weight_decay)
+        groups = parameter_groups(
+            nn.ModuleList(self.trained_modules()),
+            cfg.weight_decay,
+            exclude_bn_bias=cfg.exclude_bn_bias,
+        )
         groups.append(
             {
                 "params": list(self.probe.parameters()),
