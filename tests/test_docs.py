@@ -57,15 +57,21 @@ def python_blocks(page: Path) -> list[str]:
     return blocks
 
 
+#: The start of a command line that runs kinfonce: directly, after the variables of a
+#: multi-node launch, or through a launcher (``torchrun ... -m kinfonce.cli``, ``srun ...
+#: kinfonce``), whose words before kinfonce's are then left out.
+KINFONCE_LINE = re.compile(r"^((MASTER_ADDR|MASTER_PORT|NODE_RANK)=\S+ )*(kinfonce|torchrun|srun) ")
+
+
 def shell_commands(page: Path) -> list[str]:
-    """The ``kinfonce ...`` command lines of a page's indented and fenced blocks, with their
-    backslash continuations joined and trailing ``# comments`` removed."""
+    """The command lines that run ``kinfonce`` in a page's indented and fenced blocks, with
+    their backslash continuations joined and trailing ``# comments`` removed."""
     commands, pending = [], ""
     for line in page.read_text().splitlines():
         text = line.strip()
         if pending:
             text = pending + " " + text
-        elif not (line.startswith("    ") and text.startswith("kinfonce ")):
+        elif not (line.startswith("    ") and KINFONCE_LINE.match(text)):
             continue
         if text.endswith("\\"):
             pending = text[:-1].strip()
@@ -113,8 +119,9 @@ def test_shell_commands_parse(page, capsys):
     parser = build_parser()
     for command in commands:
         words = shlex.split(command)
+        start = next(i for i, word in enumerate(words) if word in ("kinfonce", "kinfonce.cli"))
         cut = [i for i, word in enumerate(words) if word in (">", "|", "&&", ";")]
-        argv = words[1 : cut[0] if cut else None]
+        argv = words[start + 1 : cut[0] if cut else None]
         try:
             args = parser.parse_args(argv)
         except SystemExit as exit_:
@@ -206,3 +213,11 @@ def test_a_command_without_flags_says_so():
     text = flag_reference(build_parser())
     section = text[text.index("## `kinfonce recipes`") :].split("\n## ")[0]
     assert "No flags." in section and "| flag |" not in section
+
+
+def test_multi_node_launchers_are_documented_and_parsed():
+    # Catches the multi-node section losing a launcher, or its commands leaving the parse
+    # check above (the launcher's words before `kinfonce` must not hide them).
+    commands = shell_commands(DOCS / "pretrain.md")
+    for launcher in ("MASTER_ADDR=", "torchrun ", "srun "):
+        assert any(c.startswith(launcher) and "--num-nodes 2" in c for c in commands), launcher

@@ -3,6 +3,7 @@ tables it draws (kinfonce.plots, kinfonce.tables)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import yaml
 
 from kinfonce.config import ClipConfig, PretrainConfig, ReportSettings, dump_config
 from kinfonce.epochlog import read_epoch_curves
-from kinfonce.plots import embed_2d, plot_feature_map
+from kinfonce.plots import class_styles, embed_2d, plot_feature_map
 from kinfonce.resolve import resolve
 from kinfonce.runs import comparison_group, load_run, markdown_table, write_report
 from kinfonce.tables import format_duration, format_percent
@@ -196,3 +197,16 @@ def test_comparison_groups_runs_by_method_and_loss(tmp_path):
     assert [comparison_group(r) for r in runs] == ["gaussian"] * 2 + ["laplacian"] * 2
     runs[0].config["method"] = "moco"
     assert comparison_group(runs[0]) == "moco: gaussian"
+
+
+def test_a_map_of_many_classes_tells_every_class_apart(tmp_path):
+    # Catches a feature map of 100 classes drawn with tab20's 20 colours, five classes to a
+    # colour; classes of neighbouring colours must also differ in marker.
+    styles = class_styles(100)
+    assert len({colour for colour, _ in styles}) == 100
+    assert all(a[1] != b[1] for a, b in itertools.pairwise(styles))
+    assert [marker for _, marker in class_styles(20)] == ["o"] * 20  # few classes: dots
+    rng = np.random.default_rng(0)
+    features, labels = rng.normal(size=(50, 4)), np.arange(50) % 25
+    names = [f"c{i}" for i in range(25)]
+    assert plot_feature_map(features, labels, names, tmp_path / "many.png").is_file()

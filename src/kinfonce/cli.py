@@ -106,7 +106,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         help="pretrain an encoder with a Kernel-InfoNCE loss (SimCLR or MoCo)",
         description="Pretrain an encoder with a Kernel-InfoNCE loss, then report its linear-probe "
         "and kNN accuracy beside a random-weight encoder and raw pixels. Without arguments: "
-        "the embedded digits run (about 20-25 s on an idle 2-core CPU). Settings come from the "
+        "the embedded digits run (about 20-35 s on an idle 2-core CPU). Settings come from the "
         "defaults, then --recipe, then --config, then the flags below; what is left open "
         "(none, auto) is decided once, and the resolved config is written to config.yaml.",
     )

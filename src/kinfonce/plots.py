@@ -144,6 +144,25 @@ def embed_2d(features, *, seed: int = 0) -> tuple[Any, str]:
     return umap.UMAP(n_components=2, random_state=seed).fit_transform(x), "UMAP"
 
 
+#: Markers that tell apart classes of neighbouring colours on a map of many classes.
+CLASS_MARKERS = ("o", "s", "^", "D")
+
+
+def class_styles(count: int) -> list[tuple[tuple[float, ...], str]]:
+    """(RGBA colour, marker) of each of ``count`` classes on a scatter plot, all distinct.
+
+    Up to 20 classes: the qualitative tab10 or tab20 colours, dots. Beyond, where those would
+    repeat: ``count`` colours evenly spaced along turbo (a colour map that runs through every
+    hue), and the markers of :data:`CLASS_MARKERS` in turn, so that classes of neighbouring
+    colours also differ in shape.
+    """
+    if count <= 20:
+        cmap = matplotlib.colormaps["tab10" if count <= 10 else "tab20"]
+        return [(cmap(i), "o") for i in range(count)]
+    cmap = matplotlib.colormaps["turbo"]
+    return [(cmap(i / (count - 1)), CLASS_MARKERS[i % len(CLASS_MARKERS)]) for i in range(count)]
+
+
 def plot_feature_map(
     features,
     labels,
@@ -173,11 +192,12 @@ def plot_feature_map(
     points, method = embed_2d(x[keep], seed=seed)
     fig = new_figure((7, 6))
     ax = fig.subplots()
-    cmap = matplotlib.colormaps["tab10" if len(class_names) <= 10 else "tab20"]
-    for cls, name in enumerate(class_names):
+    for cls, (name, (colour, marker)) in enumerate(
+        zip(class_names, class_styles(len(class_names)), strict=True)
+    ):
         mask = y[keep] == cls
         if mask.any():
-            ax.scatter(*points[mask].T, s=6, color=cmap(cls % cmap.N), label=name)
+            ax.scatter(*points[mask].T, s=6, color=colour, marker=marker, label=name)
     ax.set_title(f"{title}: {method} of {len(keep)} points")
     ax.set_xticks([])
     ax.set_yticks([])
