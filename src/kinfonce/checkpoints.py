@@ -10,7 +10,7 @@ reported as one line that says so.
 warning, and continues from the furthest; file times play no part.
 
 Checkpoints are read safely (:func:`load_checkpoint`, ``torch.load(weights_only=True)``);
-:func:`load_encoder` rebuilds the backbone of one from its stored, resolved configuration.
+:func:`load_encoder` rebuilds the backbone of one (:func:`load_encoder_parts` also its head) from its stored, resolved configuration.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from kinfonce.config import CONFIG_CLASSES, TrainConfig, config_differences, con
 from kinfonce.errors import KinfonceError, MissingFileError
 from kinfonce.fileio import atomic_write
 from kinfonce.methods.base import CHECKPOINT_KEY, DATA_FIELDS
-from kinfonce.models import build_backbone, place_backbone
+from kinfonce.models import ProjectionHead, build_backbone, place_backbone
 from kinfonce.resolve import resolve
+from kinfonce.weights import load_torch_file
 
 #: Checkpoints of a run directory that a resume may continue from, in order of preference
 #: between equal progress.
@@ -77,14 +78,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # arbitrary bytes can fail anywhere in the (safe) unpickler
-        raise KinfonceError(
-            f"checkpoint {str(path)!r} cannot be read safely: it is corrupt or truncated, or "
-            f"holds pickled objects other than tensors and plain containers "
-            f"({type(err).__name__})"
-        ) from None
+    checkpoint = load_torch_file(path, "checkpoint")
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
         raise KinfonceError(
             f"{str(path)!r} is not a kinfonce pretraining checkpoint (no {CHECKPOINT_KEY!r} entry)"
@@ -140,6 +134,15 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         format its run used (:func:`kinfonce.models.place_backbone`); the resolved config as
         a dict, which also holds ``"data"``, the data description the model was built for).
     """
+    backbone, _, config = load_encoder_parts(path, head=False)
+    return backbone, config
+
+
+def load_encoder_parts(
+    path: str | Path, *, head: bool
+) -> tuple[nn.Module, ProjectionHead | None, dict[str, Any]]:
+    """:func:`load_encoder`, and with ``head`` the projection head too ((B, F) -> (B, D),
+    eval mode, on the CPU)."""
     checkpoint = load_checkpoint(path)
     data = checkpoint[CHECKPOINT_KEY]["data"]
     try:
@@ -150,18 +153,32 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             image_size=data["image_size"],
             stem=config.stem,
         )
-        prefix = "backbone."
-        state = {
-            k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
-        }
-        backbone.load_state_dict(state)
+        backbone.load_state_dict(_module_state(checkpoint, "backbone."))
+        projection = None
+        if head:
+            projection = ProjectionHead(
+                backbone.feature_dim,
+                config.proj_hidden_dim,
+                config.proj_out_dim,
+                batch_norm=config.proj_batch_norm,
+            )
+            projection.load_state_dict(_module_state(checkpoint, "head."))
+            projection.eval()
+    except KinfonceError:  # a setting this machine cannot build, e.g. timm missing
+        raise
     except (ValueError, TypeError, KeyError, RuntimeError) as err:
         raise KinfonceError(
             f"checkpoint {str(path)!r} is malformed: its config, data description and weights "
             f"do not make an encoder ({type(err).__name__}: {err})"
         ) from None
     backbone = place_backbone(backbone, "cpu", channels_last=config.channels_last)
-    return backbone.eval(), {**config.to_dict(), "data": data}
+    return backbone.eval(), projection, {**config.to_dict(), "data": data}
+
+
+def _module_state(checkpoint: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a checkpoint's state_dict under ``prefix``, without it."""
+    state = checkpoint["state_dict"]
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def checkpoint_progress(path: Path) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from kinfonce.config import (
     TRIAL_FIELDS,
     ClipConfig,
     EvalSettings,
+    ExportSettings,
     PretrainConfig,
     ReportSettings,
     SearchRuntime,
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_tune,
         _add_clip,
         _add_eval,
+        _add_export,
         _add_report,
     ):
         add(sub)
@@ -344,6 +346,38 @@ def _run_eval(args: argparse.Namespace) -> int:
     )
     for path in written.values():
         print(f"wrote {path}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "export",
+        help="write a checkpoint's encoder for use without kinfonce (safetensors, torchscript, "
+        "torch-export, onnx, torchvision)",
+        description="Write the backbone of a `kinfonce pretrain` or `clip` run (its "
+        "checkpoints/last.ckpt) or of a checkpoint, and with --head its projection head, in a "
+        "format other programs load without kinfonce, with a config.json naming the "
+        "architecture, stem, feature width, input size and normalisation. The export is loaded "
+        "back and its features compared with the checkpoint's on a batch (the largest relative "
+        "difference is printed); an export that does not reproduce them is not written.",
+    )
+    parser.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="run directory or .ckpt")
+    add_flags(parser, ExportSettings)
+    parser.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from kinfonce.export import export_encoder
+
+    output, description = export_encoder(args.source, settings_from_flags(args, ExportSettings))
+    check = description["check"]
+    for part, difference in check["max_relative_difference"].items():
+        print(
+            f"{part}: largest relative difference to the checkpoint {difference:.2e} on "
+            f"{check['images']} images (tolerance {check['tolerance']:g})"
+        )
+    for name in (*description["files"].values(), "config.json"):
+        print(f"wrote {output / name}")
     return 0
 
 

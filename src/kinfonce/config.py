@@ -322,7 +322,19 @@ class TrainConfig(Settings):
     )
     blur: bool = setting(False, "add Gaussian blur to the views", "augmentation")
     # model
-    backbone: str = setting("resnet-mini", "backbone name (see kinfonce.models.BACKBONES)", "model")
+    backbone: str = setting(
+        "resnet-mini",
+        "backbone: a kinfonce ResNet (resnet-mini, resnet18, resnet50-w0.5, ...; see "
+        "kinfonce.models.BACKBONES), timm:NAME (extra 'timm') or torchvision:NAME, built "
+        "without pretrained weights",
+        "model",
+    )
+    init_weights: str | None = setting(
+        None,
+        "start the backbone from these weights: a safetensors file, a torch state_dict or "
+        "the directory of a `kinfonce export` (none: random weights)",
+        "model",
+    )
     stem: str = setting(
         "auto",
         "backbone stem: auto (cifar up to 64 px, imagenet above), cifar (3x3, stride 1), "
@@ -879,6 +891,40 @@ class EvalSettings(Settings):
         "output",
     )
     progress: bool = setting(True, "show progress bars", "output")
+
+
+#: Formats of ``kinfonce export``: name -> what it writes.
+EXPORT_FORMATS = {
+    "safetensors": "weights and config.json, rebuilt with torchvision or timm alone",
+    "torchscript": "a traced module for torch.jit.load (also libtorch in C++)",
+    "torch-export": "a torch.export program (.pt2) for torch.export.load, any batch size",
+    "onnx": "an ONNX graph for onnxruntime (extra 'onnx')",
+    "torchvision": "a plain state_dict for torchvision's model (torchvision models only)",
+}
+
+
+@dataclass(frozen=True)
+class ExportSettings(Settings):
+    """Settings of ``kinfonce export``."""
+
+    format: str = setting(
+        "safetensors",
+        "what to write: " + "; ".join(f"{k}: {v}" for k, v in EXPORT_FORMATS.items()),
+        "export",
+        one_of(*EXPORT_FORMATS),
+    )
+    output: str | None = setting(
+        None,
+        "directory to write (none: RUN_DIR/export-FORMAT for a run directory or its "
+        "checkpoint, else X-export-FORMAT beside checkpoint X)",
+        "export",
+    )
+    head: bool = setting(False, "also export the projection head", "export")
+    overwrite: bool = setting(False, "replace an existing output directory", "export")
+    check_images: int = setting(
+        8, "images of the batch on which the export's features are compared", "export",
+        at_least(1),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,14 @@ Backbones are chosen by name from :data:`BACKBONES`. Each is a torchvision ResNe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from kinfonce.errors import KinfonceError
+from kinfonce.library_backbones import build_library_backbone, check_library_name, library_of
 
 #: Images at most this many pixels wide get the CIFAR stem under ``stem="auto"``.
 CIFAR_STEM_MAX_SIZE = 64
@@ -63,6 +65,12 @@ def _specs() -> dict[str, BackboneSpec]:
 
 #: Backbone name -> shape. ``resnet-mini`` is one BasicBlock per stage at width 0.25.
 BACKBONES: dict[str, BackboneSpec] = _specs()
+#: torchvision's ResNet of each block type and stage depths (the base of a recipe).
+TORCHVISION_RESNETS = {
+    (BasicBlock, (2, 2, 2, 2)): "resnet18",
+    (BasicBlock, (3, 4, 6, 3)): "resnet34",
+    (Bottleneck, (3, 4, 6, 3)): "resnet50",
+}
 
 
 class ResNetBackbone(nn.Module):
@@ -80,6 +88,7 @@ class ResNetBackbone(nn.Module):
     def __init__(self, spec: BackboneSpec, in_channels: int = 3, stem: str = "cifar"):
         super().__init__()
         widths = [max(1, round(w * spec.width)) for w in (64, 128, 256, 512)]
+        self.recipe = _resnet_recipe(spec, widths, in_channels, stem)
         self.inplanes = widths[0]
         if stem == "cifar":
             self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
@@ -130,32 +139,87 @@ class ResNetBackbone(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
 
+def _resnet_recipe(
+    spec: BackboneSpec, widths: list[int], in_channels: int, stem: str
+) -> dict[str, Any]:
+    """How torchvision alone makes this ResNet (:mod:`kinfonce.rebuild`): its resnet18, 34 or
+    50 (by block type), with stages of other widths or depths made again, the stem's
+    convolution and max-pool replaced and the classifier an ``Identity``."""
+    stock = TORCHVISION_RESNETS.get((spec.block, spec.layers))
+    base = "resnet50" if spec.block is Bottleneck else "resnet18"
+    kernel, stride = (3, 1) if stem == "cifar" else (7, 2)
+    conv = {"in_channels": in_channels, "out_channels": widths[0], "kernel_size": kernel}
+    conv.update(stride=stride, padding=kernel // 2, bias=False)
+    replaced: dict[str, Any] = {
+        "conv1": {"type": "Conv2d", "args": conv},
+        "bn1": {"type": "BatchNorm2d", "args": {"num_features": widths[0]}},
+        "fc": {"type": "Identity"},
+    }
+    if stem != "imagenet":
+        replaced["maxpool"] = {"type": "Identity"}
+    recipe = {"library": "torchvision", "name": stock or base, "kwargs": {}}
+    if stock is None or widths != [64, 128, 256, 512]:
+        recipe["stages"] = {"widths": widths, "depths": list(spec.layers)}
+    return {**recipe, "replaced_modules": replaced}
+
+
+def check_backbone_name(name: str) -> None:
+    """Raise a KinfonceError unless ``name`` is a key of :data:`BACKBONES` or a model of an
+    installed library (``timm:NAME``, ``torchvision:NAME``)."""
+    if library_of(name):
+        check_library_name(name)
+    elif name not in BACKBONES:
+        raise KinfonceError(
+            f"backbone must be one of {sorted(BACKBONES)}, timm:NAME or torchvision:NAME, "
+            f"got {name!r}"
+        )
+
+
 def build_backbone(
     name: str, *, in_channels: int = 3, image_size: int = 32, stem: str = "auto"
-) -> ResNetBackbone:
+) -> nn.Module:
     """Build a backbone by name.
 
     Args:
-        name: a key of :data:`BACKBONES`.
+        name: a key of :data:`BACKBONES`, or ``timm:NAME`` / ``torchvision:NAME``
+            (:mod:`kinfonce.library_backbones`).
         in_channels: channels of the input images.
         image_size: side of the (square) training images in pixels; under
             ``stem="auto"``, <= 64 selects the CIFAR stem.
         stem: a key of :data:`STEMS`.
 
+    Returns:
+        A module mapping (B, in_channels, H, W) to (B, ``feature_dim``), with attributes
+        ``feature_dim`` and ``recipe`` (how torchvision or timm alone rebuild it,
+        :mod:`kinfonce.rebuild`).
+
     Raises:
-        ValueError: unknown name or stem, or non-positive channels / size.
+        KinfonceError: unknown name or stem, or non-positive channels / size.
     """
-    if name not in BACKBONES:
-        raise KinfonceError(f"backbone must be one of {sorted(BACKBONES)}, got {name!r}")
+    check_backbone_name(name)
     if in_channels < 1:
         raise KinfonceError(f"in_channels must be >= 1, got {in_channels}")
     if image_size < 1:
         raise KinfonceError(f"image_size must be >= 1, got {image_size}")
     if stem not in STEMS:
         raise KinfonceError(f"stem must be one of {sorted(STEMS)}, got {stem!r}")
+    stem_of_size = resolved_stem(stem, image_size)
+    if library_of(name):
+        return build_library_backbone(
+            name,
+            in_channels=in_channels,
+            image_size=image_size,
+            stem=stem_of_size,
+            asked=stem != "auto",
+        )
+    return ResNetBackbone(BACKBONES[name], in_channels, stem=stem_of_size)
+
+
+def resolved_stem(stem: str, image_size: int) -> str:
+    """The stem ``stem`` names for images of ``image_size`` px (``"auto"`` decided)."""
     if stem == "auto":
-        stem = "cifar" if image_size <= CIFAR_STEM_MAX_SIZE else "imagenet"
-    return ResNetBackbone(BACKBONES[name], in_channels, stem=stem)
+        return "cifar" if image_size <= CIFAR_STEM_MAX_SIZE else "imagenet"
+    return stem
 
 
 def place_backbone(

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,17 +47,16 @@ from kinfonce.config import (
     TrainConfig,
 )
 from kinfonce.data.datasets import check_dataset_name
-from kinfonce.errors import KinfonceError
+from kinfonce.errors import KinfonceError, MissingFileError
 from kinfonce.fileio import check_writable_dir
 from kinfonce.kernel_lse import PATHS
 from kinfonce.losses import LOSS_PRESETS, make_loss, preset_defaults, preset_params
-from kinfonce.models import BACKBONES, STEMS
+from kinfonce.models import STEMS, check_backbone_name
 from kinfonce.optim import OPTIMIZERS
 from kinfonce.text import HEADS, minilm_missing
 
 #: Names a training field must be one of: the registries of the modules that define them.
 REGISTERED_NAMES: dict[str, Iterable[str]] = {
-    "backbone": BACKBONES,
     "stem": STEMS,
     "loss": LOSS_PRESETS,
     "loss_path": PATHS,
@@ -127,6 +127,7 @@ def check_names(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value not in valid:
             raise KinfonceError(f"{name} must be one of {sorted(valid)}, got {value!r}")
+    check_backbone_name(config.backbone)
     if not getattr(config, "captions", None):
         check_dataset_name(config.dataset, config.image_size)
 
@@ -307,7 +308,7 @@ def _check_rules(config: TrainConfig) -> Decisions:
 
 def check_machine(config: TrainConfig) -> None:
     """What a run of a resolved configuration needs of this machine: an ``output_dir`` that
-    can be written, and the optional extra of the MiniLM text encoder. Kept out of
+    can be written, its ``init_weights`` file, and the optional extra of the MiniLM text encoder. Kept out of
     :func:`resolve`, which a stored configuration also goes through on another machine (to
     evaluate its encoder, which needs neither).
 
@@ -316,6 +317,8 @@ def check_machine(config: TrainConfig) -> None:
     """
     if config.output_dir is not None:
         check_writable_dir(config.output_dir, "output_dir")
+    if config.init_weights is not None and not Path(config.init_weights).exists():
+        raise MissingFileError(f"init_weights {config.init_weights!r} does not exist")
     missing = minilm_missing() if getattr(config, "text_encoder", None) == "minilm" else None
     if missing:
         raise KinfonceError(missing)

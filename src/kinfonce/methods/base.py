@@ -35,6 +35,7 @@ from kinfonce.models import ProjectionHead, build_backbone
 from kinfonce.optim import build_optimizer, parameter_groups, warmup_cosine
 from kinfonce.resolve import build_loss
 from kinfonce.scoped import torch_seeded
+from kinfonce.weights import load_initial_weights
 
 #: Key under which a checkpoint stores the config and data description.
 CHECKPOINT_KEY = "kinfonce"
@@ -80,6 +81,8 @@ class PretrainMethod(L.LightningModule):
             image_size=data["image_size"],
             stem=config.stem,
         )
+        if config.init_weights is not None:  # before MoCo copies the backbone
+            load_initial_weights(self.backbone, config.init_weights)
         self.head = ProjectionHead(
             self.backbone.feature_dim,
             config.proj_hidden_dim,
