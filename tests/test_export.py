@@ -270,3 +270,15 @@ def test_init_weights_refuse_pickled_code(tmp_path, digits):
     train = tiny_config(tmp_path, init_weights=str(tmp_path / "code.pt"))
     with pytest.raises(KinfonceError, match="cannot be read safely"):
         method_class(train)(resolve(train), data_description(digits))
+
+
+def test_a_checkpoint_records_its_recipe_and_refuses_another_build(mini_run, tmp_path):
+    # Catches a checkpoint rebuilt otherwise than its run built it (a library release that
+    # changed the model): its stored recipe must be the one this machine builds.
+    checkpoint = torch.load(mini_run / "checkpoints" / "last.ckpt", weights_only=True)
+    recipe = checkpoint["kinfonce"]["backbone_recipe"]
+    assert recipe == load_encoder(mini_run / "checkpoints" / "last.ckpt")[0].recipe
+    recipe["stages"]["depths"] = [2, 2, 2, 2]
+    torch.save(checkpoint, tmp_path / "other.ckpt")
+    with pytest.raises(KinfonceError, match="this machine's libraries build"):
+        load_encoder(tmp_path / "other.ckpt")

@@ -15,9 +15,11 @@ Checkpoints are read safely (:func:`load_checkpoint`, ``torch.load(weights_only=
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from torch import nn
 from kinfonce.config import CONFIG_CLASSES, TrainConfig, config_differences, config_from_mapping
 from kinfonce.errors import KinfonceError, MissingFileError
 from kinfonce.fileio import atomic_write
+from kinfonce.library_backbones import check_library_name, library_of
 from kinfonce.methods.base import CHECKPOINT_KEY, DATA_FIELDS
 from kinfonce.models import ProjectionHead, build_backbone, place_backbone
 from kinfonce.resolve import resolve
@@ -144,8 +147,12 @@ def load_encoder_parts(
     """:func:`load_encoder`, and with ``head`` the projection head too ((B, F) -> (B, D),
     eval mode, on the CPU)."""
     checkpoint = load_checkpoint(path)
-    data = checkpoint[CHECKPOINT_KEY]["data"]
-    try:
+    stored = checkpoint[CHECKPOINT_KEY]
+    data = stored["data"]
+    name = stored["config"].get("backbone")
+    if isinstance(name, str) and library_of(name):  # timm missing here is no malformed file
+        check_library_name(name)
+    with _malformed_as_error(path):
         config = stored_config(checkpoint, path)
         backbone = build_backbone(
             config.backbone,
@@ -153,8 +160,10 @@ def load_encoder_parts(
             image_size=data["image_size"],
             stem=config.stem,
         )
+    _check_recipe(stored.get("backbone_recipe"), backbone, path)
+    projection = None
+    with _malformed_as_error(path):
         backbone.load_state_dict(_module_state(checkpoint, "backbone."))
-        projection = None
         if head:
             projection = ProjectionHead(
                 backbone.feature_dim,
@@ -164,15 +173,31 @@ def load_encoder_parts(
             )
             projection.load_state_dict(_module_state(checkpoint, "head."))
             projection.eval()
-    except KinfonceError:  # a setting this machine cannot build, e.g. timm missing
-        raise
+    backbone = place_backbone(backbone, "cpu", channels_last=config.channels_last)
+    return backbone.eval(), projection, {**config.to_dict(), "data": data}
+
+
+@contextlib.contextmanager
+def _malformed_as_error(path: str | Path) -> Iterator[None]:
+    """Report what a checkpoint's contents failed to build as one malformed-checkpoint error."""
+    try:
+        yield
     except (ValueError, TypeError, KeyError, RuntimeError) as err:
         raise KinfonceError(
             f"checkpoint {str(path)!r} is malformed: its config, data description and weights "
             f"do not make an encoder ({type(err).__name__}: {err})"
         ) from None
-    backbone = place_backbone(backbone, "cpu", channels_last=config.channels_last)
-    return backbone.eval(), projection, {**config.to_dict(), "data": data}
+
+
+def _check_recipe(stored: dict[str, Any] | None, backbone: nn.Module, path: str | Path) -> None:
+    """Refuse a backbone that this machine builds otherwise than the checkpoint's run did (a
+    timm or torchvision release that changed the model); older checkpoints store no recipe."""
+    if stored is not None and stored != backbone.recipe:
+        raise KinfonceError(
+            f"checkpoint {str(path)!r}: its backbone was built as {stored}, but this "
+            f"machine's libraries build {backbone.recipe}; install the versions its run used "
+            "(RUN_DIR/metrics.json names them)"
+        )
 
 
 def _module_state(checkpoint: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:

@@ -164,7 +164,8 @@ def set_aside_stale_eval(run_dir: Path, trained_epochs: int) -> Path | None:
 
 
 def run_record(accelerator: str) -> dict[str, Any]:
-    """What a run ran on: kinfonce, torch and Lightning versions, the device, the git commit.
+    """What a run ran on: kinfonce, torch, torchvision, timm (None if absent) and Lightning
+    versions, the device, the git commit.
 
     Args:
         accelerator: the resolved accelerator of the run ("gpu", "cpu", ...).
@@ -172,10 +173,19 @@ def run_record(accelerator: str) -> dict[str, Any]:
     return {
         "kinfonce": importlib.metadata.version("kinfonce"),
         "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "timm": _version("timm"),
         "lightning": lightning.__version__,
         "device": device_name(accelerator),
         "git_commit": source_commit(),
     }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def device_name(accelerator: str) -> str:

@@ -281,6 +281,8 @@ class PretrainMethod(L.LightningModule):
             "kind": self.config.command,
             "config": self.config.to_dict(),
             "data": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_info.items()},
+            # how torchvision or timm alone rebuild the backbone (kinfonce.rebuild)
+            "backbone_recipe": self.backbone.recipe,
         }
 
 
