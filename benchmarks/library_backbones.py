@@ -41,8 +41,9 @@ def last_grid(backbone: torch.nn.Module, images: torch.Tensor) -> str:
     shapes = []
     hook = backbone.layer4.register_forward_hook(lambda m, i, out: shapes.append(out.shape))
     with torch.no_grad():
-        backbone(images[:1])
+        backbone.eval()(images[:1])
     hook.remove()
+    backbone.train()
     return f"{shapes[0][-2]}x{shapes[0][-1]} map"
 
 
