@@ -19,7 +19,7 @@ Each run is an ordinary run directory under ``--out``; runs whose ``metrics.json
 read, not repeated.
 
 Usage:
-    python benchmarks/clip_captions.py [--pairs 3000] [--epochs 8] [--out DIR]
+    python benchmarks/clip_captions.py [--pairs 4000] [--epochs 10] [--out DIR]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from cifar10_zip import CIFAR10_ZIP as ZIP
 from cifar10_zip import cifar10_missing, stamped_run_dir
-from clip_cifar10 import LOSSES, SEEDS, mean_std, run_or_read
+from clip_cifar10 import LOSSES, SEEDS, mean_std, run_or_read, shared_settings
 
 from kinfonce.caption_synth import class_images, generate, write_table
 from kinfonce.config import ClipConfig
@@ -45,30 +45,21 @@ def run_config(
     args: argparse.Namespace, files: list[Path], loss: str, rewrites: bool, seed: int
 ) -> ClipConfig:
     table, *rewrite_files = files
+    name = f"{loss}-{'rewrites' if rewrites else 'own'}-s{seed}"
     return ClipConfig(
         captions=str(table),
         image_root=str(ZIP),
         csv_label_key="label",
         rewrite_files=tuple(map(str, rewrite_files)) if rewrites else (),
         test_fraction=0.1,
-        backbone="resnet-mini",
-        loss=loss,
-        crop_scale_min=0.2,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        warmup_epochs=1,
-        seed=seed,
-        eval_linear_epochs=args.eval_linear_epochs,
-        baselines=False,
-        progress=False,
-        output_dir=str(Path(args.out) / f"{loss}-{'rewrites' if rewrites else 'own'}-s{seed}"),
+        **shared_settings(args, loss, seed, name),
     )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=3000)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--pairs", type=int, default=4000)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--eval-linear-epochs", type=int, default=20)
     parser.add_argument("--out", default=stamped_run_dir("clip-captions"))

@@ -35,13 +35,12 @@ LOSSES = ("gaussian", "simple-sum")
 SEEDS = (0, 1, 2)
 
 
-def run_config(args: argparse.Namespace, loss: str, rewrites: int, seed: int) -> ClipConfig:
-    return ClipConfig(
-        dataset=f"imagefolder:{ZIP}",
-        train_subset=args.train_subset,
+def shared_settings(args: argparse.Namespace, loss: str, seed: int, name: str) -> dict:
+    """The settings of a CPU-scale clip run that the clip benchmarks share; ``name`` is its
+    directory under ``args.out``."""
+    return dict(
         backbone="resnet-mini",
         loss=loss,
-        rewrites=rewrites,
         crop_scale_min=0.2,
         batch_size=args.batch_size,
         epochs=args.epochs,
@@ -50,7 +49,16 @@ def run_config(args: argparse.Namespace, loss: str, rewrites: int, seed: int) ->
         eval_linear_epochs=args.eval_linear_epochs,
         baselines=False,
         progress=False,
-        output_dir=str(Path(args.out) / f"{loss}-r{rewrites}-s{seed}"),
+        output_dir=str(Path(args.out) / name),
+    )
+
+
+def run_config(args: argparse.Namespace, loss: str, rewrites: int, seed: int) -> ClipConfig:
+    return ClipConfig(
+        dataset=f"imagefolder:{ZIP}",
+        train_subset=args.train_subset,
+        rewrites=rewrites,
+        **shared_settings(args, loss, seed, f"{loss}-r{rewrites}-s{seed}"),
     )
 
 

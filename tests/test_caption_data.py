@@ -293,6 +293,25 @@ def test_own_captions_train_and_report_retrieval(pattern_pairs, tmp_path, capsys
     assert "R@1 image/text" in (report / "report.md").read_text()
 
 
+def test_captions_without_labels_train_and_report_retrieval_only(pattern_pairs, tmp_path, capsys):
+    # No --csv-label-key: no classes, so no online probe, linear probe, kNN or zero-shot;
+    # retrieval recall is still measured, and best.ckpt follows the newest epoch.
+    flags = tiny_flags(
+        dataset="digits", train_subset=None, proj_hidden_dim=64, epochs=30, crop_scale_min=0.5,
+        text_width=32, text_layers=1,
+    )  # fmt: skip
+    run = tmp_path / "run"
+    source = ["--captions", str(pattern_pairs / "captions.csv"), "--test-fraction", "0.25"]
+    assert main(["clip", *flags, *source, "--output-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "image to text" in out and "linear top-1" not in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "linear_top1" not in metrics and "zero_shot_top1" not in metrics
+    assert "final_probe_top1" not in metrics and metrics["test_images"] == 30
+    assert metrics["image_to_text_r10"] > 0.6 and metrics["text_to_image_r10"] > 0.6, metrics
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+
+
 @pytest.mark.skipif(not CIFAR10_ZIP.is_file(), reason="needs the CIFAR-10 zip")
 def test_generated_cifar10_captions_train_end_to_end(tmp_path, capsys):
     # 2,000 generated pairs with two rewrite files. The graph: without rewrites almost every

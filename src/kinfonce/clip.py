@@ -68,7 +68,11 @@ def run_captions(
             splits.class_names, splits.train.labels, config.rewrites, config.seed
         )
         return classes, images, None
-    prompts = class_captions(splits.class_names, config.rewrites, config.seed)
+    prompts = (
+        class_captions(splits.class_names, config.rewrites, config.seed)
+        if splits.num_classes
+        else []
+    )
     classes, images, test = shared_captions(
         [prompts, splits.captions["train"].with_rewrites(), splits.captions["test"].own]
     )
@@ -208,10 +212,13 @@ def evaluate_clip(
 ) -> dict[str, Any]:
     """Zero-shot accuracy on the test split beside the linear probe and kNN of the image
     backbone (and the baselines) that ``kinfonce pretrain`` reports; on the user's own
-    pairs also retrieval recall on the held-out images and the pair graph's components."""
-    metrics = evaluate_baselines(module.backbone, splits, config, device)
-    metrics.update(zero_shot_metrics(module, splits.test.images, splits.test.labels, device))
-    metrics["captions_per_class"] = config.rewrites
+    pairs also retrieval recall on the held-out images and the pair graph's components
+    (only these when the pairs have no labels)."""
+    metrics: dict[str, Any] = {}
+    if splits.num_classes:  # captions without labels have neither probes nor zero-shot
+        metrics = evaluate_baselines(module.backbone, splits, config, device)
+        metrics.update(zero_shot_metrics(module, splits.test.images, splits.test.labels, device))
+        metrics["captions_per_class"] = config.rewrites
     if isinstance(splits, CaptionedSplits):
         _, _, test = run_captions(config, splits)
         assert test is not None

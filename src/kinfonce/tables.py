@@ -71,8 +71,11 @@ def format_markdown(columns: Sequence[str], rows: list[Mapping[str, str]]) -> st
 
 def format_summary(metrics: Mapping[str, Any]) -> str:
     """A small table of a training run: the pretrained encoder against the two baselines,
-    then the zero-shot accuracy of a ``kinfonce clip`` run; accuracies in percent, as
-    ``kinfonce eval`` and ``kinfonce report`` print them."""
+    then the zero-shot accuracy and retrieval recall of a ``kinfonce clip`` run (a run on
+    captions without labels has only the recall); accuracies in percent, as ``kinfonce
+    eval`` and ``kinfonce report`` print them."""
+    if "linear_top1" not in metrics:
+        return format_retrieval(metrics)
     prefixes = [p for p in ENCODER_NAMES if p + "linear_top1" in metrics]
     lines = [f"{'features':<24}{'linear top-1':>14}{'kNN top-1':>12}"]
     for prefix in prefixes:
@@ -102,7 +105,9 @@ def format_retrieval(metrics: Mapping[str, Any]) -> str:
         f"{'direction':<24}" + "".join(f"{f'R@{k}':>9}" for k in ks),
     ]
     for label, name in (("image to text", "image_to_text"), ("text to image", "text_to_image")):
-        lines.append(f"{label:<24}" + "".join(f"{metrics[f'{name}_r{k}']:>9.4f}" for k in ks))
+        lines.append(
+            f"{label:<24}" + "".join(f"{format_percent(metrics[f'{name}_r{k}']):>9}" for k in ks)
+        )
     if "graph_components" in metrics:
         lines.append(
             f"pair graph components: {metrics['graph_components']} (own captions), "

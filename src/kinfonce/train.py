@@ -192,6 +192,14 @@ def quiet_lightning(accelerator: str) -> Iterator[None]:
         summary.setLevel(levels[1])
 
 
+def follow_newest_epoch(trainer: L.Trainer) -> None:
+    """Let ``best.ckpt`` follow the newest epoch, for a module without an online probe (a
+    caption set without labels): there is no ``probe_top1`` to rank epochs by."""
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "monitor", None) == "probe_top1":
+            callback.monitor = None
+
+
 @dataclass(frozen=True)
 class TrainingJob:
     """What one kind of training run adds to the machinery of :func:`run_training`.
@@ -314,6 +322,8 @@ def run_training(
             splits = (job.load or load_training_splits)(config)
         check_batch_size(config.batch_size, splits.pretraining_size, trainer.world_size)
         module, data = job.build(config, splits)
+        if module.probe is None:
+            follow_newest_epoch(trainer)
         claim = (
             claim_run_dir(run_dir, resume=resume is not None) if owner else contextlib.nullcontext()
         )

@@ -4,7 +4,8 @@ The rows of a caption source (:mod:`kinfonce.caption_files`) are grouped by imag
 named by several rows has several captions of its own, and the rewrite files add the rewrites
 of those rows. Images, not rows, are split: a seeded ``test_fraction`` of them is held out for
 retrieval and zero-shot evaluation, then ``val_fraction`` of the rest for the online probe
-(both stratified by class), then ``train_subset`` of the training images is drawn. Only the
+(both stratified by class when the source has labels), then ``train_subset`` of the
+training images is drawn. Without labels every label is -1 and there are no classes. Only the
 images kept are decoded (:func:`kinfonce.data.decode.decode_images`); an undecodable one is
 left out with its captions.
 """
@@ -70,24 +71,19 @@ class CaptionedSplits(DatasetSplits):
 
 def group_rows(
     rows: CaptionRows, rewrites: Sequence[Sequence[str]]
-) -> tuple[list[str], ImageCaptions, list[str]]:
-    """(distinct images in order of first row, their captions, each image's class name).
+) -> tuple[list[str], ImageCaptions, list[str | None]]:
+    """(distinct images in order of first row, their captions, each image's class name or
+    None when the source has no labels).
 
     Raises:
-        KinfonceError: the source has no labels, or rows of one image name different classes.
+        KinfonceError: rows of one image name different classes.
     """
-    if rows.labels is None:
-        raise KinfonceError(
-            f"{rows.source} has no class labels: kinfonce clip needs one per image for its "
-            "probes and zero-shot accuracy (a CSV column named by --csv-label-key, or "
-            "name.cls beside each name.jpg)"
-        )
     index: dict[str, list[int]] = {}
     for r, image in enumerate(rows.images):
         index.setdefault(image, []).append(r)
     images, own, rewritten, labels = [], [], [], []
     for image, members in index.items():
-        names = {rows.labels[r] for r in members}
+        names = {rows.labels[r] if rows.labels is not None else None for r in members}
         if len(names) > 1:
             lines = ", ".join(rows.lines[r] for r in members)
             raise KinfonceError(
@@ -105,7 +101,9 @@ def group_rows(
 
 def split_images(labels: torch.Tensor, config: ClipConfig) -> dict[str, torch.Tensor]:
     """Split -> sorted int64 image indices: test, then val of the rest, then the training
-    subset, each drawn with ``config.seed``."""
+    subset, each drawn with ``config.seed`` (stratified by class; unlabelled images, -1,
+    are not stratified)."""
+    labels = labels.clamp_min(0)
     rest, test = split_index(labels, config.test_fraction, config.seed)
     train, val = (rest[i] for i in split_index(labels[rest], config.val_fraction, config.seed))
     if config.train_subset is not None and config.train_subset < len(train):
@@ -131,14 +129,14 @@ def load_caption_splits(config: ClipConfig) -> CaptionedSplits:
     )
     rewrites = read_rewrite_files(config.rewrite_files, rows)
     images, captions, names = group_rows(rows, rewrites)
-    class_names = sorted(set(names))
-    if len(class_names) < 2:
+    class_names = sorted({name for name in names if name is not None})
+    if len(class_names) == 1:
         raise KinfonceError(
-            f"{rows.source} names {len(class_names)} class ({class_names}): the probes and "
-            "zero-shot accuracy need at least 2"
+            f"{rows.source} names 1 class ({class_names[0]!r}): the probes and zero-shot "
+            "accuracy need at least 2 (or leave out the labels)"
         )
     ids = {name: i for i, name in enumerate(class_names)}
-    labels = torch.tensor([ids[name] for name in names], dtype=torch.int64)
+    labels = torch.tensor([ids.get(name, -1) for name in names], dtype=torch.int64)
     parts = split_images(labels, config)
     order = torch.cat([parts[s] for s in SPLITS])
     decoded = decode.decode_images(

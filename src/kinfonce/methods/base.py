@@ -91,7 +91,12 @@ class PretrainMethod(L.LightningModule):
         )
         if config.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-        self.probe = nn.Linear(self.backbone.feature_dim, data["num_classes"])
+        # No classes (a caption set without labels): no probe, nothing logged for it.
+        self.probe = (
+            nn.Linear(self.backbone.feature_dim, data["num_classes"])
+            if data["num_classes"]
+            else None
+        )
         self.views = SimCLRViews(
             data["image_size"],
             data["mean"],
@@ -159,13 +164,6 @@ class PretrainMethod(L.LightningModule):
             inputs = self.make_inputs(batch)
         loss, features = self.contrastive_step(*inputs)
         self._record_nonfinite(loss.detach())
-        # Unlabelled images (label -1, e.g. STL-10's unlabelled split) train no probe; masked
-        # rather than indexed, so that nothing waits for the GPU.
-        labelled = (labels >= 0).float()
-        per_image = F.cross_entropy(
-            self.probe(features.detach()), labels.clamp_min(0), reduction="none"
-        )
-        probe_loss = (per_image * labelled).sum() / labelled.sum().clamp_min(1.0)
         size = len(labels)
         self.log(
             "train_loss",
@@ -176,6 +174,15 @@ class PretrainMethod(L.LightningModule):
             sync_dist=True,
             batch_size=size,
         )
+        if self.probe is None:
+            return loss
+        # Unlabelled images (label -1, e.g. STL-10's unlabelled split) train no probe; masked
+        # rather than indexed, so that nothing waits for the GPU.
+        labelled = (labels >= 0).float()
+        per_image = F.cross_entropy(
+            self.probe(features.detach()), labels.clamp_min(0), reduction="none"
+        )
+        probe_loss = (per_image * labelled).sum() / labelled.sum().clamp_min(1.0)
         self.log(
             "probe_train_loss",
             probe_loss,
@@ -221,7 +228,10 @@ class PretrainMethod(L.LightningModule):
         self.log_validation(self.backbone(self.eval_transform(images)), labels)
 
     def log_validation(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """Log the validation metrics of (B, F) backbone features: here ``probe_top1``."""
+        """Log the validation metrics of (B, F) backbone features: here ``probe_top1``
+        (nothing without classes)."""
+        if self.probe is None:
+            return
         logits = self.probe(features)
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         self.log(
@@ -241,14 +251,15 @@ class PretrainMethod(L.LightningModule):
             cfg.weight_decay,
             exclude_bn_bias=cfg.exclude_bn_bias,
         )
-        groups.append(
-            {
-                "params": list(self.probe.parameters()),
-                "weight_decay": 0.0,
-                "lars_adapt": False,
-                "lr": cfg.probe_lr,
-            }
-        )
+        if self.probe is not None:
+            groups.append(
+                {
+                    "params": list(self.probe.parameters()),
+                    "weight_decay": 0.0,
+                    "lars_adapt": False,
+                    "lr": cfg.probe_lr,
+                }
+            )
         optimizer = build_optimizer(
             cfg.optimizer,
             groups,

@@ -113,6 +113,8 @@ class ClipMethod(PretrainMethod):
 
     def log_validation(self, features: Tensor, labels: Tensor) -> None:
         super().log_validation(features, labels)
+        if self.class_captions.numel() == 0:  # no classes, no zero-shot
+            return
         logits = self.zero_shot(self.head(features))
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         self.log(
