@@ -291,6 +291,8 @@ def test_own_captions_train_and_report_retrieval(pattern_pairs, tmp_path, capsys
     report = tmp_path / "report"
     assert main(["report", str(run), "--output-dir", str(report)]) == 0
     assert "R@1 image/text" in (report / "report.md").read_text()
+    assert main(["eval", str(run / "checkpoints" / "last.ckpt")]) != 0
+    assert "choose one with --dataset" in capsys.readouterr().err
 
 
 def test_captions_without_labels_train_and_report_retrieval_only(pattern_pairs, tmp_path, capsys):

@@ -62,6 +62,7 @@ def test_clip_evaluation_runs_on_the_training_device(monkeypatch):
     images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
     splits = type("Splits", (), {"test": type("Test", (), {"images": images})()})()
     splits.test.labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    splits.num_classes = 2
     with FakeGPU() as gpu:
         metrics = evaluate_clip(module, splits, module.config, "meta")
     assert gpu.mixed == [], f"operations that mixed the CPU and the GPU: {gpu.mixed}"

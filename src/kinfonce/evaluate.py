@@ -42,6 +42,7 @@ from kinfonce.probes import (
     score_head,
     standardizer,
 )
+from kinfonce.resolve import CAPTIONS_DATASET
 from kinfonce.scoped import progress_bars, torch_seeded
 from kinfonce.tables import ENCODER_NAMES
 
@@ -389,6 +390,12 @@ def evaluate_checkpoint(
     encoder, config = load_encoder(checkpoint)
     own_data = settings.dataset is None or settings.dataset == config["dataset"]
     name = config["dataset"] if settings.dataset is None else settings.dataset
+    if name == CAPTIONS_DATASET:
+        raise KinfonceError(
+            f"{checkpoint} was trained on the image-caption pairs of {config.get('captions')!r}; "
+            "kinfonce eval probes a backbone on a labelled data set: choose one with --dataset "
+            "(the run's own retrieval recall is in its metrics.json)"
+        )
     seed = config["seed"] if settings.seed is None else settings.seed
     with progress_bars(settings.progress):
         splits = load_dataset(

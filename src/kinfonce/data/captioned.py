@@ -12,7 +12,6 @@ left out with its captions.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -115,8 +114,8 @@ def load_caption_splits(config: ClipConfig) -> CaptionedSplits:
     """The captioned images of ``config.captions`` (see the module docstring).
 
     Raises:
-        KinfonceError: a malformed source or rewrite file, a missing image, images without
-            labels or of fewer than 2 classes, a split left empty.
+        KinfonceError: a malformed source or rewrite file, a missing image, labels of
+            one class only, a split left without images.
     """
     assert config.captions is not None
     rows, tree = read_caption_source(
@@ -143,14 +142,8 @@ def load_caption_splits(config: ClipConfig) -> CaptionedSplits:
         tree, [images[i] for i in order.tolist()], size=config.image_size,  # type: ignore[arg-type]
         desc="decoding captioned images",
     )  # fmt: skip
-    kept = torch.from_numpy(decoded.kept)
+    kept = torch.from_numpy(decoded.kept)  # decode_images warned about the others
     pixels = torch.from_numpy(decoded.images)
-    if len(kept) < len(order):
-        warnings.warn(
-            f"{len(order) - len(kept)} undecodable image(s) of {rows.source} left out with "
-            f"their captions: {'; '.join(decoded.skipped[:3])}",
-            stacklevel=2,
-        )
     split_of = torch.repeat_interleave(
         torch.arange(3), torch.tensor([len(parts[s]) for s in SPLITS])
     )
@@ -160,8 +153,9 @@ def load_caption_splits(config: ClipConfig) -> CaptionedSplits:
         chosen = order[kept[mine]]
         if len(chosen) == 0:
             raise KinfonceError(
-                f"the {split} split of {rows.source} is empty ({len(images)} images; "
-                "test_fraction and val_fraction each hold out at least one)"
+                f"the {split} split of {rows.source} has no decodable image: its "
+                f"{len(images)} images are too few for test_fraction {config.test_fraction} "
+                f"and val_fraction {config.val_fraction}, or its images do not decode"
             )
         sets[split] = LabeledImages(pixels[mine].contiguous(), labels[chosen])
         texts[split] = captions.select(chosen.tolist())
