@@ -138,7 +138,7 @@ def test_config_differences_ignore_runtime_fields():
     assert {
         "accelerator", "devices", "num_nodes", "strategy", "precision", "progress",
         "output_dir", "data_root", "download", "eval_linear_epochs", "eval_knn_k", "baselines",
-        "loss_path", "compile", "channels_last", "image_root",
+        "loss_path", "compile", "channels_last", "image_root", "workers",
     } == RUNTIME_FIELDS  # fmt: skip
 
 

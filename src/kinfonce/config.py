@@ -297,6 +297,21 @@ class TrainConfig(Settings):
         "data",
         at_least(1),
     )
+    resize: str = setting(
+        "shorter-side-then-centre-crop",
+        "how an image of an image tree whose shape is not image_size square is fitted to it: "
+        "shorter-side-then-centre-crop (aspect ratio kept, the longer side's ends cut) or "
+        "stretch (whole image, aspect ratio lost)",
+        "data",
+    )
+    workers: int | None = setting(
+        None,
+        "processes that decode an image tree into the cache (none: the cores available); "
+        "the cache is the same whatever their number",
+        "data",
+        at_least(1),
+        runtime=True,
+    )
     unlabeled: bool = setting(
         False,
         "also pretrain on the data set's unlabelled images (stl10: its 100,000-image "

@@ -29,6 +29,7 @@ from kinfonce.config import EvalSettings, TrainConfig
 from kinfonce.data import load_dataset
 from kinfonce.data.augment import EvalTransform
 from kinfonce.data.crop import padded_crops
+from kinfonce.data.datasets import DEFAULT_RESIZE
 from kinfonce.errors import KinfonceError
 from kinfonce.fileio import write_text_atomic
 from kinfonce.models import build_backbone, place_backbone
@@ -405,6 +406,7 @@ def evaluate_checkpoint(
             val_fraction=config["val_fraction"],
             seed=config["seed"],
             image_size=config["image_size"] if own_data else None,
+            resize=config["resize"] if own_data else DEFAULT_RESIZE,
         )
     _check_data_fits_checkpoint(splits, config, str(checkpoint))
     if own_data:  # the training subset pretraining used, hence its probe's figures

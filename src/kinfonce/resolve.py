@@ -9,7 +9,8 @@ for me" (None, ``"auto"``). :func:`resolve` decides each of them once and checks
   does not take stay None (a value given for one is an error naming what the preset takes);
 * the embedding width from a dry build of the loss (128 per part of its features);
 * the augmentation from the data set's defaults (:data:`DATASET_AUGMENTATION`);
-* accelerator, devices, precision and the memory format as this machine will use them.
+* accelerator, devices, precision, the memory format and the processes that decode an image
+  tree as this machine will use them.
 
 It returns a frozen config of the same class, of which no field listed above is None: what a
 run uses, writes to ``config.yaml`` and stores in its checkpoints. Given that file again,
@@ -46,7 +47,9 @@ from kinfonce.config import (
     SyntheticConfig,
     TrainConfig,
 )
+from kinfonce.data.build import default_workers
 from kinfonce.data.datasets import check_dataset_name
+from kinfonce.data.decode import RESIZE_POLICIES
 from kinfonce.errors import KinfonceError, MissingFileError
 from kinfonce.fileio import check_writable_dir
 from kinfonce.kernel_lse import PATHS
@@ -63,6 +66,7 @@ REGISTERED_NAMES: dict[str, Iterable[str]] = {
     "optimizer": OPTIMIZERS,
     "accelerator": {"auto", "gpu", *AcceleratorRegistry},
     "strategy": {"auto", *StrategyRegistry},
+    "resize": RESIZE_POLICIES,
 }
 
 #: Loss parameters of a method where they differ from the preset's defaults: MoCo's
@@ -129,11 +133,12 @@ def check_names(config: TrainConfig) -> None:
             raise KinfonceError(f"{name} must be one of {sorted(valid)}, got {value!r}")
     check_backbone_name(config.backbone)
     if not getattr(config, "captions", None):
-        check_dataset_name(config.dataset, config.image_size)
+        check_dataset_name(config.dataset, config.image_size, config.resize)
 
 
 def _runtime(config: TrainConfig) -> Decisions:
-    """Accelerator, devices, precision and memory format as this machine uses them."""
+    """Accelerator, devices, precision, memory format and decoding processes as this machine
+    uses them."""
     accelerator = config.accelerator
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "mps" if _has_mps() else "cpu"
@@ -153,6 +158,7 @@ def _runtime(config: TrainConfig) -> Decisions:
             "Lightning's name",
         ),
         "channels_last": (channels_last, f"on for a CPU only, and this run's is {accelerator}"),
+        "workers": (config.workers or default_workers(), "the cores available to this process"),
     }
 
 

@@ -245,6 +245,8 @@ def load_training_splits(config: TrainConfig) -> DatasetSplits:
         seed=config.seed,
         unlabeled=config.unlabeled,
         image_size=config.image_size,
+        resize=config.resize,
+        workers=config.workers,
     )
     return splits.with_train_subset(config.train_subset, config.seed)
 

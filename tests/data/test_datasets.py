@@ -2,6 +2,7 @@
 
 import math
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -129,9 +130,9 @@ def test_undecodable_and_truncated_files_are_skipped_and_counted(tmp_path):
     with pytest.warns(UserWarning) as record:
         data = load_dataset(f"imagefolder:{tree}", cache_dir=tmp_path / "cache")
     messages = sorted(str(w.message) for w in record if str(w.message).startswith("skipped"))
-    assert len(messages) == 2  # one per split
-    assert messages[0].startswith("skipped 1 undecodable") and "test/cat/0.png" in messages[0]
-    assert messages[1].startswith("skipped 2 undecodable") and "truncated.jpg" in messages[1]
+    (message,) = messages  # one for all splits
+    assert message.startswith("skipped 3 undecodable") and "test/cat/0.png" in message
+    assert "truncated.jpg" in message and "broken.jpg" in message
     assert data.skipped_files == 3
     assert len(data.train) + len(data.val) == 12 and len(data.test) == 5
     _check_colours(data.test.images, data.test.labels, data.class_names)
@@ -318,18 +319,19 @@ def test_unlabeled_needs_an_unlabelled_folder(tmp_path):
         load_dataset("digits", unlabeled=True)
 
 
-def test_a_tree_too_big_for_memory_is_refused_before_decoding(tmp_path, monkeypatch):
-    # Catches a data set that is decoded until the machine runs out of memory instead of
-    # being refused up front with the size it needs.
-    import kinfonce.data.imagefolder as imagefolder
+def test_a_tree_too_big_for_the_disk_is_refused_before_decoding(tmp_path, monkeypatch):
+    # Catches a data set that is decoded until the disk holding the cache is full instead of
+    # being refused up front with the sizes it needs and has.
+    import kinfonce.data.build as build
 
     tree = tmp_path / "tree"
     _write_tree(tree, {"train": 2, "test": 1})
-    monkeypatch.setattr(imagefolder, "available_memory", lambda: 1000)
-    monkeypatch.setattr(
-        imagefolder.decode, "decode_images", lambda *a, **k: pytest.fail("decoded anyway")
-    )
-    with pytest.raises(ValueError, match=r"9 images at 8x8 px need .* GiB .* --image-size"):
+    free = shutil.disk_usage(tmp_path)._replace(free=1000)
+    monkeypatch.setattr(build.shutil, "disk_usage", lambda path: free)
+    monkeypatch.setattr(build, "decode_into", lambda *a, **k: pytest.fail("decoded anyway"))
+    with pytest.raises(
+        ValueError, match=r"9 images at 8x8 px\) needs 1.7 KiB on disk .* only 1000 B are free"
+    ):
         load_dataset(f"imagefolder:{tree}", cache_dir=tmp_path / "cache")
 
 

@@ -1,12 +1,22 @@
-"""Training batches: a seeded, sharded sampler over the in-memory uint8 set (and per-image extras)."""
+"""Training batches: a seeded, sharded sampler over the uint8 set (and per-image extras),
+gathered in a background thread."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import lightning as L
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    SequentialSampler,
+    TensorDataset,
+)
 
 from kinfonce.data.splits import DatasetSplits
 from kinfonce.errors import KinfonceError
@@ -20,6 +30,61 @@ class EpochBatchSampler(BatchSampler):
         self.sampler.set_epoch(epoch)
 
 
+class AheadLoader(DataLoader):
+    """A ``DataLoader`` whose batches are gathered by a background thread, ``ahead`` batches
+    in advance, so that reading a batch's rows (from the cache file, through the page cache;
+    ``os.preadv`` runs without the GIL) overlaps the training step. Same batches, same order."""
+
+    ahead = 2
+
+    def __iter__(self) -> Iterator[Any]:
+        return _in_background(super().__iter__(), self.ahead)
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END = object()
+
+
+def _in_background(batches: Iterator[Any], ahead: int) -> Iterator[Any]:
+    """``batches`` drawn by a thread into a queue of ``ahead``; the thread stops when the
+    consumer does (a generator closed early)."""
+    found: queue.Queue = queue.Queue(ahead)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                found.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill() -> None:
+        try:
+            for batch in batches:
+                if not put(batch):
+                    return
+            put(_END)
+        except BaseException as err:  # raised again in the consumer's thread
+            put(_Failed(err))
+
+    thread = threading.Thread(target=fill, name="kinfonce-batches", daemon=True)
+    thread.start()
+    try:
+        while (item := found.get()) is not _END:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 class PretrainData(L.LightningDataModule):
     """Training batches (shuffled per epoch with the run's seed) and the validation split.
 
@@ -30,7 +95,9 @@ class PretrainData(L.LightningDataModule):
     unlabelled images too, when loaded). Training batches are ``(images, labels, *extra)``:
     ``extra`` holds further per-image tensors (N, ...) of those images, such as the captions
     of each image. A batch is one indexing of these tensors (not one per image and a
-    stack), in pinned memory when training on a GPU so that its copy does not wait.
+    stack), in pinned memory when training on a GPU so that its copy does not wait, gathered
+    ahead of the step in a background thread (:class:`AheadLoader`): the images may be rows of
+    a cache file on disk, read as the batches need them.
     """
 
     def __init__(
@@ -43,7 +110,7 @@ class PretrainData(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         world, rank = self.trainer.world_size, self.trainer.global_rank
         train = self.splits.pretraining_images()
-        dataset = TensorDataset(train.images, train.labels, *self.extra)
+        dataset = TensorDataset(train.images, train.labels, *self.extra)  # type: ignore[arg-type]
         sampler = DistributedSampler(
             dataset,
             num_replicas=world,
@@ -54,11 +121,13 @@ class PretrainData(L.LightningDataModule):
         )
         batches = EpochBatchSampler(sampler, self.batch_size // world, drop_last=True)
         pin = self.trainer.strategy.root_device.type == "cuda"
-        return DataLoader(dataset, sampler=batches, batch_size=None, pin_memory=pin)
+        return AheadLoader(dataset, sampler=batches, batch_size=None, pin_memory=pin)
 
     def val_dataloader(self) -> DataLoader:
         val = self.splits.val
-        return DataLoader(TensorDataset(val.images, val.labels), batch_size=512)
+        dataset = TensorDataset(val.images, val.labels)  # type: ignore[arg-type]
+        batches = BatchSampler(SequentialSampler(dataset), 512, drop_last=False)
+        return AheadLoader(dataset, sampler=batches, batch_size=None)
 
 
 def check_batch_size(batch_size: int, train_size: int, world_size: int) -> None:

@@ -140,7 +140,7 @@ def load_caption_splits(config: ClipConfig) -> CaptionedSplits:
     order = torch.cat([parts[s] for s in SPLITS])
     decoded = decode.decode_images(
         tree, [images[i] for i in order.tolist()], size=config.image_size,  # type: ignore[arg-type]
-        desc="decoding captioned images",
+        resize=config.resize,
     )  # fmt: skip
     kept = torch.from_numpy(decoded.kept)  # decode_images warned about the others
     pixels = torch.from_numpy(decoded.images)

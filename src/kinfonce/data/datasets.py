@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from kinfonce.data.cache import (
-    CACHE_ENV,
-    CachedImages,
-    cache_key,
-    cache_root,
-    load_cached,
-    save_cached,
-)
+import torch
+
+from kinfonce.data.build import TreeRows, build_entry, default_workers
+from kinfonce.data.cache import CACHE_ENV, CachedImages, cache_key, cache_root, load_or_build
+from kinfonce.data.decode import RESIZE_POLICIES
 from kinfonce.data.digits import load_digits_splits
-from kinfonce.data.imagefolder import load_split_tree
-from kinfonce.data.splits import DatasetSplits, LabeledImages, channel_stats, split_off_validation
-from kinfonce.data.tinyimagenet import find_tinyimagenet_root, load_tinyimagenet_splits
+from kinfonce.data.imagefolder import check_every_class_decoded, tree_members
+from kinfonce.data.splits import (
+    DatasetSplits,
+    LabeledImages,
+    channel_counts,
+    split_off_validation,
+    stats_from_counts,
+)
+from kinfonce.data.tinyimagenet import find_tinyimagenet_root, tinyimagenet_members
 from kinfonce.data.torchvision_sets import (
     TORCHVISION_LAYOUTS,
     load_stl10_unlabeled,
@@ -54,77 +61,128 @@ def _unknown(name: object) -> KinfonceError:
     return KinfonceError(f"unknown data set name {name!r}; known names: {', '.join(DATASETS)}")
 
 
-def check_dataset_name(name: object, image_size: int | None = None) -> None:
-    """Raise a KinfonceError for an unknown name, or an ``image_size`` for a data set of
-    fixed-size arrays (only image trees are decoded at a chosen size)."""
+#: The resize policy of image trees unless one is chosen (``decode.RESIZE_POLICIES``).
+DEFAULT_RESIZE = "shorter-side-then-centre-crop"
+
+
+def check_dataset_name(
+    name: object, image_size: int | None = None, resize: str = DEFAULT_RESIZE
+) -> None:
+    """Raise a KinfonceError for an unknown name, or an ``image_size`` or ``resize`` for a
+    data set of fixed-size arrays (only image trees are decoded at a chosen size)."""
     if not isinstance(name, str) or not (name in DATASETS or name.startswith(IMAGEFOLDER_PREFIX)):
         raise _unknown(name)
-    if image_size is not None and not name.startswith(TREE_DATASETS):
-        raise KinfonceError(
-            f"image_size applies to image trees (imagefolder:PATH, tinyimagenet) only; "
-            f"{name!r} has images of a fixed size, so leave image_size unset"
-        )
+    if resize not in RESIZE_POLICIES:
+        raise KinfonceError(f"resize must be one of {sorted(RESIZE_POLICIES)}, got {resize!r}")
+    for field, value, default in (
+        ("image_size", image_size, None),
+        ("resize", resize, DEFAULT_RESIZE),
+    ):
+        if value != default and not name.startswith(TREE_DATASETS):
+            raise KinfonceError(
+                f"{field} applies to image trees (imagefolder:PATH, tinyimagenet) only; "
+                f"{name!r} has images of a fixed size, so leave {field} unset"
+            )
+
+
+@dataclass(frozen=True)
+class TreeDecoding:
+    """How an image tree is decoded into the cache: the side S of the stored images (None: the
+    most common size), the policy that fits other shapes to S x S, and the processes that
+    decode (None: the cores available; it does not change the result)."""
+
+    image_size: int | None = None
+    resize: str = DEFAULT_RESIZE
+    workers: int | None = None
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A loaded source: its splits, class names, skipped files and, where the cache has them,
+    the byte histograms (C, 256) of its training images."""
+
+    train: LabeledImages
+    test: LabeledImages
+    classes: list[str]
+    skipped: int = 0
+    unlabeled: LabeledImages | None = None
+    counts: torch.Tensor | None = None
+
+    @classmethod
+    def cached(cls, data: CachedImages) -> _Source:
+        counts = torch.tensor(data.meta["train_channel_counts"], dtype=torch.int64)
+        skipped = int(data.meta.get("skipped", 0))
+        return cls(data.train, data.test, data.class_names, skipped, data.unlabeled, counts)
 
 
 def _decoded_with_cache(
     name: str,
     identity: list,
     cache_dir: Path,
-    decode: Callable[[], CachedImages],
-) -> CachedImages:
-    """The cached entry for ``identity``, else ``decode()`` (a ``CachedImages``) saved to it."""
-    key = cache_key(name, identity)
-    cached = load_cached(cache_dir, name, key)
-    if cached is None:
-        decoded = decode()  # decoding warned about skipped files
-        try:
-            save_cached(cache_dir, name, key, decoded)
-        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
-            warnings.warn(
-                f"{name}: cannot write its cache entry under {cache_dir} ({err}); using the "
-                f"decoded images without caching them (free space there, or set {CACHE_ENV} "
-                "to a writable directory, so that later runs need not decode again)",
-                stacklevel=3,
-            )
-            return decoded
-        cached = load_cached(cache_dir, name, key)
-        if cached is None:
-            raise RuntimeError(f"cache entry for {name} under {cache_dir} unreadable after writing")
-    elif cached.meta.get("skipped", 0):
+    members: Callable[[], tuple[ImageTree, dict[str, list[tuple[str, int]]], list[str]]],
+    decoding: TreeDecoding,
+) -> _Source:
+    """The cached entry of ``identity`` and the decoding settings, else the tree's files
+    (``members()``: tree, split -> (name, label) pairs, class names) decoded into it."""
+
+    def build(partial: Path) -> None:
+        tree, pairs, classes = members()
+        build_entry(
+            partial,
+            TreeRows.from_members(tree, pairs),
+            image_size=decoding.image_size,
+            resize=decoding.resize,
+            workers=decoding.workers or default_workers(),
+            meta={"source": str(tree.path), "class_names": classes},
+        )
+
+    key = cache_key(name, identity, decoding.image_size, decoding.resize)
+    try:
+        cached, built = load_or_build(cache_dir, name, key, build)
+    except OSError as err:  # a cache directory that cannot be written
+        elsewhere = Path(tempfile.mkdtemp(prefix="kinfonce-uncached-"))
+        atexit.register(shutil.rmtree, elsewhere, ignore_errors=True)
+        warnings.warn(
+            f"{name}: cannot write its cache entry under {cache_dir} ({err}); decoding into "
+            f"{elsewhere} without caching, removed when this process ends (set {CACHE_ENV} to "
+            "a writable directory, so that later runs need not decode again)",
+            stacklevel=3,
+        )
+        cached, built = load_or_build(elsewhere, name, key, build)
+    labels = {"train": cached.train.labels, "test": cached.test.labels}
+    check_every_class_decoded(labels, cached.class_names, cached.meta.get("source", name))
+    if not built and cached.meta.get("skipped", 0):
         warnings.warn(
             f"{name}: {cached.meta['skipped']} undecodable image file(s) were skipped when it was "
             f"decoded (listed in meta.json of its entry under {cache_dir})",
             stacklevel=3,
         )
-    return cached
+    return _Source.cached(cached)
 
 
 def _imagefolder(
-    path: Path, cache_dir: Path, image_size: int | None, unlabeled: bool = False
-) -> CachedImages:
+    path: Path, cache_dir: Path, decoding: TreeDecoding, unlabeled: bool = False
+) -> _Source:
     tree = ImageTree(path)
+    identity = [tree.identity()] + (["unlabeled"] if unlabeled else [])
+    return _decoded_with_cache(
+        f"imagefolder-{path.stem}",
+        identity,
+        cache_dir,
+        lambda: (tree, *tree_members(tree, unlabeled=unlabeled)),
+        decoding,
+    )
 
-    def decode() -> CachedImages:
-        splits, classes, skipped = load_split_tree(tree, image_size=image_size, unlabeled=unlabeled)
-        meta = {"source": str(path), "skipped": len(skipped), "skipped_files": skipped}
-        return CachedImages(splits["train"], splits["test"], classes, meta, splits.get("unlabeled"))
 
-    identity = [tree.identity(), image_size] + (["unlabeled"] if unlabeled else [])
-    return _decoded_with_cache(f"imagefolder-{path.stem}", identity, cache_dir, decode)
-
-
-def _tinyimagenet(
-    root: Path, cache_dir: Path, download: bool, image_size: int | None
-) -> CachedImages:
-    tree_root = find_tinyimagenet_root(root, download)
-    tree = ImageTree(tree_root)
-
-    def decode() -> CachedImages:
-        splits, classes, skipped = load_tinyimagenet_splits(tree_root, image_size)
-        meta = {"source": str(tree_root), "skipped": len(skipped), "skipped_files": skipped}
-        return CachedImages(splits["train"], splits["test"], classes, meta)
-
-    return _decoded_with_cache("tinyimagenet", [tree.identity(), image_size], cache_dir, decode)
+def _tinyimagenet(root: Path, cache_dir: Path, download: bool, decoding: TreeDecoding) -> _Source:
+    tree = ImageTree(find_tinyimagenet_root(root, download))
+    return _decoded_with_cache(
+        "tinyimagenet",
+        [tree.identity()],
+        cache_dir,
+        lambda: (tree, *tinyimagenet_members(tree)),
+        decoding,
+    )
 
 
 def _load_source(
@@ -132,16 +190,14 @@ def _load_source(
     root: Path | None,
     cache_dir: Path,
     download: bool,
-    image_size: int | None,
+    decoding: TreeDecoding,
     unlabeled: bool = False,
-) -> tuple[LabeledImages, LabeledImages, list[str], int, LabeledImages | None]:
-    """(train, test, class names, skipped file count, an image tree's unlabelled images when
-    ``unlabeled``) of the named source."""
+) -> _Source:
+    """The named source (with an image tree's unlabelled images when ``unlabeled``)."""
     if name == "digits":
         if root is not None:
             raise KinfonceError("root must be None for 'digits' (it is embedded in scikit-learn)")
-        train, test, classes = load_digits_splits()
-        return train, test, classes, 0, None
+        return _Source(*load_digits_splits())
     if name.startswith(IMAGEFOLDER_PREFIX):
         if download:
             raise KinfonceError("download=True is not possible for imagefolder:PATH (a local tree)")
@@ -156,16 +212,12 @@ def _load_source(
                 f"imagefolder path {path} does not exist: give a directory or .zip holding "
                 "train/<class>/* and test/<class>/*"
             )
-        data = _imagefolder(path, cache_dir, image_size, unlabeled)
-        skipped = int(data.meta.get("skipped", 0))
-        return data.train, data.test, data.class_names, skipped, data.unlabeled
+        return _imagefolder(path, cache_dir, decoding, unlabeled)
     default_root = cache_dir / "datasets" / name
     if name in TORCHVISION_LAYOUTS:
-        train, test, classes = load_torchvision_splits(name, root or default_root, download)
-        return train, test, classes, 0, None
+        return _Source(*load_torchvision_splits(name, root or default_root, download))
     if name == "tinyimagenet":
-        data = _tinyimagenet(root or default_root, cache_dir, download, image_size)
-        return data.train, data.test, data.class_names, int(data.meta.get("skipped", 0)), None
+        return _tinyimagenet(root or default_root, cache_dir, download, decoding)
     raise _unknown(name)
 
 
@@ -179,6 +231,8 @@ def load_dataset(
     seed: int = 0,
     unlabeled: bool = False,
     image_size: int | None = None,
+    resize: str = DEFAULT_RESIZE,
+    workers: int | None = None,
 ) -> DatasetSplits:
     """Load a data set by name as uint8 tensors with train/val/test splits.
 
@@ -197,16 +251,21 @@ def load_dataset(
             ``unlabelled/`` folder (beside ``train/`` and ``test/``).
         image_size: for image trees (``imagefolder:``, ``tinyimagenet``), the side every image
             is resized to; None: the most common size (a warning counts the resized images).
+        resize: for image trees, how an image of another shape is fitted to that size (a
+            name of ``decode.RESIZE_POLICIES``).
+        workers: for image trees, the processes that decode a tree into the cache (None: the
+            cores available); the cache is the same whatever their number.
 
     Returns:
-        ``DatasetSplits``; ``mean``/``std`` are per channel over the whole training set.
+        ``DatasetSplits``; ``mean``/``std`` are per channel over the whole training set. An
+        image tree's splits are rows of its cache entry on disk, read as they are used.
 
     Raises:
         ValueError: unknown name (the message lists the known ones), bad ``val_fraction`` or
             ``image_size``, train and test class sets that differ, fewer than 2 classes.
         FileNotFoundError: the data are absent; the message says how to obtain them.
     """
-    check_dataset_name(name, image_size)
+    check_dataset_name(name, image_size, resize)
     if not 0.0 <= val_fraction < 1.0:
         raise KinfonceError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if unlabeled and name != "stl10" and not name.startswith(IMAGEFOLDER_PREFIX):
@@ -217,9 +276,17 @@ def load_dataset(
     if image_size is not None and image_size < 1:
         raise KinfonceError(f"image_size must be >= 1 (pixels), got {image_size!r}")
     root_path = Path(root).expanduser() if root is not None else None
-    train_full, test, classes, skipped, extra = _load_source(
-        name, root_path, cache_root(cache_dir), download, image_size, unlabeled
+    if workers is not None and workers < 1:
+        raise KinfonceError(f"workers must be >= 1 (processes), got {workers!r}")
+    source = _load_source(
+        name,
+        root_path,
+        cache_root(cache_dir),
+        download,
+        TreeDecoding(image_size, resize, workers),
+        unlabeled,
     )
+    train_full, extra = source.train, source.unlabeled
     side = int(train_full.images.shape[-1])
     if side < TINY_IMAGE_SIZE:
         warnings.warn(
@@ -228,7 +295,8 @@ def load_dataset(
             stacklevel=2,
         )
     train, val = split_off_validation(train_full, val_fraction, seed)
-    mean, std = channel_stats(train_full.images)
+    counts = channel_counts(train_full.images) if source.counts is None else source.counts
+    mean, std = stats_from_counts(counts)
     if unlabeled and name == "stl10":
         extra = load_stl10_unlabeled(
             root_path or cache_root(cache_dir) / "datasets" / name, download
@@ -236,14 +304,14 @@ def load_dataset(
     return DatasetSplits(
         train=train,
         val=val,
-        test=test,
-        class_names=classes,
-        num_classes=len(classes),
+        test=source.test,
+        class_names=source.classes,
+        num_classes=len(source.classes),
         image_size=int(train.images.shape[-1]),
         channels=int(train.images.shape[1]),
         mean=mean,
         std=std,
         name=name,
-        skipped_files=skipped,
+        skipped_files=source.skipped,
         unlabeled=extra,
     )

@@ -1,24 +1,23 @@
-"""Decode many image files into one uint8 array, skipping (and reporting) undecodable ones.
+"""Decode image files into rows of a uint8 array, skipping (and reporting) undecodable ones.
 
-Two passes: the first reads every file's header (its size, without decoding the pixels),
-so that the output size can be chosen (:func:`most_common_size`) and one array allocated;
-the second decodes each image straight to that size. A file fails per file, whatever the
-error (unreadable, a bad CRC in a zip, a truncated or corrupt image, a decompression
-bomb): it is skipped, named and counted, and the other files load.
+The output size is given, or chosen from every file's header (its size, read without decoding
+the pixels; :func:`most_common_size`); each image is then decoded and fitted to that size by a
+resize policy (:data:`RESIZE_POLICIES`). A file fails per file, whatever the error
+(unreadable, a bad CRC in a zip, a truncated or corrupt image, a decompression bomb): it is
+skipped, named and counted, and the other files load. Which process decodes which rows is
+:mod:`kinfonce.data.build`'s concern.
 
 JPEGs are decoded by ``simplejpeg`` (libjpeg-turbo; measured ~40 us per 32x32 image against
 ~100 us for torchvision.io, whose image decoding is deprecated, and several hundred for PIL,
 whose per-file header parsing is Python), other formats by PIL. simplejpeg is imported where the
 first JPEG is met, so that everything else (other formats, every part of kinfonce that decodes
-nothing) runs on a machine without it. One process: on the 2 shared
-cores this was measured, a pool of two decoded CIFAR-10's test set four times slower (pool start
-and transfers) than the plain loop (docs/benchmarks.md).
+nothing) runs on a machine without it.
 """
 
 from __future__ import annotations
 
-import functools
 import io
+import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -29,11 +28,9 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from tqdm.auto import tqdm
 
 from kinfonce.data.tree import ImageTree
 from kinfonce.errors import KinfonceError
-from kinfonce.scoped import progress_shown
 
 #: (height, width) of an image, or why it cannot be read.
 Shape = tuple[int, int] | str
@@ -87,11 +84,19 @@ def image_shape(data: bytes) -> tuple[int, int]:
     return height, width
 
 
-def decode_one(data: bytes, size: int | None = None) -> np.ndarray:
-    """Decode image bytes to RGB uint8 (3, H, W), or (3, size, size) when ``size`` is given.
+#: How an image of another shape becomes S x S pixels (``--resize``): name -> what it does.
+RESIZE_POLICIES = {
+    "shorter-side-then-centre-crop": "the shorter side scaled to S (antialiased), then the "
+    "central S x S kept: the aspect ratio stays, the ends of the longer side are lost",
+    "stretch": "each side scaled to S (antialiased): the whole image stays, its aspect ratio not",
+}
 
-    An image of another shape is resized (shorter side to ``size``, antialiased) and
-    centre-cropped. A truncated or corrupt JPEG raises instead of decoding partly.
+
+def decode_one(
+    data: bytes, size: int | None = None, resize: str = "shorter-side-then-centre-crop"
+) -> np.ndarray:
+    """Decode image bytes to RGB uint8 (3, H, W), or (3, size, size) when ``size`` is given
+    (:func:`fit_to_size`). A truncated or corrupt JPEG raises instead of decoding partly.
 
     Raises:
         PIL.Image.DecompressionBombError: too many pixels (checked before decoding).
@@ -105,10 +110,23 @@ def decode_one(data: bytes, size: int | None = None) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as pil:
             image = np.asarray(pil.convert("RGB"))
     image = image.transpose(2, 0, 1)
-    if size is not None and image.shape[1:] != (size, size):
-        resized = TF.resize(torch.from_numpy(image.copy()), size, antialias=True)
-        image = TF.center_crop(resized, [size, size]).numpy()
-    return image
+    return image if size is None else fit_to_size(image, size, resize)
+
+
+def fit_to_size(image: np.ndarray, size: int, resize: str) -> np.ndarray:
+    """A uint8 image (3, H, W) as (3, size, size), resized by the policy ``resize``
+    (:data:`RESIZE_POLICIES`) unless it has that shape already."""
+    if image.shape[1:] == (size, size):
+        return image
+    pixels = torch.from_numpy(np.ascontiguousarray(image))
+    if resize == "stretch":
+        return TF.resize(pixels, [size, size], antialias=True).numpy()
+    return TF.center_crop(TF.resize(pixels, size, antialias=True), [size, size]).numpy()
+
+
+#: An object's repr with its memory address (as in PIL's "cannot identify image file <...>"),
+#: which would make a cache entry's list of skipped files differ from one process to another.
+_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 def _per_file(tree: ImageTree, name: str, decode: Callable[[bytes], object]) -> object | str:
@@ -121,15 +139,12 @@ def _per_file(tree: ImageTree, name: str, decode: Callable[[bytes], object]) -> 
     except KinfonceError:
         raise
     except Exception as err:
-        return f"{type(err).__name__}: {err}"
+        return f"{type(err).__name__}: {_ADDRESS.sub('the file', str(err))}"
 
 
-def read_shapes(tree: ImageTree, names: Sequence[str], desc: str = "reading sizes") -> list[Shape]:
+def read_shapes(tree: ImageTree, names: Sequence[str]) -> list[Shape]:
     """The (height, width) of each file from its header, or why it cannot be read."""
-    return [
-        _per_file(tree, name, image_shape)  # type: ignore[misc]
-        for name in tqdm(names, desc=desc, unit="img", leave=False, disable=not progress_shown())
-    ]
+    return [_per_file(tree, name, image_shape) for name in names]  # type: ignore[misc]
 
 
 def most_common_size(shapes: Sequence[Shape]) -> int:
@@ -147,9 +162,50 @@ def most_common_size(shapes: Sequence[Shape]) -> int:
 
 
 @dataclass(frozen=True)
+class DecodedRows:
+    """What decoding a run of files into rows gave: the skipped rows (index in the run, why),
+    how many images were resized, and per-channel histograms (C, 256) int64 of the byte values
+    of the decoded (not skipped) images."""
+
+    skipped: list[tuple[int, str]]
+    resized: int
+    counts: np.ndarray
+
+
+def decode_into(
+    tree: ImageTree, names: Sequence[str], out: np.ndarray, size: int, resize: str
+) -> DecodedRows:
+    """Decode ``names`` into ``out`` (len(names), 3, size, size) uint8, row i from file i; the
+    row of an undecodable file is left as it is and reported in ``skipped``."""
+    skipped: list[tuple[int, str]] = []
+    resized = 0
+    counts = np.zeros((3, 256), dtype=np.int64)
+    for index, name in enumerate(names):
+        image = _per_file(tree, name, decode_one)
+        if isinstance(image, str):
+            skipped.append((index, f"{name} ({image})"))
+            continue
+        resized += image.shape[1:] != (size, size)
+        out[index] = fit_to_size(image, size, resize)
+        for channel in range(3):
+            counts[channel] += np.bincount(out[index, channel].reshape(-1), minlength=256)
+    return DecodedRows(skipped, resized, counts)
+
+
+def warn_skipped(skipped: Sequence[str], source: object) -> None:
+    """One warning that counts the skipped files and names the first five, if any."""
+    if skipped:
+        shown = "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
+        warnings.warn(
+            f"skipped {len(skipped)} undecodable image file(s) in {source}: {shown}",
+            stacklevel=3,
+        )
+
+
+@dataclass(frozen=True)
 class DecodedImages:
-    """Decoded images (M, 3, S, S) uint8, the index in ``names`` of each, the skipped lines,
-    and how many of the M were resized (their own shape was not S x S)."""
+    """Decoded images (M, 3, S, S) uint8 in memory, the index in ``names`` of each, the skipped
+    lines, and how many of the M were resized (their own shape was not S x S)."""
 
     images: np.ndarray
     kept: np.ndarray
@@ -162,52 +218,32 @@ def decode_images(
     names: Sequence[str],
     *,
     size: int | None = None,
-    shapes: Sequence[Shape] | None = None,
-    desc: str = "decoding",
+    resize: str = "shorter-side-then-centre-crop",
 ) -> DecodedImages:
-    """Decode ``names`` from ``tree`` into one uint8 array, skipping undecodable files.
+    """Decode ``names`` into one uint8 array in memory, skipping undecodable files: for small
+    sets (a caption file's images); image trees go to the cache on disk
+    (:mod:`kinfonce.data.build`).
 
     Args:
         tree: where the files are.
         names: members to decode, in order.
         size: side of the square output; None: :func:`most_common_size` of the files.
-        shapes: :func:`read_shapes` of ``names``, if already read.
-        desc: progress-bar label.
+        resize: the policy that fits other shapes (:data:`RESIZE_POLICIES`).
 
     Returns:
         ``DecodedImages``; one warning reports the skipped files, if any.
 
     Raises:
-        ValueError: no file decodes at all.
+        KinfonceError: no file decodes at all.
     """
     names = list(names)
-    shapes = read_shapes(tree, names) if shapes is None else shapes
-    size = most_common_size(shapes) if size is None else size
-    decode_at_size = functools.partial(decode_one, size=size)
-    skipped: list[str] = []
-    out = np.empty((len(names), 3, size, size), dtype=np.uint8)
-    kept: list[int] = []
-    resized = 0
-    for index, (name, shape) in enumerate(
-        zip(
-            tqdm(names, desc=desc, unit="img", leave=False, disable=not progress_shown()),
-            shapes,
-            strict=True,
-        )
-    ):
-        image = shape if isinstance(shape, str) else _per_file(tree, name, decode_at_size)
-        if isinstance(image, str):
-            skipped.append(f"{name} ({image})")
-            continue
-        out[len(kept)] = image
-        kept.append(index)
-        resized += shape != (size, size)
-    if not kept:
+    size = most_common_size(read_shapes(tree, names)) if size is None else size
+    out = np.zeros((len(names), 3, size, size), dtype=np.uint8)
+    decoded = decode_into(tree, names, out, size, resize)
+    bad = {index for index, _ in decoded.skipped}
+    kept = np.asarray([i for i in range(len(names)) if i not in bad], dtype=np.int64)
+    if len(kept) == 0:
         raise KinfonceError(f"no decodable image among {len(names)} files in {tree.path}")
-    if skipped:
-        shown = "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
-        warnings.warn(
-            f"skipped {len(skipped)} undecodable image file(s) in {tree.path}: {shown}",
-            stacklevel=2,
-        )
-    return DecodedImages(out[: len(kept)], np.asarray(kept, dtype=np.int64), skipped, resized)
+    skipped = [line for _, line in decoded.skipped]
+    warn_skipped(skipped, tree.path)
+    return DecodedImages(out[kept], kept, skipped, decoded.resized)

@@ -1,27 +1,23 @@
-"""Class-per-folder image trees (``<split>/<class>/<image>``), in a directory or a zip.
+"""Class-per-folder image trees (``<split>/<class>/<image>``), in a directory or a zip: which
+files each split holds, and their classes.
 
 Why not ``torchvision.datasets.ImageFolder``: it decodes lazily, one image per ``__getitem__``,
-from a directory only; here every image is decoded once (from a directory or a zip's members)
-into one uint8 array that the cache then keeps on disk.
+from a directory only; here every image is decoded once (from a directory or a zip's members,
+:mod:`kinfonce.data.build`) into one uint8 file that the cache keeps on disk.
 """
 
 from __future__ import annotations
 
-import os
-import warnings
 from collections.abc import Sequence
 from pathlib import PurePosixPath
 
-import numpy as np
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from kinfonce.data import decode
-from kinfonce.data.splits import LabeledImages
 from kinfonce.data.tree import ImageTree
 from kinfonce.errors import KinfonceError, MissingFileError
 
-__all__ = ["decode_labelled_splits", "load_split_tree"]
+__all__ = ["UNLABELED_FOLDERS", "check_every_class_decoded", "tree_members"]
 
 
 def _is_image(name: str) -> bool:
@@ -45,28 +41,24 @@ def _find_split_root(names: Sequence[str], splits: Sequence[str]) -> str:
 UNLABELED_FOLDERS = ("unlabelled", "unlabeled")
 
 
-def load_split_tree(
-    tree: ImageTree,
-    splits: Sequence[str] = ("train", "test"),
-    image_size: int | None = None,
-    unlabeled: bool = False,
-) -> tuple[dict[str, LabeledImages], list[str], list[str]]:
-    """Decode ``<split>/<class>/<image>`` for each split of a tree.
+def tree_members(
+    tree: ImageTree, splits: Sequence[str] = ("train", "test"), unlabeled: bool = False
+) -> tuple[dict[str, list[tuple[str, int]]], list[str]]:
+    """The image files of ``<split>/<class>/<image>`` for each split of a tree.
 
     Args:
         tree: the directory or zip.
         splits: the split folders.
-        image_size: see :func:`decode_labelled_splits`.
-        unlabeled: also decode every image under ``unlabelled/`` (or ``unlabeled/``), at any
-            depth, into the split ``"unlabeled"`` with label -1.
+        unlabeled: also every image under ``unlabelled/`` (or ``unlabeled/``), at any depth,
+            as the split ``"unlabeled"`` with label -1.
 
     Returns:
-        (images per split, class names sorted, skipped-file lines).
+        (split -> (member name, class index) pairs in name order, class names sorted).
 
     Raises:
         FileNotFoundError: a split folder is missing or holds no image.
-        ValueError: the splits' class sets differ (the message names the differences),
-            there are fewer than 2 classes, or a class has no decodable image in a split.
+        ValueError: the splits' class sets differ (the message names the differences), or
+            there are fewer than 2 classes.
     """
     names = [n for n in tree.names() if _is_image(n)]
     prefix = _find_split_root(names, splits)
@@ -111,25 +103,24 @@ def load_split_tree(
                 "(--unlabeled), put the images without labels in an unlabelled/ folder beside "
                 f"{'/'.join(splits)}"
             )
-    result, skipped = decode_labelled_splits(tree, labelled, image_size)
-    check_every_class_decoded(result, reference, str(tree.path))
-    return result, reference, skipped
+    return labelled, reference
 
 
 def check_every_class_decoded(
-    images: dict[str, LabeledImages], class_names: Sequence[str], source: str
+    labels: dict[str, torch.Tensor], class_names: Sequence[str], source: str
 ) -> None:
-    """Refuse labelled splits in which a class kept no decodable image: a class whose every
-    file is undecodable would otherwise vanish, and a probe of the classes left would look
-    perfect (a 2-class tree scoring 100% on one). The unlabelled split has no classes.
+    """Refuse labelled splits (split -> int64 labels (N,) of the decoded images) in which a
+    class kept no decodable image: a class whose every file is undecodable would otherwise
+    vanish, and a probe of the classes left would look perfect (a 2-class tree scoring 100% on
+    one). The unlabelled split has no classes.
 
     Raises:
         KinfonceError: naming the split and the classes without a decoded image.
     """
-    for split, found in images.items():
+    for split, found in labels.items():
         if split == "unlabeled":
             continue
-        present = set(found.labels.unique().tolist())
+        present = set(found.unique().tolist())
         missing = [name for label, name in enumerate(class_names) if label not in present]
         if missing:
             shown = missing[:10] + (["..."] if len(missing) > 10 else [])
@@ -138,80 +129,3 @@ def check_every_class_decoded(
                 "file of theirs was skipped); each class needs at least one decodable image "
                 "in each split: repair or remove those files"
             )
-
-
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation now: psutil's estimate, else (where
-    psutil is missing, as on a bare GPU machine) the free physical pages."""
-    try:
-        import psutil
-    except ImportError:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(psutil.virtual_memory().available)
-
-
-def check_fits_in_memory(count: int, image_size: int, source: str) -> None:
-    """Refuse, before decoding, a data set whose uint8 tensor (count x 3 x S x S bytes, the
-    RGB bound) would not fit in the memory available now: kinfonce holds data in memory."""
-    needed = count * 3 * image_size * image_size
-    available = available_memory()
-    if needed > available:
-        raise KinfonceError(
-            f"{source}: {count} images at {image_size}x{image_size} px need "
-            f"{needed / 2**30:.1f} GiB as uint8 tensors, but only {available / 2**30:.1f} GiB "
-            "of memory is available; kinfonce decodes a data set into memory. Choose a smaller "
-            "--image-size, or fewer images"
-        )
-
-
-def decode_labelled_splits(
-    tree: ImageTree, members: dict[str, list[tuple[str, int]]], image_size: int | None = None
-) -> tuple[dict[str, LabeledImages], list[str]]:
-    """Decode each split's (member, label) pairs, all at one square size.
-
-    Args:
-        tree: where the files are.
-        members: split -> (member name, label) pairs.
-        image_size: the side in pixels; None: the most common size over all splits
-            (:func:`kinfonce.data.decode.most_common_size`). A warning counts the images
-            resized to it.
-
-    Returns:
-        (images per split, skipped-file lines of all splits).
-    """
-    shapes = {
-        split: decode.read_shapes(tree, [n for n, _ in pairs], desc=f"reading {split} sizes")
-        for split, pairs in members.items()
-    }
-    chosen = "given"
-    if image_size is None:
-        image_size = decode.most_common_size([s for found in shapes.values() for s in found])
-        chosen = "the most common size"
-    count = sum(len(pairs) for pairs in members.values())
-    check_fits_in_memory(count, image_size, str(tree.path))
-    result: dict[str, LabeledImages] = {}
-    skipped: list[str] = []
-    resized = 0
-    for split, pairs in members.items():
-        labels = np.asarray([label for _, label in pairs], dtype=np.int64)
-        decoded = decode.decode_images(
-            tree,
-            [n for n, _ in pairs],
-            size=image_size,
-            shapes=shapes[split],
-            desc=f"decoding {split}",
-        )
-        skipped += decoded.skipped
-        resized += decoded.resized
-        result[split] = LabeledImages(
-            torch.from_numpy(decoded.images), torch.from_numpy(labels[decoded.kept])
-        )
-    total = sum(len(images) for images in result.values())
-    if resized:
-        warnings.warn(
-            f"resized {resized} of {total} images in {tree.path} to {image_size}x{image_size} "
-            f"px ({chosen}; shorter side scaled, then centre-cropped); set image_size "
-            "(--image-size) to choose another size",
-            stacklevel=3,
-        )
-    return result, skipped

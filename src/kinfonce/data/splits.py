@@ -10,9 +10,17 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
+from kinfonce.data.stored import StoredImages
 from kinfonce.errors import KinfonceError
 
-__all__ = ["DatasetSplits", "LabeledImages", "channel_stats", "split_off_validation"]
+__all__ = [
+    "DatasetSplits",
+    "LabeledImages",
+    "channel_counts",
+    "channel_stats",
+    "split_off_validation",
+    "stats_from_counts",
+]
 
 
 @dataclass(frozen=True)
@@ -20,11 +28,12 @@ class LabeledImages:
     """Images with class labels.
 
     Attributes:
-        images: uint8 tensor (N, C, H, W).
+        images: uint8 tensor (N, C, H, W) in memory, or rows of a cache entry's file on disk
+            (:class:`StoredImages`, indexed like a tensor: each index reads its rows).
         labels: int64 tensor (N,), class indices.
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | StoredImages
     labels: torch.Tensor
 
     def __post_init__(self) -> None:
@@ -47,7 +56,10 @@ class LabeledImages:
         )
 
     def subset(self, index: torch.Tensor) -> LabeledImages:
-        """The images and labels at ``index`` (int64 (M,)), copied into memory."""
+        """The images and labels at ``index`` (int64 (M,)): copied when in memory, a list of
+        rows when on disk (nothing read)."""
+        if isinstance(self.images, StoredImages):
+            return LabeledImages(self.images.subset(index), self.labels[index].contiguous())
         return LabeledImages(self.images[index].contiguous(), self.labels[index].contiguous())
 
 
@@ -93,10 +105,13 @@ class DatasetSplits:
         """The images pretraining draws from: the training split, then the unlabelled ones."""
         if self.unlabeled is None:
             return self.train
-        return LabeledImages(
-            torch.cat([self.train.images, self.unlabeled.images]),
-            torch.cat([self.train.labels, self.unlabeled.labels]),
+        train, unlabeled = self.train.images, self.unlabeled.images
+        both = (
+            train.concat(unlabeled)
+            if isinstance(train, StoredImages) and isinstance(unlabeled, StoredImages)
+            else torch.cat([train[:], unlabeled[:]])
         )
+        return LabeledImages(both, torch.cat([self.train.labels, self.unlabeled.labels]))
 
     def with_train_subset(self, size: int | None, seed: int) -> DatasetSplits:
         """These splits with a seeded random subset of ``size`` training images (all when None)."""
@@ -147,24 +162,33 @@ def split_off_validation(
     return data.subset(train_idx), data.subset(val_idx)
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[tuple[float, ...], ...]:
-    """Per-channel mean and std of uint8 images (N, C, H, W) scaled to [0, 1].
+def channel_counts(images: torch.Tensor | StoredImages, chunk: int = 8192) -> torch.Tensor:
+    """How often each byte value occurs per channel: int64 (C, 256), of uint8 images
+    (N, C, H, W), read ``chunk`` images at a time."""
+    counts = torch.zeros(images.shape[1], 256, dtype=torch.int64)
+    for start in range(0, images.shape[0], chunk):
+        block = images[start : start + chunk]
+        for c in range(counts.shape[0]):
+            counts[c] += torch.bincount(block[:, c].reshape(-1), minlength=256)
+    return counts
 
-    Computed exactly from per-channel histograms of the 256 byte values (several times faster
-    than summing floats over the images).
+
+def channel_stats(images: torch.Tensor | StoredImages) -> tuple[tuple[float, ...], ...]:
+    """Per-channel (mean, std) of uint8 images (N, C, H, W) scaled to [0, 1]:
+    :func:`stats_from_counts` of :func:`channel_counts`."""
+    return stats_from_counts(channel_counts(images))
+
+
+def stats_from_counts(counts: torch.Tensor) -> tuple[tuple[float, ...], ...]:
+    """Per-channel mean and std of images scaled to [0, 1], exactly, from their byte
+    histograms (C, 256) (:func:`channel_counts`; several times faster than summing floats).
 
     Returns:
         (mean, std), each a tuple of C floats.
     """
-    channels = images.shape[1]
-    counts = torch.zeros(channels, 256, dtype=torch.int64)
-    for start in range(0, images.shape[0], chunk):
-        block = images[start : start + chunk]
-        for c in range(channels):
-            counts[c] += torch.bincount(block[:, c].reshape(-1), minlength=256)
     values = torch.arange(256, dtype=torch.float64) / 255.0
     total = counts.sum(dim=1).to(torch.float64)
-    if images.shape[0] == 0:
+    if (total == 0).any():
         raise KinfonceError("cannot compute normalisation statistics of an empty training set")
     mean = (counts * values).sum(dim=1) / total
     std = ((counts * (values - mean[:, None]).square()).sum(dim=1) / total).sqrt()

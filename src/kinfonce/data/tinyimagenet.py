@@ -16,12 +16,10 @@ from pathlib import Path, PurePosixPath
 
 from torchvision.datasets.utils import download_and_extract_archive
 
-from kinfonce.data.imagefolder import check_every_class_decoded, decode_labelled_splits
-from kinfonce.data.splits import LabeledImages
 from kinfonce.data.tree import ImageTree
 from kinfonce.errors import KinfonceError, MissingFileError
 
-__all__ = ["TINYIMAGENET_LAYOUT", "find_tinyimagenet_root", "load_tinyimagenet_splits"]
+__all__ = ["TINYIMAGENET_LAYOUT", "find_tinyimagenet_root", "tinyimagenet_members"]
 
 _URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 _MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
@@ -60,19 +58,18 @@ def _class_names(tree_root: Path, wnids: list[str]) -> list[str]:
     return [words.get(w, w).split(",")[0].strip() or w for w in wnids]
 
 
-def load_tinyimagenet_splits(
-    root: Path, image_size: int | None = None
-) -> tuple[dict[str, LabeledImages], list[str], list[str]]:
-    """Decode Tiny ImageNet under ``root`` (see :func:`find_tinyimagenet_root`), at
-    ``image_size`` (None: the most common size, 64).
+def tinyimagenet_members(
+    tree: ImageTree,
+) -> tuple[dict[str, list[tuple[str, int]]], list[str]]:
+    """The files of Tiny ImageNet's tree (see :func:`find_tinyimagenet_root`) and their classes.
 
     Returns:
-        ({"train": ..., "test": ...}, class names, skipped-file lines).
+        ({"train": ..., "test": ...} of (member name, class index) pairs, class names).
 
     Raises:
         ValueError: the val annotations name classes absent from train/ (both listed).
     """
-    tree = ImageTree(root)
+    root = tree.path
     names = tree.names()
     train_files = [
         n for n in names if n.startswith("train/") and PurePosixPath(n).suffix.lower() == ".jpeg"
@@ -99,6 +96,4 @@ def load_tinyimagenet_splits(
         "train": [(n, index[PurePosixPath(n).parts[1]]) for n in train_files],
         "test": [(n, index[annotations[n]]) for n in val_files],
     }
-    splits, skipped = decode_labelled_splits(tree, members, image_size)
-    check_every_class_decoded(splits, wnids, str(root))
-    return splits, _class_names(root, wnids), skipped
+    return members, _class_names(root, wnids)
