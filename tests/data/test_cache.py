@@ -187,7 +187,7 @@ def test_one_and_two_workers_give_byte_identical_entries(tmp_path, monkeypatch, 
 
 
 SLOW_BUILD = """
-import sys, time
+import os, sys, time
 import kinfonce.data.build as build
 from kinfonce.data import load_dataset
 build.CHUNK_ROWS, build.SYNC_SECONDS = 4, 0.0
@@ -196,13 +196,18 @@ def slow(*args, **kwargs):
     time.sleep({delay})
     return decode_into(*args, **kwargs)
 build.decode_into = slow
+open(f"{go}.ready-{{os.getpid()}}", "w").close()
+while not os.path.exists("{go}"):  # imports done: start together
+    time.sleep(0.01)
 data = load_dataset("imagefolder:{tree}", cache_dir="{cache}", workers=1, image_size=16)
 print("loaded", len(data.train) + len(data.val), int(data.test.images[:].sum()))
 """
 
 
-def _slow_builder(tree: Path, cache: Path, delay: float) -> subprocess.Popen:
-    code = textwrap.dedent(SLOW_BUILD).format(tree=tree, cache=cache, delay=delay)
+def _slow_builder(tree: Path, cache: Path, delay: float, go: Path) -> subprocess.Popen:
+    """A process that decodes ``tree`` into ``cache`` with 4 files a chunk, ``delay`` seconds
+    per chunk, once the file ``go`` exists."""
+    code = textwrap.dedent(SLOW_BUILD).format(tree=tree, cache=cache, delay=delay, go=go)
     return subprocess.Popen(
         [sys.executable, "-W", "ignore", "-c", code],
         stdout=subprocess.PIPE,
@@ -216,7 +221,9 @@ def test_a_killed_builder_leaves_no_entry_and_a_rerun_completes_it(tmp_path, mon
     # again, and one whose rows or metadata differ from an uninterrupted build's.
     tree = _mixed_tree(tmp_path / "tree")
     cache = tmp_path / "cache"
-    builder = _slow_builder(tree, cache, delay=0.3)
+    go = tmp_path / "go"
+    go.touch()
+    builder = _slow_builder(tree, cache, delay=0.3, go=go)
     progress = None
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and builder.poll() is None:
@@ -254,7 +261,12 @@ def test_two_builders_at_once_make_one_entry(tmp_path):
     # writing one entry; the second must wait and read the first's.
     tree = _mixed_tree(tmp_path / "tree")
     cache = tmp_path / "cache"
-    builders = [_slow_builder(tree, cache, delay=0.1) for _ in range(2)]
+    go = tmp_path / "go"
+    builders = [_slow_builder(tree, cache, delay=0.3, go=go) for _ in range(2)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("go.ready-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()
     outputs = [builder.communicate(timeout=120) for builder in builders]
     assert [b.returncode for b in builders] == [0, 0], outputs
     lines = [line for _, err in outputs for line in err.splitlines()]
