@@ -24,7 +24,7 @@ from kinfonce.train import RunProgressBar
 from tests.helpers import random_pixels, tiny_flags, write_image_tree
 
 #: Progress-bar labels of loading an image tree.
-LOADING_BARS = ("reading train sizes", "decoding train", "decoding test")
+LOADING_BARS = ("reading sizes", "decoding")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def run_dir(tree, tmp_path_factory) -> Path:
 
 def test_no_progress_hides_the_data_loading_bars(tree, tmp_path, monkeypatch, capsys):
     # Catches --no-progress that hid Lightning's bars but not those of decoding an image tree
-    # ("reading train sizes", "decoding train"), in pretrain and in eval. Each command gets an
+    # ("reading sizes", "decoding"), in pretrain and in eval. Each command gets an
     # empty cache, so that it decodes; the control run with bars shows what is looked for.
     for name, progress in (("quiet", False), ("shown", True)):
         monkeypatch.setenv(CACHE_ENV, str(tmp_path / f"cache-{name}"))
