@@ -120,12 +120,13 @@ def _load_torchscript(part: Part, path: Path) -> Callable[[torch.Tensor], torch.
         return torch.jit.load(str(path), map_location="cpu")
 
 
-def _batch_free(example: torch.Tensor) -> tuple[dict[int, Any]]:
+def _batch_free() -> tuple[dict[int, Any]]:
+    """The dynamic shapes of a module of one input: any batch size."""
     return ({0: torch.export.Dim("batch", min=1)},)
 
 
 def _write_torch_export(part: Part, example: torch.Tensor, path: Path) -> None:
-    program = torch.export.export(part.module, (example,), dynamic_shapes=_batch_free(example))
+    program = torch.export.export(part.module, (example,), dynamic_shapes=_batch_free())
     torch.export.save(program, path)
 
 
@@ -146,7 +147,7 @@ def _write_onnx(part: Part, example: torch.Tensor, path: Path) -> None:
         verbose=False,
         input_names=["input"],
         output_names=["output"],
-        dynamic_shapes=_batch_free(example),
+        dynamic_shapes=_batch_free(),
     )
 
 
