@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torchvision
 
+from kinfonce.errors import KinfonceError
 from kinfonce.models import BACKBONES, ProjectionHead, build_backbone
 
 
@@ -92,3 +95,10 @@ def test_projection_head_without_batch_norm():
     head = ProjectionHead(512, 512, 128, batch_norm=False)
     assert [type(m).__name__ for m in head] == ["Linear", "ReLU", "Linear"]
     assert head[0].bias is not None and head(torch.randn(2, 512)).shape == (2, 128)
+
+
+def test_a_timm_backbone_without_timm_names_the_extra(monkeypatch):
+    # Catches an ImportError traceback (or a silent fallback) where timm is not installed.
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` fails
+    with pytest.raises(KinfonceError, match=r"pip install 'kinfonce\[timm\]'"):
+        build_backbone("timm:resnet18")

@@ -37,6 +37,10 @@ LIBRARIES = ("timm", "torchvision")
 #: Patch side of a timm transformer under the small stem.
 SMALL_PATCH = 4
 
+#: What a library's builder returns: (recipe without its replaced modules, the model as the
+#: library made it, the modules to replace, the feature width).
+Made = tuple[dict[str, Any], nn.Module, dict[str, Any], int]
+
 
 def library_of(name: str) -> str | None:
     """``"timm"`` or ``"torchvision"`` for a library backbone name, else None."""
@@ -111,7 +115,7 @@ def _no_small_stem(name: str, asked: bool) -> None:
     warnings.warn(f"{message}: it keeps its own stem on small images", stacklevel=3)
 
 
-def _timm_recipe(name: str, in_channels: int, image_size: int, stem: str, asked: bool):
+def _timm_recipe(name: str, in_channels: int, image_size: int, stem: str, asked: bool) -> Made:
     timm = _timm()
     kwargs: dict[str, Any] = {"num_classes": 0, "in_chans": in_channels}
     if timm.models.get_pretrained_cfg(name).fixed_input_size:
@@ -128,7 +132,9 @@ def _timm_recipe(name: str, in_channels: int, image_size: int, stem: str, asked:
     return {"library": "timm", "name": name, "kwargs": kwargs}, model, changes, width
 
 
-def _torchvision_recipe(name: str, in_channels: int, image_size: int, stem: str, asked: bool):
+def _torchvision_recipe(
+    name: str, in_channels: int, image_size: int, stem: str, asked: bool
+) -> Made:
     kwargs: dict[str, Any] = {}
     if torchvision.models.get_model_builder(name).__module__.endswith("vision_transformer"):
         kwargs["image_size"] = image_size
