@@ -189,6 +189,49 @@ def test_the_three_layouts_give_the_same_pairs(tmp_path):
     assert len(rows["folder"]) == len(set(data.images))
 
 
+def test_a_tsv_with_other_columns_and_a_byte_order_mark(pattern_pairs, tmp_path):
+    rows = list(csv.reader((pattern_pairs / "captions.csv").open()))[1:]
+    table = tmp_path / "pairs.tsv"
+    lines = ["\ufeffimage\tlabel\ttext", *("\t".join((p, label, t)) for p, t, label in rows)]
+    table.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    found, _ = read_caption_source(
+        str(table), image_root=str(pattern_pairs), img_key="image", caption_key="text",
+        label_key="label",
+    )  # fmt: skip
+    assert list(found.captions) == [t for _, t, _ in rows]
+    assert list(found.labels) == [label for *_, label in rows]
+
+
+def test_pairs_without_their_caption_or_with_some_labels_are_refused(tmp_path):
+    tree = write_image_tree(tmp_path / "images", pattern, list(WORDS), {"train": 2})
+    pairs = tmp_path / "pairs"
+    write_pairs(generate(ImageTree(tree), class_images(ImageTree(tree)), 8), ImageTree(tree), pairs)
+    (pairs / "000003.txt").unlink()
+    with pytest.raises(KinfonceError, match=r"000003 has an image but no \.txt"):
+        read_caption_source(str(pairs))
+    (pairs / "000003.jpg").unlink()
+    (pairs / "000003.cls").unlink()
+    (pairs / "000005.cls").unlink()
+    with pytest.raises(
+        KinfonceError, match=r"5 of 6 images have a name\.cls label, 000005\.txt has none"
+    ):
+        read_caption_source(str(pairs))
+
+
+def test_rows_of_one_image_with_different_labels_are_refused(pattern_pairs, tmp_path):
+    table = (pattern_pairs / "captions.csv").read_text().splitlines()
+    first = table[1].rsplit(",", 1)[0]
+    (pattern_pairs / "conflict.csv").write_text("\n".join([*table, first + ",blob"]) + "\n")
+    config = pair_config(
+        pattern_pairs, captions=str(pattern_pairs / "conflict.csv"), rewrite_files=()
+    )
+    with pytest.raises(
+        KinfonceError,
+        match=r"different labels \[.blob., .vertical.\] \(line 2, line 32, line 142\)",
+    ):
+        load_caption_splits(config)
+
+
 def test_tokens_are_cut_at_the_context_length():
     tokens = WordTokenizer(["word " * 100, "short"])(["word " * 100, "short"])
     assert tokens.shape == (2, MAX_TOKENS)

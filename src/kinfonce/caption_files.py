@@ -158,9 +158,9 @@ def rows_of_pairs(source: str, tree: ImageTree | MemoryTree) -> CaptionRows:
     for key in sorted(members):
         found = members[key]
         if "image" not in found or "txt" not in found:
-            have, lack = ("image", ".txt") if "image" in found else (".txt", "image")
+            have, lack = ("an image", ".txt") if "image" in found else ("a .txt", "image")
             raise KinfonceError(
-                f"{source}: {key} has a {have} but no {lack}; each image needs its caption "
+                f"{source}: {key} has {have} but no {lack}; each image needs its caption "
                 "in name.txt beside name.jpg"
             )
         caption = tree.read(found["txt"]).decode("utf-8").strip()
