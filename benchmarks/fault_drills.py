@@ -1,4 +1,4 @@
-"""Fault drills: run each fault of issue 10 against the real ``kinfonce`` command.
+"""Fault drills: run each fault of issues 10 and 21 against the real ``kinfonce`` command.
 
 Each drill starts ``python -m kinfonce.cli`` processes on tiny digits runs (or tiny image
 trees), injects the fault for real (two processes at once, ``kill -9`` at random times,
@@ -8,13 +8,15 @@ The table it prints is docs/reliability.md's.
 Usage:
     python benchmarks/fault_drills.py [--workdir DIR] [--skip-ddp]
 
-The full-disk drill mounts a 6 MiB tmpfs and needs root; without it the drill is reported
-as not run. Prints a markdown table and ends with ``RESULT drills=N as_expected=M``.
+The full-disk and read-only drills mount tmpfs file systems and need root; without it they
+are reported as not run. The issue-21 tune drills need ``ray`` on the PATH (the venv's) for
+a ``ray start`` cluster. Prints a markdown table and ends with ``RESULT drills=N as_expected=M``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import os
@@ -452,6 +454,370 @@ def drill_ddp(work: Path) -> None:
            code == 0 and second == 2 and "in use" in line and log_epochs(run) == list(range(6)))  # fmt: skip
 
 
+# --- issue 21 (round two): case numbers are the issue's points ---------------------------
+
+
+def family(pid: int) -> list:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def listening_addresses(processes: list) -> list[str]:
+    import psutil
+
+    found = set()
+    for process in processes:
+        try:
+            for conn in process.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.add(conn.laddr.ip)
+        except psutil.Error:
+            continue
+    return sorted(found)
+
+
+TUNE = [
+    "--dataset", "digits", "--train-subset", "64", "--batch-size", "32", "--warmup-epochs", "0",
+    "--proj-hidden-dim", "32", "--num-samples", "1", "--max-concurrent", "1",
+]  # fmt: skip
+
+
+def drill_tune_driver(work: Path) -> None:
+    """Points 1, 3 and 15: a local search's sockets, a --resume meanwhile, kill -9."""
+    import psutil
+
+    from kinfonce.raysession import is_loopback
+
+    search = work / "search"
+    driver = start("tune", *TUNE, "--max-t", "60", "--num-cpus", "1", "--output-dir", str(search))
+    wait_for(lambda: any(search.glob("*/run/checkpoints/last.ckpt")), driver, timeout=300)
+    processes = family(driver.pid)
+    addresses = listening_addresses(processes)
+    record("21.1", "local `kinfonce tune` (no --address): listening addresses of all its "
+           f"{len(processes)} processes", f"{addresses}",
+           bool(addresses) and all(is_loopback(a) for a in addresses))  # fmt: skip
+    code, line = kinfonce("tune", "--resume", str(search))
+    record("21.3", "`tune --resume DIR` while the search in DIR runs", f"exit {code}: `{line}`",
+           code == 2 and "in use" in line and driver.poll() is None)  # fmt: skip
+    others = [p for p in processes if p.pid != driver.pid and "raywatch" not in str(p.cmdline())]
+    driver.kill()
+    driver.wait()
+    alive = {}
+    for after in (1, 5, 13):
+        time.sleep(after - (max(alive) if alive else 0))
+        alive[after] = sum(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in others)
+    record("21.15", f"kill -9 of the tune driver ({len(others)} Ray processes)",
+           f"Ray processes still running 1, 5, 13 s later: {list(alive.values())}",
+           alive[5] == 0)  # fmt: skip
+    for process in others:  # whatever is left, so that later drills run on a quiet machine
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+
+
+def stop_cluster(marker: str) -> None:
+    """Kill the processes of the ``ray start`` cluster whose command lines name ``marker``
+    (``ray stop`` would stop every Ray of this user on the machine)."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        if any(marker in part for part in process.info["cmdline"] or ()):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+
+def drill_tune_directory(work: Path) -> None:
+    """Points 2, 4 and 12: a crafted tuner.pkl, a cluster that wants a token, a read-only
+    file system under --output-dir."""
+    crafted = work / "crafted"
+    crafted.mkdir()
+    search = yaml.safe_load((work / "search" / "search.yaml").read_text())
+    (crafted / "search.yaml").write_text(yaml.safe_dump(search))
+    marker = work / "code-ran"
+    payload = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+    (crafted / "tuner.pkl").write_bytes(payload)
+    (crafted / "tuner.pkl").chmod(0o666)
+    code, line = kinfonce("tune", "--resume", str(crafted))
+    record("21.2", "`tune --resume` of a directory with a crafted tuner.pkl (mode 666)",
+           f"exit {code}: `{line}`; code ran: {marker.exists()}",
+           code == 2 and not marker.exists())  # fmt: skip
+    port = str(6400 + random.randrange(400))
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    ray_tmp = work / "raytmp"  # marks this cluster's processes: only they are stopped
+    started = subprocess.run([ray_cli, "start", "--head", "--port", port, "--num-cpus", "1",
+                              "--include-dashboard", "false", "--temp-dir", str(ray_tmp)],
+                             env=env(), capture_output=True)  # fmt: skip
+    if started.returncode:
+        record("21.4", "`tune --address` of a cluster that wants a token", "not run (ray start "
+               "failed)", True)  # fmt: skip
+    else:
+        try:
+            target = work / "joined"
+            args = ["tune", *TUNE, "--max-t", "1", "--address", f"127.0.0.1:{port}",
+                    "--output-dir", str(target)]  # fmt: skip
+            tries = [kinfonce(*args) for _ in "ab"]
+            record("21.4", "`tune --address 127.0.0.1:PORT` of a `ray start` cluster (token "
+                   "authentication on) without its token, twice",
+                   f"exits {[c for c, _ in tries]}: `{tries[1][1]}`; search.yaml left: "
+                   f"{(target / 'search.yaml').exists()}",
+                   [c for c, _ in tries] == [2, 2] and "token" in tries[1][1])  # fmt: skip
+        finally:
+            stop_cluster(str(ray_tmp))
+    with read_only_mount(work / "ro") as mount:
+        if mount is None:
+            record("21.12", "`tune --output-dir` on a read-only file system", "not run", True)
+        else:
+            code, line = kinfonce("tune", *TUNE, "--output-dir", str(mount / "search"))
+            record("21.12", "`tune --output-dir` on a read-only file system",
+                   f"exit {code}: `{line}`", code == 2 and "Traceback" not in line)  # fmt: skip
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, options: str):
+    """A tmpfs at ``mount`` with mount ``options`` for the block (None without root)."""
+    mount.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True
+        ).returncode
+    ):
+        yield None
+        return
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def read_only_mount(mount: Path):
+    """A read-only tmpfs at ``mount`` (None without root)."""
+    return tmpfs(mount, "ro,size=1m")
+
+
+def fill(mount: Path) -> None:
+    """Write a file into ``mount`` until its file system is full."""
+    with contextlib.suppress(OSError), (mount / "filler").open("wb") as filler:
+        while True:
+            filler.write(b"\0" * 65536)
+            filler.flush()
+
+
+def drill_full_small(work: Path) -> None:
+    """Point 12: the lock file and the cache on a full disk."""
+    with tmpfs(work / "full-lock", "size=1m") as mount:
+        if mount is None:
+            record("21.12", "full disk", "not run (needs root to mount)", True)
+            return
+        fill(mount)
+        code, line = kinfonce("pretrain", *TINY, "--output-dir", str(mount / "run"))
+        record("21.12", "full disk when the run writes its .lock",
+               f"exit {code}: `{line}`; directory left: {(mount / 'run').exists()}",
+               code == 2 and not (mount / "run").exists())  # fmt: skip
+    with tmpfs(work / "full-cache", "size=256k") as mount:
+        tree = work / "big.zip"
+        write_tree(tree, ("cat", "dog", "emu", "fox"), {})  # 200 images: 600 KiB decoded
+        proc = start("pretrain", *TINY, "--dataset", f"imagefolder:{tree}", "--epochs", "1",
+                     "--output-dir", str(work / "full-cache-run"),
+                     extra_env={"KINFONCE_CACHE": str(mount)})  # fmt: skip
+        _, err = proc.communicate(timeout=600)
+        warned = "cannot write its cache entry" in err
+        left = [p.name for p in mount.iterdir()]
+        record("21.12", "cache on a full disk (256 KiB tmpfs, 600 KiB to cache)",
+               f"exit {proc.returncode}; warned and ran uncached: {warned}; left in the cache "
+               f"{left}", proc.returncode == 0 and warned)  # fmt: skip
+
+
+def drill_ddp_start(work: Path) -> None:
+    """Point 5: one process of a 2-process world, the other never comes."""
+    run = work / "lonely"
+    args = ["pretrain", *TINY, "--accelerator", "cpu", "--strategy", "ddp", "--num-nodes", "2",
+            "--ddp-timeout", "5", "--output-dir", str(run)]  # fmt: skip
+    ddp_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29600 + random.randrange(300)),
+               "NODE_RANK": "0"}  # fmt: skip
+    began = time.perf_counter()
+    code, line = kinfonce(*args, extra_env=ddp_env)
+    spent = time.perf_counter() - began
+    left = sorted(p.name for p in run.iterdir())
+    again, again_line = kinfonce(*args, extra_env=ddp_env)
+    record("21.5", "DDP start (--num-nodes 2, --ddp-timeout 5) whose other node never comes; "
+           "then the same command again",
+           f"exit {code} after {spent:.0f} s: `{line}`; left {left}; the rerun: exit {again}, "
+           f"same error: {again_line == line}",
+           code == 2 and left == [".lock"] and again_line == line)  # fmt: skip
+
+
+def drill_moved_run(work: Path) -> None:
+    """Point 6: kill -9 after epoch 0, move the directory, resume."""
+    from kinfonce.checkpoints import load_checkpoint
+
+    run, moved = work / "to-move", work / "moved"
+    args = ["pretrain", *TINY, "--epochs", "4"]
+    proc = start(*args, "--output-dir", str(run))
+    wait_for(has_epoch(run, 0), proc)
+    proc.kill()
+    proc.wait()
+    shutil.move(run, moved)
+    code, _ = kinfonce(*args, "--output-dir", str(moved), "--resume")
+    with (moved / "logs" / "metrics.csv").open() as file:
+        probes = [float(r["probe_top1"]) for r in csv.DictReader(file) if r.get("probe_top1")]
+    best = load_checkpoint(moved / "checkpoints" / "best.ckpt")["epoch"]
+    record("21.6", "kill -9 after epoch 0, move the run directory, --resume to epoch 3",
+           f"exit {code}; probe per epoch {[round(p, 3) for p in probes]}; best.ckpt is epoch "
+           f"{best}", code == 0 and best == probes.index(max(probes)))  # fmt: skip
+
+
+def drill_signals(work: Path) -> None:
+    """Point 7: SIGTERM and SIGINT in training, SIGTERM in the final evaluation."""
+    for name, signum, expected in (
+        ("SIGTERM", signal.SIGTERM, 143),
+        ("SIGINT", signal.SIGINT, 130),
+    ):
+        run = work / f"sig-{name}"
+        args = ["pretrain", *TINY, "--epochs", "4", "--output-dir", str(run)]
+        proc = start(*args)
+        wait_for(has_epoch(run, 0), proc)
+        proc.send_signal(signum)
+        code, line = finish(proc)
+        resumed, _ = kinfonce(*args, "--resume")
+        record("21.7", f"{name} during training",
+               f"exit {code}: `{line}`; interrupted.ckpt: "
+               f"{(run / 'checkpoints' / 'interrupted.ckpt').is_file()}; --resume exit "
+               f"{resumed}, log epochs {log_epochs(run)}",
+               code == expected and resumed == 0 and log_epochs(run) == [0, 1, 2, 3])  # fmt: skip
+    run = work / "sig-eval"
+    proc = start("pretrain", *TINY, "--epochs", "1", "--eval-linear-epochs", "30000",
+                 "--output-dir", str(run))  # fmt: skip
+    wait_for(lambda: (run / "checkpoints" / "last.ckpt").is_file(), proc)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    code, line = finish(proc)
+    record("21.7", "SIGTERM during the final evaluation", f"exit {code}: `{line}`; metrics.json: "
+           f"{(run / 'metrics.json').is_file()}", code == 143)  # fmt: skip
+
+
+def drill_round_two_data(work: Path) -> None:
+    """Points 8-11, 13, 14, 15 and 16: data, settings and eval."""
+    import torch
+
+    cache = {"KINFONCE_CACHE": str(work / "cache2")}
+    dead = work / "dead-dog.zip"
+    write_tree(dead, ("cat", "dog"), {})
+    with zipfile.ZipFile(dead) as source:
+        members = {i.filename: source.read(i) for i in source.infolist()}
+    with zipfile.ZipFile(dead, "w", zipfile.ZIP_STORED) as out:
+        for member, data in members.items():
+            out.writestr(member, b"garbage" if "/dog/" in member else data)
+    code, line = kinfonce("pretrain", *TINY, "--dataset", f"imagefolder:{dead}", "--output-dir",
+                          str(work / "dead-run"), extra_env=cache)  # fmt: skip
+    record("21.8", "2-class tree whose every `dog` image (train and test) is garbage bytes",
+           f"exit {code}: `{line}`", code == 2 and "'dog'" in line)  # fmt: skip
+    stored = work / "stored.zip"
+    with zipfile.ZipFile(stored, "w", zipfile.ZIP_STORED) as out:
+        for member, data in members.items():
+            out.writestr(member, data)
+        bmp = io.BytesIO()
+        Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(bmp, format="BMP")
+        out.writestr("train/cat/zz.bmp", bmp.getvalue())
+    raw = bytearray(stored.read_bytes())
+    with zipfile.ZipFile(stored) as zipped:
+        info = zipped.getinfo("train/cat/zz.bmp")
+    raw[
+        info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size - 9
+    ] ^= 0xFF
+    stored.write_bytes(bytes(raw))
+    proc = start("pretrain", *TINY, "--dataset", f"imagefolder:{stored}", "--epochs", "1",
+                 "--output-dir", str(work / "stored-run"), extra_env=cache)  # fmt: skip
+    _, err = proc.communicate(timeout=600)
+    named = "zz.bmp (BadZipFile: Bad CRC-32" in err
+    record("21.10", "corrupt pixel bytes in a stored (uncompressed) BMP member",
+           f"exit {proc.returncode}; skipped and named: {named}",
+           proc.returncode == 0 and named)  # fmt: skip
+    config = work / "typed.yaml"
+    config.write_text("epochs: true\nseed: false\n")
+    code, line = kinfonce("pretrain", "--config", str(config), "--output-dir", str(work / "typed"))
+    record("21.9", "YAML `epochs: true`, `seed: false`", f"exit {code}: `{line}`",
+           code == 2 and not (work / "typed").exists())  # fmt: skip
+    entries = [p for p in (work / "cache2").iterdir() if p.name.startswith("imagefolder-stored")]
+    marker = work / "cache-code-ran"
+    payload = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as fake:  # a torch zip whose pickle calls os.system
+        fake.writestr("train/data.pkl", payload)
+        fake.writestr("train/byteorder", "little")
+        fake.writestr("train/version", "3\n")
+    (entries[0] / "train.pt").write_bytes(buffer.getvalue())
+    proc = start("pretrain", *TINY, "--dataset", f"imagefolder:{stored}", "--epochs", "1",
+                 "--output-dir", str(work / "stored-run2"), extra_env=cache)  # fmt: skip
+    _, err = proc.communicate(timeout=600)
+    rebuilt = "removing unreadable cache entry" in err
+    record("21.11", "cache entry whose train.pt is a pickle calling os.system",
+           f"exit {proc.returncode}; entry removed and rebuilt: {rebuilt}; code ran: "
+           f"{marker.exists()}", proc.returncode == 0 and rebuilt and not marker.exists())  # fmt: skip
+    with read_only_mount(work / "ro-cache") as mount:
+        if mount is not None:
+            proc = start("pretrain", *TINY, "--dataset", f"imagefolder:{stored}", "--epochs", "1",
+                         "--output-dir", str(work / "ro-run"),
+                         extra_env={"KINFONCE_CACHE": str(mount)})  # fmt: skip
+            _, err = proc.communicate(timeout=600)
+            warned = "cannot write its cache entry" in err
+            record("21.12", "cache on a read-only file system",
+                   f"exit {proc.returncode}; warned and ran uncached: {warned}",
+                   proc.returncode == 0 and warned)  # fmt: skip
+    run = work / "holes"  # drill_eval_holes' run
+    if not run.is_dir():
+        kinfonce("pretrain", *TINY, "--epochs", "1", "--output-dir", str(run))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    code, line = kinfonce("eval", str(ckpt), "--device", "cuda", "--output-dir", str(work / "ev"))
+    record("21.13", "`eval --device cuda` on a machine without a GPU", f"exit {code}: `{line}`",
+           code == 2 and not (work / "ev").exists())  # fmt: skip
+    bad = os.fsencode(work) + b"/bad\xffname"
+    proc = subprocess.Popen([sys.executable, "-m", "kinfonce.cli", "pretrain", *TINY,
+                             b"--output-dir", bad], env=env(), stderr=subprocess.PIPE)  # fmt: skip
+    _, err = proc.communicate(timeout=600)
+    last = err.decode(errors="replace").strip().splitlines()[-1]
+    record("21.14", "--output-dir $'bad\\xffname'", f"exit {proc.returncode}: `{last}`",
+           proc.returncode == 2 and not os.path.exists(bad))  # fmt: skip
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["kinfonce"]["config"]["backbone"] = "resnet18"
+    torch.save(checkpoint, work / "other-backbone.ckpt")
+    proc = start("eval", str(work / "other-backbone.ckpt"), "--output-dir", str(work / "ev2"))
+    _, err = proc.communicate(timeout=600)
+    record("21.15", "eval of a checkpoint whose weights are not its backbone's",
+           f"exit {proc.returncode}, {len(err.strip().splitlines())} line(s): `{err.strip()[-150:]}`",
+           proc.returncode == 2 and len(err.strip().splitlines()) == 1)  # fmt: skip
+    cut = work / "cut.zip"
+    cut.write_bytes(stored.read_bytes()[: stored.stat().st_size // 2])
+    code, line = kinfonce("pretrain", *TINY, "--dataset", f"imagefolder:{cut}", "--output-dir",
+                          str(work / "cut-run"), extra_env=cache)  # fmt: skip
+    record("21.15", "a truncated zip", f"exit {code}: `{line}`", code == 2 and "truncated" in line)
+    code, line = kinfonce("eval", str(run))
+    record("21.15", "a run directory given as the checkpoint", f"exit {code}: `{line}`",
+           code == 2 and "is a directory" in line)  # fmt: skip
+    tree = work / "sizes"
+    for split, count, side in (("train", 20, 32), ("test", 5, 32), ("unlabelled", 40, 48)):
+        for c, name in enumerate(("cat", "dog")):
+            folder = tree / split / name if split != "unlabelled" else tree / split
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                (folder / f"{name}{i}.jpg").write_bytes(
+                    image_bytes((side, side), "JPEG", 100 * c + i)
+                )
+    sized = work / "sized-run"
+    code, _ = kinfonce("pretrain", *TINY, "--dataset", f"imagefolder:{tree}", "--unlabeled",
+                       "--train-subset", "none", "--epochs", "1", "--output-dir", str(sized),
+                       extra_env=cache)  # fmt: skip
+    evaluated, line = kinfonce("eval", str(sized / "checkpoints" / "last.ckpt"), "--no-progress",
+                               "--map-points", "0", extra_env=cache)  # fmt: skip
+    record("21.16", "eval of a run pretrained with --unlabeled on 48 px unlabelled beside 32 px "
+           "labelled images", f"pretrain exit {code}; eval exit {evaluated}",
+           code == 0 and evaluated == 0)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", help="keep the runs here (default: a temporary directory)")
@@ -474,6 +840,13 @@ def main() -> None:
         "eval_holes": lambda: drill_eval_holes(work),
         "library": drill_library,
         "ddp": lambda: drill_ddp(work),
+        "tune_driver": lambda: drill_tune_driver(work),
+        "tune_directory": lambda: drill_tune_directory(work),
+        "ddp_start": lambda: drill_ddp_start(work),
+        "moved_run": lambda: drill_moved_run(work),
+        "signals": lambda: drill_signals(work),
+        "round_two_data": lambda: drill_round_two_data(work),
+        "full_small": lambda: drill_full_small(work),
     }
     chosen = args.only or [name for name in drills if not (args.skip_ddp and name == "ddp")]
     began = time.perf_counter()

@@ -136,7 +136,7 @@ def test_config_differences_ignore_runtime_fields():
     ]  # fmt: skip
     # where and how a run executes may change on resume; nothing of what it trains
     assert {
-        "accelerator", "devices", "num_nodes", "strategy", "precision", "progress",
+        "accelerator", "devices", "num_nodes", "strategy", "ddp_timeout", "precision", "progress",
         "output_dir", "data_root", "download", "eval_linear_epochs", "eval_knn_k", "baselines",
         "loss_path", "compile", "channels_last", "image_root", "workers",
     } == RUNTIME_FIELDS  # fmt: skip

@@ -129,7 +129,7 @@ def test_the_ray_session_restores_the_environment(monkeypatch):
     # Catches os.environ.setdefault(TUNE_WARN_...) left behind by a search.
     import ray
 
-    from kinfonce.tune import ray_session
+    from kinfonce.raysession import ray_session
 
     monkeypatch.setattr(ray, "is_initialized", lambda: True)  # a Ray already there: used as is
     monkeypatch.delenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", raising=False)

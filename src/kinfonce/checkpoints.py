@@ -79,6 +79,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         KinfonceError: the file is corrupt, holds pickled code, or is no kinfonce checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        found = [p for p in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if p.is_file()]
+        hint = f", such as {str(found[0])!r}" if found else ""
+        raise KinfonceError(f"checkpoint {str(path)!r} is a directory: pass a .ckpt file{hint}")
     if not path.is_file():
         raise MissingFileError(f"checkpoint {str(path)!r} does not exist")
     checkpoint = load_torch_file(path, "checkpoint")
@@ -163,7 +167,15 @@ def load_encoder_parts(
     _check_recipe(stored.get("backbone_recipe"), backbone, path)
     projection = None
     with _malformed_as_error(path):
-        backbone.load_state_dict(_module_state(checkpoint, "backbone."))
+        state = _module_state(checkpoint, "backbone.")
+    mismatch = weights_mismatch(backbone, state)
+    if mismatch:  # torch's own error lists every key: dozens of lines
+        raise KinfonceError(
+            f"checkpoint {str(path)!r} is malformed: its weights are not those of its "
+            f"backbone {config.backbone!r} ({mismatch})"
+        )
+    with _malformed_as_error(path):
+        backbone.load_state_dict(state)
         if head:
             projection = ProjectionHead(
                 backbone.feature_dim,
@@ -204,6 +216,29 @@ def _module_state(checkpoint: dict[str, Any], prefix: str) -> dict[str, torch.Te
     """The entries of a checkpoint's state_dict under ``prefix``, without it."""
     state = checkpoint["state_dict"]
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def weights_mismatch(module: nn.Module, state: dict[str, Any]) -> str | None:
+    """How ``state`` differs from the weights ``module`` holds, counted in one line with an
+    example of each kind (torch's own error lists every key), or None when they match."""
+    own = module.state_dict()
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    reshaped = sorted(
+        key
+        for key in own.keys() & state.keys()
+        if not isinstance(state[key], torch.Tensor) or state[key].shape != own[key].shape
+    )
+    parts = [
+        f"{len(keys)} {what} (e.g. {keys[0]!r})"
+        for keys, what in (
+            (missing, "missing"),
+            (unexpected, "unexpected"),
+            (reshaped, "of another shape"),
+        )
+        if keys
+    ]
+    return ", ".join(parts) or None
 
 
 def checkpoint_progress(path: Path) -> tuple[int, int]:

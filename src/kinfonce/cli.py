@@ -419,21 +419,39 @@ def _warning_line(command: str) -> Callable[..., None]:
     return show
 
 
+#: Exit status after SIGINT (Ctrl-C) and SIGTERM: 128 + the signal's number, as a shell
+#: reports a process the signal ended; never 0, so a scheduler does not count the job done.
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from kinfonce.errors import KinfonceError
+    from kinfonce.errors import KinfonceError, Terminated
+    from kinfonce.fileio import UNWRITABLE
+    from kinfonce.scoped import sigterm_raises
+
+    def fail(message: str) -> int:
+        print(f"kinfonce {args.command}: {message}", file=sys.stderr)
+        return 2
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), sigterm_raises():
             warnings.showwarning = _warning_line(args.command)
             return int(args.func(args) or 0)
     except KinfonceError as err:  # a user error: one line; any other exception keeps its traceback
-        print(f"kinfonce {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return fail(f"error: {err}")
+    except OSError as err:  # a disk that cannot take a write is the user's to fix, too
+        if err.errno not in UNWRITABLE:
+            raise
+        where = f" {str(err.filename)!r}" if err.filename else ""
+        return fail(f"error: cannot write{where}: {err.strerror}")
     except KeyboardInterrupt:  # Ctrl-C: what was saved is said where it happened
-        print(f"kinfonce {args.command}: interrupted", file=sys.stderr)
-        return 130
+        fail("interrupted")
+        return EXIT_SIGINT
+    except Terminated:  # SIGTERM, as a scheduler sends it
+        fail("terminated (SIGTERM)")
+        return EXIT_SIGTERM
 
 
 if __name__ == "__main__":

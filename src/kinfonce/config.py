@@ -97,6 +97,18 @@ def matching(pattern: str, words: str) -> Rule:
     return Rule(lambda v: compiled.fullmatch(v) is not None, words)
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of a file name, kept as surrogates
+        return False
+    return True
+
+
+#: A path that can be written into records and logs: valid UTF-8 (TensorBoard, YAML, JSON).
+UTF8_PATH = Rule(_utf8, "a path whose name is valid UTF-8 (the run's logs and records need it)")
+
+
 def setting(
     default: Any,
     help: str,
@@ -493,6 +505,7 @@ class TrainConfig(Settings):
         None,
         "run directory (none: runs/<command>/<dataset>-<method>-<loss>-<time>)",
         "runtime",
+        UTF8_PATH,
         runtime=True,
     )
     accelerator: str = setting(
@@ -513,6 +526,14 @@ class TrainConfig(Settings):
     )
     strategy: str = setting(
         "auto", "Lightning strategy: auto, ddp, ddp_spawn, ...", "runtime", runtime=True
+    )
+    ddp_timeout: float = setting(
+        1800.0,
+        "seconds a DDP process waits for the others: for all of them to start (then the run "
+        "ends with an error), and at each collective operation (30 minutes: PyTorch's default)",
+        "runtime",
+        above(0.0),
+        runtime=True,
     )
     precision: str = setting(
         "32-true",
@@ -841,7 +862,10 @@ class SearchRuntime(Settings):
     """Where ``kinfonce tune`` writes and runs (not stored: a resume may run elsewhere)."""
 
     output_dir: str | None = setting(
-        None, "search directory (none: runs/tune/<dataset>-<method>-<loss>-<time>)", "where it runs"
+        None,
+        "search directory (none: runs/tune/<dataset>-<method>-<loss>-<time>)",
+        "where it runs",
+        UTF8_PATH,
     )
     address: str | None = setting(
         None, "join this Ray cluster (none: start Ray here)", "where it runs"
@@ -904,6 +928,7 @@ class EvalSettings(Settings):
         "output directory (none: RUN_DIR/eval for RUN_DIR/checkpoints/X.ckpt, else X-eval "
         "beside the checkpoint)",
         "output",
+        UTF8_PATH,
     )
     progress: bool = setting(True, "show progress bars", "output")
 
@@ -951,6 +976,7 @@ class ReportSettings(Settings):
         "directory for report.md, curves.png and comparison.png (none: report/ in the "
         "deepest directory that holds every run directory given)",
         "output",
+        UTF8_PATH,
     )
 
 
@@ -1006,7 +1032,7 @@ class SyntheticConfig(Settings):
         Rule(lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     )
     num_snapshots: int = setting(4, "embeddings shown in the figure", "output", at_least(2))
-    output_dir: str = setting("runs/synthetic", "output directory", "output")
+    output_dir: str = setting("runs/synthetic", "output directory", "output", UTF8_PATH)
     progress: bool = setting(True, "show a progress bar", "output")
 
 

@@ -1,7 +1,8 @@
 """The one exception type for mistakes a user can fix (a flag, a file, a config value).
 
-``kinfonce`` commands print a :class:`KinfonceError` as one line and exit with code 2;
-every other exception is a bug or an environment failure and keeps its traceback.
+``kinfonce`` commands print a :class:`KinfonceError` as one line and exit with code 2, and
+so a disk that cannot be written (full, read-only, no permission: an ``OSError`` naming the
+file); every other exception is a bug or an environment failure and keeps its traceback.
 """
 
 
@@ -14,6 +15,12 @@ class KinfonceError(ValueError):
 
 class MissingFileError(KinfonceError, FileNotFoundError):
     """A file or directory the user named (or a run needs) does not exist."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler ending the job, ``kill``): raised in the main thread as
+    ``KeyboardInterrupt`` is for SIGINT (:func:`kinfonce.scoped.sigterm_raises`), so that a run
+    saves what it can and the command exits 143, never 0."""
 
 
 class DivergedError(KinfonceError, RuntimeError):

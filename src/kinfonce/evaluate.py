@@ -29,7 +29,7 @@ from kinfonce.config import EvalSettings, TrainConfig
 from kinfonce.data import load_dataset
 from kinfonce.data.augment import EvalTransform
 from kinfonce.data.crop import padded_crops
-from kinfonce.data.datasets import DEFAULT_RESIZE
+from kinfonce.data.datasets import DEFAULT_RESIZE, TREE_DATASETS
 from kinfonce.errors import KinfonceError
 from kinfonce.fileio import write_text_atomic
 from kinfonce.models import build_backbone, place_backbone
@@ -348,6 +348,40 @@ def _check_data_fits_checkpoint(splits: Any, config: dict[str, Any], path: str) 
         )
 
 
+def run_image_size(config: dict[str, Any]) -> int | None:
+    """The image side an image tree is decoded at to evaluate a run on its own data set: the
+    run's ``image_size``, else the side its encoder was built for (recorded with the
+    checkpoint), at which pretraining decoded it; for instance labelled 32 px images beside
+    more unlabelled 48 px ones, decoded at 48 (the most common size of all). None for data
+    sets of a fixed size."""
+    if not config["dataset"].startswith(TREE_DATASETS):
+        return None
+    return config["image_size"] or config["data"]["image_size"]
+
+
+def check_device(device: str) -> None:
+    """Refuse a torch device this machine does not have, before any work.
+
+    Raises:
+        KinfonceError: naming the device and what this machine has.
+    """
+    kind, _, index = device.partition(":")
+    modules = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None)}
+    if kind == "mps":
+        count = int(torch.backends.mps.is_available())
+    elif kind in modules:
+        module = modules[kind]
+        count = module.device_count() if module is not None and module.is_available() else 0
+    else:
+        return
+    if int(index or 0) >= count:
+        has = f"{count} {kind} device(s)" if count else f"no {kind} device"
+        raise KinfonceError(
+            f"device {device!r} is not on this machine, which has {has}; use --device cpu "
+            "or leave --device unset"
+        )
+
+
 def eval_device(accelerator: str) -> tuple[str, str]:
     """The torch device ``kinfonce eval`` uses by default for a run trained on ``accelerator``,
     and why: the run's own kind of device where this machine has one, else the CPU."""
@@ -388,6 +422,8 @@ def evaluate_checkpoint(
             shape does not fit the encoder.
     """
     settings = settings or EvalSettings()
+    if settings.device:
+        check_device(settings.device)
     encoder, config = load_encoder(checkpoint)
     own_data = settings.dataset is None or settings.dataset == config["dataset"]
     name = config["dataset"] if settings.dataset is None else settings.dataset
@@ -405,7 +441,7 @@ def evaluate_checkpoint(
             download=settings.download or (bool(config["download"]) and own_data),
             val_fraction=config["val_fraction"],
             seed=config["seed"],
-            image_size=config["image_size"] if own_data else None,
+            image_size=run_image_size(config) if own_data else None,
             resize=config["resize"] if own_data else DEFAULT_RESIZE,
         )
     _check_data_fits_checkpoint(splits, config, str(checkpoint))

@@ -11,6 +11,7 @@ work that would fill it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from collections.abc import Callable
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from kinfonce.errors import KinfonceError
+
+#: errno values of a disk that cannot take a write: full, over quota, read-only, refused.
+UNWRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 #: Suffix of the temporary files :func:`atomic_write` leaves behind when it is killed.
 TEMP_SUFFIX = ".kinfonce-tmp"
@@ -41,8 +45,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 
     The temporary file is created in ``path``'s directory (with the permissions a new file
     gets under the umask), fsynced, renamed over ``path``, and the directory fsynced. If
-    ``write`` or the disk fails, the temporary file is removed and the exception propagates;
-    ``path`` keeps its previous content.
+    ``write`` or the disk fails, the temporary file is removed and the exception propagates
+    (an ``OSError`` with ``path`` as its file name, not the temporary one); ``path`` keeps
+    its previous content.
 
     Returns:
         ``path`` as a Path.
@@ -50,16 +55,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, target)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(temp)
+        if isinstance(err, OSError) and err.errno is not None:
+            raise OSError(err.errno, err.strerror, str(target)) from err
         raise
     fsync_directory(target.parent)
     return target

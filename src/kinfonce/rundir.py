@@ -20,6 +20,7 @@ import fcntl
 import importlib.metadata
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import time
@@ -126,22 +127,61 @@ def claim_run_dir(run_dir: Path, *, resume: bool) -> Iterator[None]:
             already holds a run; nothing is written then (beyond the directory and lock
             file the holder itself created).
     """
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        if not _try_lock(fd):
-            raise _in_use(run_dir, fd)
+    with _held(run_dir):
         _check_contents(run_dir, resume)
+        for directory in (run_dir, run_dir / "checkpoints", run_dir / "logs"):
+            remove_temp_files(directory)
+        yield
+
+
+@contextlib.contextmanager
+def hold_directory(directory: Path) -> Iterator[None]:
+    """Own ``directory`` for the block (creating it): the lock of :func:`claim_run_dir`,
+    without its check of the contents; a search directory's (:mod:`kinfonce.tune`).
+
+    Raises:
+        KinfonceError: another process holds it, or it cannot be created or written.
+    """
+    with _held(directory):
+        yield
+
+
+@contextlib.contextmanager
+def _held(directory: Path) -> Iterator[int]:
+    """Create ``directory``, take the exclusive lock on its :data:`LOCK_FILE` and write this
+    process into it as the holder; yield the lock's file descriptor.
+
+    A disk that cannot take the lock file (full, read-only) is a KinfonceError, and a
+    directory created here is removed again, so that it is not left holding only a lock.
+    """
+    created = not directory.exists()
+    fd = None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        if not _try_lock(fd):
+            raise _in_use(directory, fd)
         holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%c')}"
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode() + b"\n", 0)
         os.fsync(fd)
         if created:
-            fsync_directory(run_dir.parent)
-        for directory in (run_dir, run_dir / "checkpoints", run_dir / "logs"):
-            remove_temp_files(directory)
-        yield
+            fsync_directory(directory.parent)
+    except OSError as err:
+        if fd is not None:
+            os.close(fd)
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise KinfonceError(
+            f"cannot take {str(directory)!r}: writing its lock file failed ({err.strerror}); "
+            "free space or choose a writable directory"
+        ) from None
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+    try:
+        yield fd
     finally:
         os.close(fd)  # releases the lock
 

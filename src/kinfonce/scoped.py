@@ -1,9 +1,9 @@
 """Process-wide settings changed for a block only, and restored afterwards, however it exits.
 
 Library code changes no global state for longer than a call: torch's CPU thread count, the
-random generators, environment variables, the float32 matmul precision and whether progress
-bars are shown are each set by one context manager here, which puts back what was there
-before.
+random generators, environment variables, the float32 matmul precision, whether progress
+bars are shown and the SIGTERM handler are each set by one context manager here, which
+puts back what was there before.
 
 Small steps (a linear head on a batch of 64, 100 points of the synthetic experiment) cost
 more in thread synchronisation than they gain; on a loaded 2-core machine, 5 epochs of a
@@ -17,10 +17,13 @@ import contextlib
 import contextvars
 import os
 import random
+import signal
 from collections.abc import Iterator
 
 import numpy as np
 import torch
+
+from kinfonce.errors import Terminated
 
 
 @contextlib.contextmanager
@@ -129,3 +132,22 @@ def progress_bars(shown: bool) -> Iterator[None]:
 def progress_shown() -> bool:
     """Whether progress bars are shown here: the innermost :func:`progress_bars`, else True."""
     return _PROGRESS_SHOWN.get()
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises :class:`~kinfonce.errors.Terminated` in the main thread for the block,
+    as SIGINT raises ``KeyboardInterrupt``; the previous handler is restored afterwards.
+
+    During ``Trainer.fit`` Lightning's own SIGTERM handler runs first and then this one, so
+    the exception goes through Lightning's exception path (``interrupted.ckpt``).
+    """
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

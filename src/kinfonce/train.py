@@ -27,8 +27,10 @@ seeded for the run and restored afterwards (:func:`kinfonce.scoped.seeded`).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
+import signal
 import sys
 import time
 import warnings
@@ -42,6 +44,8 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from kinfonce.checkpoints import (
     AtomicCheckpointIO,
@@ -54,9 +58,9 @@ from kinfonce.config import PretrainConfig, TrainConfig, dump_config
 from kinfonce.data import DatasetSplits, load_dataset
 from kinfonce.data.batches import PretrainData, check_batch_size
 from kinfonce.epochlog import EpochLog, find_epoch_log, read_epoch_curves
-from kinfonce.errors import DivergedError, KinfonceError
+from kinfonce.errors import DivergedError, KinfonceError, Terminated
 from kinfonce.evaluate import evaluate_baselines
-from kinfonce.fileio import write_text_atomic
+from kinfonce.fileio import UNWRITABLE, write_text_atomic
 from kinfonce.methods import PretrainMethod, method_class
 from kinfonce.methods.base import data_description
 from kinfonce.plots import CURVE_PANELS, plot_curve_panels
@@ -89,13 +93,84 @@ class RunProgressBar(TQDMProgressBar):
 
 
 class ResumableExceptionCheckpoint(OnExceptionCheckpoint):
-    """Saves ``interrupted.ckpt`` when the run stops on an exception (Ctrl-C, a crash), except
-    on a :class:`DivergedError`: its weights went through steps with a non-finite loss, and
-    the run would diverge again from them."""
+    """Saves ``interrupted.ckpt`` when the run stops on an exception (Ctrl-C, SIGTERM, a
+    crash), except on a :class:`DivergedError` (its weights went through steps with a
+    non-finite loss, and the run would diverge again from them) and before the first step
+    (nothing trained yet: a checkpoint would make a run that never started look like one).
+
+    When the checkpoint itself cannot be written (the disk that failed the run is full), a
+    warning says so and the exception that stopped the run propagates, not this one.
+    """
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
-        if not isinstance(exception, DivergedError):
+        if isinstance(exception, DivergedError) or trainer.global_step == 0:
+            return
+        try:
             super().on_exception(trainer, pl_module, exception)
+        except (OSError, KinfonceError) as err:
+            warnings.warn(f"{self.ckpt_path} was not written: {err}", stacklevel=2)
+
+
+class MovableModelCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint whose record survives a moved or copied run directory.
+
+    Lightning reloads the best score and the kept paths only when the checkpoint directory
+    is the one recorded; after a move it warns and starts with no best score, so that the
+    next epoch becomes ``best.ckpt`` however it scores. Here the recorded paths are read as
+    the same names under the new directory, and the best score is kept.
+    """
+
+    @property
+    def state_key(self) -> str:
+        """ModelCheckpoint's key, so that checkpoints written before keep their record."""
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old = state_dict.get("dirpath")
+        if old is None or self.dirpath is None or old == self.dirpath:
+            super().load_state_dict(state_dict)
+            return
+
+        def moved(path: Any) -> Any:
+            if not path:
+                return path
+            try:
+                return str(Path(self.dirpath) / Path(path).relative_to(old))
+            except ValueError:  # not under the old directory: kept as it is
+                return path
+
+        state = {key: moved(value) if key.endswith("_path") else value
+                 for key, value in state_dict.items()}  # fmt: skip
+        state["best_k_models"] = {
+            moved(path): score for path, score in state_dict.get("best_k_models", {}).items()
+        }
+        super().load_state_dict({**state, "dirpath": self.dirpath})
+
+
+def make_strategy(config: TrainConfig) -> str | Strategy:
+    """Lightning's ``strategy`` of ``config``, where it starts a process group (DDP and its
+    variants, and what Lightning's ``auto`` picks for several processes: ``ddp``) with
+    ``ddp_timeout`` as the group's timeout; any other name as it is."""
+    name = config.strategy
+    if name == "auto" and (config.num_nodes > 1 or _device_count(config) > 1):
+        name = "ddp"
+    if name not in StrategyRegistry or not issubclass(
+        StrategyRegistry[name]["strategy"], DDPStrategy
+    ):
+        return name
+    entry = StrategyRegistry[name]
+    timeout = datetime.timedelta(seconds=config.ddp_timeout)
+    return entry["strategy"](**{**entry["init_params"], "timeout": timeout})
+
+
+def _device_count(config: TrainConfig) -> int:
+    """Devices per node that ``devices`` names (``auto`` and -1: every GPU, or one CPU)."""
+    if config.devices in ("auto", "-1"):
+        gpus = config.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        return torch.cuda.device_count() if gpus else 1
+    if config.devices.isdigit():
+        return int(config.devices)
+    return len([index for index in config.devices.split(",") if index])
 
 
 def make_trainer(
@@ -116,7 +191,7 @@ def make_trainer(
             accelerator=config.accelerator,
             devices=devices,
             num_nodes=config.num_nodes,
-            strategy=config.strategy,
+            strategy=make_strategy(config),
             precision=config.precision,
             sync_batchnorm=config.sync_batchnorm,
             use_distributed_sampler=False,
@@ -130,7 +205,7 @@ def make_trainer(
                 *([RunProgressBar()] if config.progress else []),
                 EpochLog(run_dir / "logs" / "metrics.csv"),
                 RunClock(),
-                ModelCheckpoint(
+                MovableModelCheckpoint(
                     dirpath=checkpoints,
                     filename="best",
                     monitor="probe_top1",
@@ -140,7 +215,7 @@ def make_trainer(
                 ),
                 # Lightning's save_last rewrites last.ckpt only in epochs that also save a best
                 # checkpoint; this unmonitored one keeps it at the newest epoch.
-                ModelCheckpoint(
+                MovableModelCheckpoint(
                     dirpath=checkpoints,
                     filename="last",
                     every_n_epochs=1,
@@ -231,6 +306,53 @@ def _evaluate_pretrain(
 #: ``kinfonce pretrain``: SimCLR or MoCo, evaluated beside the two baselines.
 PRETRAIN_JOB = TrainingJob(_build_pretrain, _evaluate_pretrain)
 
+
+class DistributedStartError(KinfonceError):
+    """The processes of a DDP run did not all join its process group within ``ddp_timeout``."""
+
+
+def fit(
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    data: L.LightningDataModule,
+    checkpoint: Path | None,
+    config: TrainConfig,
+) -> None:
+    """``trainer.fit``; a process group that did not start in time is a
+    :class:`DistributedStartError` that says what to check."""
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=checkpoint, weights_only=True)
+    except torch.distributed.DistError as err:
+        if torch.distributed.is_initialized():  # failed after the start: not ours to explain
+            raise
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+        raise DistributedStartError(
+            f"the {trainer.world_size} processes of this DDP run did not all start within "
+            f"ddp_timeout ({config.ddp_timeout:g} s): {reason}. Start every node's command "
+            "with the same MASTER_ADDR, MASTER_PORT and --num-nodes (and its own NODE_RANK), "
+            "then run it again"
+        ) from None
+
+
+def as_interruption(err: BaseException) -> BaseException:
+    """The signal's own exception for Lightning's exits on a signal during fit: its
+    ``SIGTERMException`` (a ``SystemExit`` with status 0) after SIGTERM, ``sys.exit(1)``
+    after Ctrl-C; so that the command exits 143 or 130. Any other exception as it is."""
+    if isinstance(err, SIGTERMException):
+        return Terminated(signal.SIGTERM)
+    if isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt):
+        return err.__context__
+    return err
+
+
+def resumable(err: BaseException) -> bool:
+    """Whether a run stopped by ``err`` continues with ``--resume``: an interruption, or a
+    disk that could not take a write (once it can)."""
+    if isinstance(err, KeyboardInterrupt | Terminated):
+        return True
+    return isinstance(err, OSError) and err.errno in UNWRITABLE
+
+
 #: Metrics logged during training that ``metrics.json`` keeps as ``final_<name>``.
 FINAL_LOGGED = ("train_loss", "probe_top1", "val_zero_shot_top1")
 
@@ -301,9 +423,12 @@ def run_training(
     Raises:
         KinfonceError: a bad setting, impossible batch sizes, a checkpoint of another
             configuration, a run directory that already holds a run or that another
-            process is using.
-        SystemExit, KeyboardInterrupt: after Ctrl-C during training (Lightning exits) or
-            during the final evaluation; a line on stderr says how to resume.
+            process is using; a DDP process group that did not start within
+            ``ddp_timeout`` (:class:`DistributedStartError`; the directory is left as a new
+            run finds it).
+        KeyboardInterrupt, Terminated: after SIGINT or SIGTERM, during training or the
+            final evaluation; a line on stderr says how to resume, as after an ``OSError``
+            of a disk that cannot be written.
     """
     started, cpu_started = time.perf_counter(), time.process_time()
     config = resolve(config)
@@ -340,7 +465,7 @@ def run_training(
                     quiet_lightning(config.accelerator),
                     shared_with_workers(run_dir, trainer.world_size),
                 ):
-                    trainer.fit(module, datamodule=data, ckpt_path=checkpoint, weights_only=True)
+                    fit(trainer, module, data, checkpoint, config)
                 fit_wall = time.perf_counter() - fit_started
                 fit_cpu = time.process_time() - fit_cpu
                 if not owner:
@@ -353,36 +478,44 @@ def run_training(
                     device = str(trainer.strategy.root_device)
                     metrics = job.evaluate(module, splits, config, device)
                     metrics["evaluation_time_s"] = time.perf_counter() - eval_started
-            except (SystemExit, KeyboardInterrupt):
-                # Lightning saves interrupted.ckpt and exits on Ctrl-C during fit; after fit,
-                # last.ckpt holds the finished training and a resume only evaluates.
-                if owner:
+                logged = trainer.callback_metrics
+                for key in FINAL_LOGGED:
+                    if key in logged:
+                        metrics[f"final_{key}"] = float(logged[key])
+                metrics.update(
+                    epochs=config.epochs,
+                    train_images=len(splits.train),
+                    # CPU time of all threads and ranks: on a busy machine, a better gauge of
+                    # the work than wall time. All three count every segment of a resumed run.
+                    **run_times(
+                        logged,
+                        segment_wall=time.perf_counter() - started,
+                        fit_wall=fit_wall,
+                        main_cpu_outside_fit=time.process_time() - cpu_started - fit_cpu,
+                    ),
+                    run_dir=str(run_dir),
+                    run=run_record(config.accelerator),
+                )
+                write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+                columns = [column for _, column in CURVE_PANELS]
+                curves = read_epoch_curves(find_epoch_log(run_dir), columns)
+                plot_curve_panels({run_dir.name: curves}, run_dir / "curves.png")
+            except DistributedStartError:
+                if owner and resume is None:  # nothing ran: a rerun may take the directory
+                    (run_dir / "config.yaml").unlink(missing_ok=True)
+                raise
+            except BaseException as err:
+                stop = as_interruption(err)
+                # interrupted.ckpt (during fit) or last.ckpt (after it) holds the training;
+                # a resume after the last epoch only evaluates and writes the results.
+                if owner and resumable(stop):
+                    what = "stopped" if isinstance(stop, OSError) else "interrupted"
                     print(
-                        f"interrupted; continue with: kinfonce {config.command} --output-dir "
+                        f"{what}; continue with: kinfonce {config.command} --output-dir "
                         f"{run_dir} --resume",
                         file=sys.stderr,
                     )
-                raise
-            logged = trainer.callback_metrics
-            for key in FINAL_LOGGED:
-                if key in logged:
-                    metrics[f"final_{key}"] = float(logged[key])
-            metrics.update(
-                epochs=config.epochs,
-                train_images=len(splits.train),
-                # CPU time of all threads and ranks: on a busy machine, a better gauge of the
-                # work than wall time. All three count every segment of a resumed run.
-                **run_times(
-                    logged,
-                    segment_wall=time.perf_counter() - started,
-                    fit_wall=fit_wall,
-                    main_cpu_outside_fit=time.process_time() - cpu_started - fit_cpu,
-                ),
-                run_dir=str(run_dir),
-                run=run_record(config.accelerator),
-            )
-            columns = [column for _, column in CURVE_PANELS]
-            curves = read_epoch_curves(find_epoch_log(run_dir), columns)
-            plot_curve_panels({run_dir.name: curves}, run_dir / "curves.png")
-            write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+                if stop is err:
+                    raise
+                raise stop from None
     return metrics

@@ -19,17 +19,15 @@ Ray runs in-process on this machine by default, or joins a cluster (``address``)
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
-import logging
 import math
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,10 +45,12 @@ from kinfonce.config import (
     settings_from_mapping,
 )
 from kinfonce.errors import KinfonceError, MissingFileError
-from kinfonce.fileio import write_text_atomic
+from kinfonce.fileio import check_writable_dir, write_text_atomic
 from kinfonce.plots import plot_search_curves
+from kinfonce.raysession import ray_session
 from kinfonce.resolve import check_search, resolve
-from kinfonce.scoped import cpu_threads, environment
+from kinfonce.rundir import hold_directory
+from kinfonce.scoped import cpu_threads
 from kinfonce.space import Dimension, check_space, num_trials, parse_space, space_to_yaml
 from kinfonce.tables import search_summary
 from kinfonce.train import run_pretrain
@@ -205,34 +205,6 @@ def check_search_inputs(
     return settings
 
 
-@contextlib.contextmanager
-def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
-    """Ray for the search: joined at ``address``, or started here (no dashboard) and shut
-    down after. A Ray already initialised in this process is used as it is.
-    """
-    import ray
-
-    # Tune snapshots the experiment state at every trial checkpoint (what lets --resume lose
-    # nothing) and warns about it when epochs are short; the warning is noise here.
-    with environment(TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S="0"):
-        if ray.is_initialized():
-            yield
-            return
-        if address is not None:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        else:
-            ray.init(
-                num_cpus=num_cpus,
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-            )
-        try:
-            yield
-        finally:
-            ray.shutdown()
-
-
 def _trainable(base: PretrainConfig, settings: SearchSettings, search_dir: Path) -> Any:
     from ray import tune
 
@@ -303,25 +275,70 @@ def run_search(
         num_cpus: CPUs of a Ray started here (None: all).
         callbacks: extra Ray Tune callbacks (``ray.tune.Callback``), e.g. loggers.
 
+    The directory is locked as a run directory is (``DIR/.lock``, :mod:`kinfonce.rundir`)
+    while the search runs: a second search or a ``--resume`` of it is refused meanwhile.
+
     Raises:
-        KinfonceError: bad settings, config or space, or a directory that holds a search;
-            all checked before Ray starts.
+        KinfonceError: bad settings, config or space, a directory that holds a search or
+            that another process holds, checked before Ray starts; a cluster that refuses
+            this process.
     """
     search_dir = Path(search_dir).resolve()
     runtime = SearchRuntime(address=address, num_cpus=num_cpus)
     settings = check_search_inputs(base, space, settings, runtime)
-    if (search_dir / SEARCH_FILE).exists():
+    check_writable_dir(search_dir, "--output-dir")
+    with hold_directory(search_dir):
+        if has_tune_state(search_dir):
+            raise KinfonceError(
+                f"{str(search_dir)!r} already holds a search; continue it with --resume "
+                f"{search_dir} or choose another --output-dir"
+            )
+        base = trial_base(base, settings)
+        record = {"config": base.to_dict(), "space": space_to_yaml(space)}
+        record["settings"] = settings.to_dict()
+        with ray_session(address, num_cpus):
+            # written once Ray runs: a search that could not start leaves nothing a rerun
+            # would refuse (without Tune's state, a search.yaml alone does not count)
+            write_text_atomic(search_dir / SEARCH_FILE, yaml.safe_dump(record, sort_keys=False))
+            _tuner(base, space, settings, search_dir, callbacks).fit()
+        return finish_search(search_dir, base, space, settings)
+
+
+def has_tune_state(search_dir: Path) -> bool:
+    """Whether Tune has saved a search's experiment state in ``search_dir`` (what
+    ``--resume`` restores): a search that stopped before scheduling a trial has none."""
+    from ray import tune
+
+    return search_dir.is_dir() and tune.Tuner.can_restore(search_dir)
+
+
+def check_trusted(search_dir: Path) -> None:
+    """Refuse a search directory that holds anything another user owns or may write.
+
+    ``--resume`` unpickles Tune's state in it (``tuner.pkl``, the trials' records), and a
+    crafted pickle runs code; a directory only this user could have written is as trusted
+    as the user's own files. Symbolic links are judged by themselves, not followed.
+
+    Raises:
+        KinfonceError: naming the first such path, its owner or mode, and what to do.
+    """
+    uid = os.getuid()
+    paths = [search_dir]
+    for folder, dirs, files in os.walk(search_dir):
+        paths += [Path(folder) / name for name in (*dirs, *files)]
+    for path in paths:
+        stat = path.lstat()
+        if stat.st_uid != uid:
+            problem = f"is owned by user id {stat.st_uid}, not by you ({uid})"
+        elif stat.st_mode & 0o022 and not path.is_symlink():
+            problem = f"can be written by others (mode {stat.st_mode & 0o777:o})"
+        else:
+            continue
         raise KinfonceError(
-            f"{str(search_dir)!r} already holds a search; continue it with --resume "
-            f"{search_dir} or choose another --output-dir"
+            f"refusing to resume {str(search_dir)!r}: {str(path)!r} {problem}. Resuming "
+            "unpickles Tune's state in the directory, which can run code: resume only a "
+            "search directory that you own and only you can write (chmod -R go-w DIR)"
         )
-    base = trial_base(base, settings)
-    record = {"config": base.to_dict(), "space": space_to_yaml(space)}
-    record["settings"] = settings.to_dict()
-    write_text_atomic(search_dir / SEARCH_FILE, yaml.safe_dump(record, sort_keys=False))
-    with ray_session(address, num_cpus):
-        _tuner(base, space, settings, search_dir, callbacks).fit()
-    return finish_search(search_dir, base, space, settings)
 
 
 def load_search(
@@ -354,27 +371,33 @@ def resume_search(
     Args:
         retry_failed: also resume failed trials from their last checkpoint.
 
-    The directory must be trusted: Tune's experiment state in it is unpickled.
+    The directory must be trusted: Tune's experiment state in it is unpickled
+    (:func:`check_trusted` refuses one that another user owns or may write). Like
+    :func:`run_search`, the resume holds the directory's lock: a second search or resume
+    of it is refused while it runs.
     """
     from ray import tune
 
     search_dir = Path(search_dir).resolve()
     base, space, settings = load_search(search_dir)
+    check_trusted(search_dir)
     check_search_inputs(base, space, settings, SearchRuntime(address=address, num_cpus=num_cpus))
-    if not tune.Tuner.can_restore(search_dir):
-        raise KinfonceError(
-            f"{str(search_dir)!r} holds no Tune experiment state to resume (the search stopped "
-            "before its first trial was scheduled); start it again with another --output-dir"
-        )
-    with ray_session(address, num_cpus):
-        tuner = tune.Tuner.restore(
-            str(search_dir),
-            trainable=_trainable(base, settings, search_dir),
-            resume_unfinished=True,
-            resume_errored=retry_failed,
-        )
-        tuner.fit()
-    return finish_search(search_dir, base, space, settings)
+    with hold_directory(search_dir):
+        if not has_tune_state(search_dir):
+            raise KinfonceError(
+                f"{str(search_dir)!r} holds no Tune experiment state to resume (the search "
+                "stopped before its first trial was scheduled); start it again: "
+                f"kinfonce tune --output-dir {search_dir}"
+            )
+        with ray_session(address, num_cpus):
+            tuner = tune.Tuner.restore(
+                str(search_dir),
+                trainable=_trainable(base, settings, search_dir),
+                resume_unfinished=True,
+                resume_errored=retry_failed,
+            )
+            tuner.fit()
+        return finish_search(search_dir, base, space, settings)
 
 
 def failure_reason(error: str | None) -> str | None:
