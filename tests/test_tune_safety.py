@@ -174,7 +174,8 @@ def test_a_cluster_that_refuses_the_token_is_one_line_and_leaves_the_dir_free(
     for _ in range(2):  # the rerun meets the same refusal, not the directory
         assert main(argv) == 2
         (line,) = capsys.readouterr().err.strip().splitlines()
-        assert "refused this process" in line and "--address auto" in line
+        assert "cannot join the Ray cluster" in line and "InvalidAuthToken" in line
+        assert "--address auto" in line
         assert "RAY_AUTH_MODE=token" in line
         assert not (search_dir / "search.yaml").exists()
 

@@ -71,26 +71,25 @@ def join_cluster(address: str) -> None:
 
     Raises:
         KinfonceError: the cluster wants an authentication token this process lacks, or
-            nothing answers at ``address``.
+            nothing answers at ``address``: one line saying what to do.
     """
     import ray
     from ray.exceptions import AuthenticationError
 
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    except AuthenticationError as err:
-        reason = (str(err.message).strip().splitlines() or ["InvalidAuthToken"])[0]
+    except (AuthenticationError, ConnectionError) as err:
+        # Ray 2.60 reports a refused token as AuthenticationError, or (after its retries, the
+        # refusals logged as InvalidAuthToken) as a ConnectionError like an absent cluster.
+        text = str(getattr(err, "message", err)).strip()
+        reason = (text.splitlines() or [type(err).__name__])[0]
         raise KinfonceError(
-            f"the Ray cluster at --address {address} refused this process: it asks for an "
-            f"authentication token ({reason}). On the cluster's head node, pass --address auto; "
-            "elsewhere, set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or "
-            "its token file) before kinfonce tune"
-        ) from None
-    except ConnectionError as err:
-        reason = (str(err).strip().splitlines() or ["no answer"])[0]
-        raise KinfonceError(
-            f"no Ray cluster answers at --address {address} ({reason}); start one with "
-            "`ray start --head`, or leave --address out to start Ray here"
+            f"cannot join the Ray cluster at --address {address} ({reason}): either it asks "
+            "for an authentication token that this process lacks (Ray then logs "
+            "InvalidAuthToken), or no cluster answers there. On the cluster's head node, pass "
+            "--address auto; elsewhere, set RAY_AUTH_MODE=token and the cluster's token "
+            "(RAY_AUTH_TOKEN, or its token file) before kinfonce tune; or leave --address "
+            "out to start Ray here"
         ) from None
 
 
