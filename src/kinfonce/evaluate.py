@@ -350,13 +350,13 @@ def _check_data_fits_checkpoint(splits: Any, config: dict[str, Any], path: str) 
 
 def run_image_size(config: dict[str, Any]) -> int | None:
     """The image side an image tree is decoded at to evaluate a run on its own data set: the
-    run's ``image_size``, else the side its encoder was built for (recorded with the
-    checkpoint), at which pretraining decoded it; for instance labelled 32 px images beside
-    more unlabelled 48 px ones, decoded at 48 (the most common size of all). None for data
-    sets of a fixed size."""
-    if not config["dataset"].startswith(TREE_DATASETS):
-        return None
-    return config["image_size"] or config["data"]["image_size"]
+    run's ``image_size``; for a run pretrained with its unlabelled images (whose most common
+    size decided the side), the side its encoder was built for (recorded with the
+    checkpoint): say labelled 32 px images beside more unlabelled 48 px ones, decoded at 48
+    by pretraining. Otherwise None, as pretraining decoded it (and its cache entry serves)."""
+    if config["image_size"] is not None or not config["dataset"].startswith(TREE_DATASETS):
+        return config["image_size"]
+    return config["data"]["image_size"] if config["unlabeled"] else None
 
 
 def check_device(device: str) -> None:
