@@ -14,7 +14,9 @@ resumes from its last epoch. The search directory holds::
     DIR/best_config.yaml    the best trial's config, for ``kinfonce pretrain --config``
     DIR/probe_curves.png    probe accuracy against epoch, one line per trial
 
-Ray runs in-process on this machine by default, or joins a cluster (``address``).
+Ray is started on this machine's loopback interface by default, or a cluster is joined
+(``address``; :mod:`kinfonce.raysession`). ``DIR/.lock`` holds the directory while a search
+or its resume runs, as a run directory's lock does (:mod:`kinfonce.rundir`).
 """
 
 from __future__ import annotations
