@@ -1,4 +1,5 @@
-"""Shared test helpers: the tiny-run settings and the one writer of synthetic image trees.
+"""Shared test helpers: the tiny-run settings, the one writer of synthetic image trees, and a
+run killed in a forked process (to test resuming).
 
 Imported by the tests (``from tests.helpers import ...``); no test imports another test file.
 """
@@ -6,12 +7,15 @@ Imported by the tests (``from tests.helpers import ...``); no test imports anoth
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
+import signal
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 from PIL import Image
 
@@ -155,3 +159,23 @@ def pattern(name: str, index: int, rng: np.random.Generator) -> np.ndarray:
     }[name]
     gray = np.clip(60 + 140 * base + rng.normal(0, 12, base.shape), 0, 255)
     return np.repeat(gray[..., None], 3, axis=2).astype(np.uint8)
+
+
+class KillAtEpochStart(L.Callback):
+    """SIGKILL this process when ``epoch`` starts (the checkpoint of the one before is on disk)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_in_child(run: Callable[..., Any], config: TrainConfig, **kwargs) -> int | None:
+    """``run(config, **kwargs)`` (``run_pretrain``, ``run_clip``) in a forked process; its exit
+    code (-9 when killed)."""
+    child = multiprocessing.get_context("fork").Process(target=run, args=(config,), kwargs=kwargs)
+    child.start()
+    child.join(timeout=300)
+    return child.exitcode

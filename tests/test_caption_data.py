@@ -4,18 +4,21 @@ recall and the pair graph of real captions."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from kinfonce.caption_files import read_caption_source
+from kinfonce.caption_files import caption_files_sha256, read_caption_source
 from kinfonce.caption_synth import class_images, generate, write_pairs, write_table
 from kinfonce.captions import shared_captions
+from kinfonce.checkpoints import load_checkpoint
 from kinfonce.cli import main
-from kinfonce.clip import caption_graph_metrics, graph_columns
+from kinfonce.clip import caption_graph_metrics, graph_columns, run_clip
 from kinfonce.config import ClipConfig
 from kinfonce.data.captioned import load_caption_splits
 from kinfonce.data.tree import ImageTree
@@ -23,7 +26,15 @@ from kinfonce.errors import KinfonceError
 from kinfonce.graph import image_components, images_joined
 from kinfonce.retrieval import match_ranks, retrieval_recall
 from kinfonce.text import MAX_TOKENS, WordTokenizer
-from tests.helpers import CIFAR10_ZIP, pattern, tiny_flags, write_image_tree
+from tests.helpers import (
+    CIFAR10_ZIP,
+    KillAtEpochStart,
+    pattern,
+    run_in_child,
+    tiny_config,
+    tiny_flags,
+    write_image_tree,
+)
 
 #: Class -> words that name it in captions (several per class, as users' captions do).
 WORDS = {
@@ -202,6 +213,28 @@ def test_a_tsv_with_other_columns_and_a_byte_order_mark(pattern_pairs, tmp_path)
     assert list(found.labels) == [label for *_, label in rows]
 
 
+def test_the_caption_digest_follows_captions_and_rewrites_not_images(tmp_path):
+    # A resume compares this digest: it must change with any caption, label or rewrite
+    # (else a resume trains on changed captions), and not with the images of a folder
+    # (which it does not read).
+    tree = write_image_tree(tmp_path / "images", pattern, list(WORDS), {"train": 2})
+    pairs = tmp_path / "pairs"
+    write_pairs(generate(ImageTree(tree), class_images(ImageTree(tree)), 8), ImageTree(tree), pairs)
+    rewrite = tmp_path / "r.txt"
+    rewrite.write_text("one\n")
+    first = caption_files_sha256(str(pairs), [str(rewrite)])
+    assert caption_files_sha256(str(pairs), []) != first
+    (pairs / "000003.jpg").write_bytes(b"other image")
+    assert caption_files_sha256(str(pairs), [str(rewrite)]) == first
+    for changed in (pairs / "000003.txt", pairs / "000003.cls", rewrite):
+        before = changed.read_bytes()
+        changed.write_bytes(before + b"x")
+        assert caption_files_sha256(str(pairs), [str(rewrite)]) != first, changed.name
+        changed.write_bytes(before)
+    with pytest.raises(KinfonceError, match=r"rewrite file .*nothing\.txt does not exist"):
+        caption_files_sha256(str(pairs), [str(tmp_path / "nothing.txt")])
+
+
 def test_pairs_without_their_caption_or_with_some_labels_are_refused(tmp_path):
     tree = write_image_tree(tmp_path / "images", pattern, list(WORDS), {"train": 2})
     pairs = tmp_path / "pairs"
@@ -355,6 +388,74 @@ def test_captions_without_labels_train_and_report_retrieval_only(pattern_pairs, 
     assert "final_probe_top1" not in metrics and metrics["test_images"] == 30
     assert metrics["image_to_text_r10"] > 0.6 and metrics["text_to_image_r10"] > 0.6, metrics
     assert (run / "checkpoints" / "best.ckpt").is_file()
+
+
+def outcome(run: Path) -> tuple[dict, dict]:
+    """(metrics.json without its times and places, the final weights) of a run directory."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    kept = {k: v for k, v in metrics.items() if "time" not in k and k not in ("run", "run_dir")}
+    return kept, load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
+
+
+def test_an_interrupted_caption_run_resumes_to_the_same_end(pattern_pairs, tmp_path, capsys):
+    # Killed at the start of its last epoch, then resumed by `--output-dir RUN --resume`
+    # (config.yaml read back): the split, the caption ids and each step's caption draw must be
+    # the uninterrupted run's, so on one thread (one summation order) the weights are
+    # bit-identical and so are the metrics. A resume that re-reads changed caption files
+    # instead trains on other captions: it is refused, naming the digest, writing nothing.
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("captions.csv", "rewrites.txt"):
+        (data / name).write_bytes((pattern_pairs / name).read_bytes())
+    settings = dict(
+        train_subset=None, proj_hidden_dim=32, epochs=3, text_width=16, text_layers=1,
+        eval_linear_epochs=1, captions=str(data / "captions.csv"),
+        image_root=str(pattern_pairs), csv_label_key="label", test_fraction=0.25,
+        rewrite_files=(str(data / "rewrites.txt"),),
+    )  # fmt: skip
+    straight = tiny_config(tmp_path / "a", ClipConfig, **settings)
+    killed = tiny_config(tmp_path / "b", ClipConfig, **settings)
+    run = Path(killed.output_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_clip(straight)
+        assert run_in_child(run_clip, killed, callbacks=[KillAtEpochStart(2)]) == -9
+        assert not (run / "metrics.json").exists()
+        assert main(["clip", "--output-dir", str(run), "--resume"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "last.ckpt: 2 of 3 epochs trained" in capsys.readouterr().out
+    (metrics_a, weights_a), (metrics_b, weights_b) = (
+        outcome(Path(straight.output_dir)),
+        outcome(run),
+    )
+    assert metrics_b == metrics_a and metrics_a["test_images"] == 30
+    assert weights_b.keys() == weights_a.keys() and any(k.startswith("text.") for k in weights_a)
+    for key, value in weights_a.items():
+        assert torch.equal(weights_b[key], value), key
+    recorded = yaml.safe_load((run / "config.yaml").read_text())["captions_sha256"]
+    assert len(recorded) == 64
+    config_yaml = (run / "config.yaml").read_bytes()
+    # one changed caption in either file
+    for name, word, other in (("rewrites.txt", "blob", "spot"), ("captions.csv", " 4,", " 44,")):
+        lines = (data / name).read_text().splitlines()
+        assert word in lines[-1]
+        lines[-1] = lines[-1].replace(word, other)
+        (data / name).write_text("\n".join(lines) + "\n")
+        assert main(["clip", "--output-dir", str(run), "--resume", "--epochs", "4"]) == 2
+        err = capsys.readouterr().err
+        assert f"captions_sha256: the caption files ({data / 'captions.csv'} " in err
+        assert f"not {recorded} as the configuration records" in err
+        with pytest.raises(KinfonceError, match=f"captions_sha256: checkpoint has '{recorded}'"):
+            run_clip(dataclasses.replace(killed, epochs=4), resume="last")
+        assert (run / "config.yaml").read_bytes() == config_yaml
+    # a new run from the old config.yaml trains on the changed files once told to
+    fresh = ["clip", "--config", str(run / "config.yaml"), "--output-dir", str(tmp_path / "c")]
+    assert main(fresh) == 2 and "--captions-sha256 none" in capsys.readouterr().err
+    assert main([*fresh, "--captions-sha256", "none", "--epochs", "1"]) == 0
+    saved = yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())
+    assert saved["captions_sha256"] not in (None, recorded)
 
 
 @pytest.mark.skipif(not CIFAR10_ZIP.is_file(), reason="needs the CIFAR-10 zip")

@@ -26,7 +26,7 @@ from kinfonce.config import config_differences
 from kinfonce.errors import KinfonceError
 from kinfonce.rundir import check_run_dir_free, claim_run_dir
 from kinfonce.train import run_pretrain
-from tests.helpers import tiny_config, tiny_flags
+from tests.helpers import KillAtEpochStart, run_in_child, tiny_config, tiny_flags
 
 FORK = multiprocessing.get_context("fork")
 TINY_FLAGS = tiny_flags(train_subset=64)
@@ -193,25 +193,6 @@ def test_resume_takes_the_furthest_checkpoint_not_the_newest_file(finished_run, 
 # lost. Also the kill -9 + resume path must end bit-identical to an uninterrupted run.
 
 
-class KillAtEpochStart(L.Callback):
-    """SIGKILL this process when ``epoch`` starts (the checkpoint of the one before is on disk)."""
-
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def run_in_child(config, **kwargs) -> int:
-    """``run_pretrain`` in a forked process; its exit code (-9 when killed)."""
-    child = FORK.Process(target=run_pretrain, args=(config,), kwargs=kwargs)
-    child.start()
-    child.join(timeout=300)
-    return child.exitcode
-
-
 def test_two_kills_keep_every_epoch_and_end_bit_identical(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one summation order in every process, for bit-identity
@@ -219,8 +200,12 @@ def test_two_kills_keep_every_epoch_and_end_bit_identical(tmp_path):
         straight = tiny_config(tmp_path / "a", epochs=4, train_subset=64)
         run_pretrain(straight)
         killed = tiny_config(tmp_path / "b", epochs=4, train_subset=64)
-        assert run_in_child(killed, callbacks=[KillAtEpochStart(2)]) == -signal.SIGKILL
-        assert run_in_child(killed, resume="last", callbacks=[KillAtEpochStart(3)]) == -9
+        assert (
+            run_in_child(run_pretrain, killed, callbacks=[KillAtEpochStart(2)]) == -signal.SIGKILL
+        )
+        assert (
+            run_in_child(run_pretrain, killed, resume="last", callbacks=[KillAtEpochStart(3)]) == -9
+        )
         run = Path(killed.output_dir)
         assert log_epochs(run) == [0, 1, 2]
         run_pretrain(killed, resume="last")

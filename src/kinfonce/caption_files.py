@@ -19,7 +19,8 @@ file, the line and what was expected, raised before anything is trained or writt
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -272,3 +273,48 @@ def read_caption_source(
         rows = rows_of_pairs(str(path), tree)
     check_images_exist(rows, tree)
     return rows, tree
+
+
+#: Files of a folder of pairs that :func:`caption_files_sha256` hashes (not its images).
+CAPTION_MEMBER_SUFFIXES = (".txt", ".cls")
+
+
+def _sized_chunks(path: Path) -> Iterator[bytes]:
+    """``path``'s size (8 bytes), then its bytes in chunks of 1 MiB."""
+    yield path.stat().st_size.to_bytes(8, "little")
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            yield chunk
+
+
+def caption_files_sha256(captions: str, rewrite_files: Sequence[str]) -> str:
+    """SHA-256 (hex) of the caption files a run reads: the bytes of ``captions`` (a CSV, TSV,
+    .zip or .tar file; of a folder of pairs, the names and bytes of its .txt and .cls files
+    in name order, not its images), then of each rewrite file in order. Each name and file
+    is prefixed by its length, so that moving a line from one file to the next changes the
+    digest.
+
+    Raises:
+        MissingFileError: ``captions`` or a rewrite file does not exist.
+    """
+    path = Path(captions).expanduser()
+    if path.is_dir():
+        files = [
+            (member.relative_to(path).as_posix(), member)
+            for member in sorted(path.rglob("*"))
+            if member.suffix.lower() in CAPTION_MEMBER_SUFFIXES and member.is_file()
+        ]
+    elif path.is_file():
+        files = [("", path)]
+    else:
+        raise MissingFileError(f"captions {path} does not exist")
+    for rewrite in map(Path, rewrite_files):
+        if not rewrite.is_file():
+            raise MissingFileError(f"rewrite file {rewrite} does not exist")
+        files.append(("", rewrite))
+    digest = hashlib.sha256()
+    for name, file in files:
+        digest.update(len(name.encode()).to_bytes(8, "little") + name.encode())
+        for chunk in _sized_chunks(file):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -18,6 +18,7 @@ graph a run would train on.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,11 +26,13 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from kinfonce.caption_files import caption_files_sha256
 from kinfonce.captions import PairedCaptions, class_captions, shared_captions
 from kinfonce.config import ClipConfig
 from kinfonce.data import DatasetSplits
 from kinfonce.data.batches import PretrainData
 from kinfonce.data.captioned import CaptionedSplits, load_caption_splits
+from kinfonce.errors import KinfonceError
 from kinfonce.evaluate import evaluate_baselines, extract_features
 from kinfonce.graph import image_components, images_joined, summarize_pair_graph
 from kinfonce.methods.base import data_description
@@ -231,10 +234,35 @@ def evaluate_clip(
 CLIP_JOB = TrainingJob(_build_clip, evaluate_clip, load_clip_splits)
 
 
+def with_caption_digest(config: ClipConfig) -> ClipConfig:
+    """``config`` with ``captions_sha256`` of its caption files (unchanged without
+    ``--captions``).
+
+    Raises:
+        KinfonceError: ``config`` gives another digest (e.g. the one a resumed run's
+            config.yaml recorded): the files changed since.
+    """
+    if not config.captions:
+        return config
+    digest = caption_files_sha256(config.captions, config.rewrite_files)
+    if config.captions_sha256 not in (None, digest):
+        files = " ".join([config.captions, *config.rewrite_files])
+        raise KinfonceError(
+            f"captions_sha256: the caption files ({files}) now hash to {digest}, not "
+            f"{config.captions_sha256} as the configuration records: --captions or a "
+            "--rewrite-files file changed since the run started. Resume with the files it "
+            "started with; to train on the changed ones, start a new run in another "
+            "--output-dir (with --captions-sha256 none where its --config records a digest)"
+        )
+    return dataclasses.replace(config, captions_sha256=digest)
+
+
 def run_clip(
     config: ClipConfig, *, resume: str | None = None, callbacks: Sequence[L.Callback] = ()
 ) -> dict[str, Any]:
-    """Train, evaluate and write the run directory (:func:`kinfonce.train.run_training`)."""
+    """Train, evaluate and write the run directory (:func:`kinfonce.train.run_training`),
+    the caption files' digest recorded in the configuration (:func:`with_caption_digest`)."""
+    config = with_caption_digest(config)
     return run_training(config, CLIP_JOB, resume=resume, callbacks=callbacks)
 
 

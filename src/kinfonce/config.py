@@ -636,6 +636,14 @@ class ClipConfig(TrainConfig):
         "pair in name order), as LaCLIP's; each step draws one of an image's captions",
         "captions",
     )
+    captions_sha256: str | None = setting(
+        None,
+        "SHA-256 of the caption files' content: the --captions file (a folder of pairs: its "
+        ".txt and .cls files), then each --rewrite-files file (none: computed when the run "
+        "starts and recorded in config.yaml; a run given one, as a resume reads it from "
+        "config.yaml, refuses files that hash otherwise)",
+        "captions",
+    )
     test_fraction: float = setting(
         0.1,
         "fraction of the --captions images held out as the test split (retrieval recall, "
