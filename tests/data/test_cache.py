@@ -186,16 +186,19 @@ def test_one_and_two_workers_give_byte_identical_entries(tmp_path, monkeypatch, 
     assert data.image_size == 40 or 12 <= data.image_size <= 40  # the most common size
 
 
-SLOW_BUILD = """
+GATED_BUILD = """
 import os, sys, time
 import kinfonce.data.build as build
 from kinfonce.data import load_dataset
 build.CHUNK_ROWS, build.SYNC_SECONDS = 4, 0.0
-decode_into = build.decode_into
-def slow(*args, **kwargs):
-    time.sleep({delay})
+decode_into, chunks = build.decode_into, []
+def gated(*args, **kwargs):
+    if len(chunks) >= {hold_after}:  # wait here until the test releases this builder
+        while not os.path.exists("{release}"):
+            time.sleep(0.01)
+    chunks.append(1)
     return decode_into(*args, **kwargs)
-build.decode_into = slow
+build.decode_into = gated
 open(f"{go}.ready-{{os.getpid()}}", "w").close()
 while not os.path.exists("{go}"):  # imports done: start together
     time.sleep(0.01)
@@ -204,16 +207,31 @@ print("loaded", len(data.train) + len(data.val), int(data.test.images[:].sum()))
 """
 
 
-def _slow_builder(tree: Path, cache: Path, delay: float, go: Path) -> subprocess.Popen:
-    """A process that decodes ``tree`` into ``cache`` with 4 files a chunk, ``delay`` seconds
-    per chunk, once the file ``go`` exists."""
-    code = textwrap.dedent(SLOW_BUILD).format(tree=tree, cache=cache, delay=delay, go=go)
-    return subprocess.Popen(
-        [sys.executable, "-W", "ignore", "-c", code],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+def _gated_builder(
+    tree: Path, cache: Path, go: Path, hold_after: int, release: Path, log: Path
+) -> subprocess.Popen:
+    """A process that decodes ``tree`` into ``cache`` with 4 files a chunk once the file ``go``
+    exists, and holds before its chunk number ``hold_after`` until the file ``release`` exists;
+    its messages go to ``log``. Files, not delays, order the steps, so load cannot reorder them."""
+    code = textwrap.dedent(GATED_BUILD).format(
+        tree=tree, cache=cache, go=go, hold_after=hold_after, release=release
     )
+    with open(log, "w") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-W", "ignore", "-c", code],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+
+
+def _wait_until(condition, what: str) -> None:
+    """Poll ``condition`` for up to 120 s (a bound for a broken build, not a timing)."""
+    deadline = time.monotonic() + 120
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after 120 s waiting for {what}")
+        time.sleep(0.05)
 
 
 def test_a_killed_builder_leaves_no_entry_and_a_rerun_completes_it(tmp_path, monkeypatch, capsys):
@@ -221,23 +239,23 @@ def test_a_killed_builder_leaves_no_entry_and_a_rerun_completes_it(tmp_path, mon
     # again, and one whose rows or metadata differ from an uninterrupted build's.
     tree = _mixed_tree(tmp_path / "tree")
     cache = tmp_path / "cache"
-    go = tmp_path / "go"
+    go, log = tmp_path / "go", tmp_path / "builder.err"
     go.touch()
-    builder = _slow_builder(tree, cache, delay=0.3, go=go)
-    progress = None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and builder.poll() is None:
+    # Held before its third chunk, never released: two of 8 chunks are done when it is killed.
+    builder = _gated_builder(tree, cache, go, 2, tmp_path / "never", log)
+
+    def progress_lines() -> int:
         found = list(cache.glob(".*.partial/progress.jsonl")) if cache.is_dir() else []
-        if found and len(found[0].read_text().splitlines()) >= 2:
-            progress = found[0]
-            break
-        time.sleep(0.05)
+        assert builder.poll() is None, "the builder ended early: " + log.read_text()
+        return len(found[0].read_text().splitlines()) if found else 0
+
+    _wait_until(lambda: progress_lines() >= 2, "two chunks in the progress file")
     builder.send_signal(signal.SIGKILL)
     builder.wait()
-    assert progress is not None, "the builder never got midway: " + builder.stderr.read()
+    (progress,) = cache.glob(".*.partial/progress.jsonl")
     assert _entries(cache) == []  # nothing that looks complete
     done_before = len(progress.read_text().splitlines())
-    assert done_before < 8
+    assert done_before == 2
     monkeypatch.setattr(build, "CHUNK_ROWS", 4)
     decoded = []
     original = build.decode_into
@@ -261,17 +279,25 @@ def test_two_builders_at_once_make_one_entry(tmp_path):
     # writing one entry; the second must wait and read the first's.
     tree = _mixed_tree(tmp_path / "tree")
     cache = tmp_path / "cache"
-    go = tmp_path / "go"
-    builders = [_slow_builder(tree, cache, delay=0.3, go=go) for _ in range(2)]
-    deadline = time.monotonic() + 120
-    while len(list(tmp_path.glob("go.ready-*"))) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    go, release = tmp_path / "go", tmp_path / "release"
+    logs = [tmp_path / f"builder{i}.err" for i in range(2)]
+    # Each holds before its first chunk: the one that took the lock keeps it until released.
+    builders = [_gated_builder(tree, cache, go, 0, release, log) for log in logs]
+    _wait_until(lambda: len(list(tmp_path.glob("go.ready-*"))) == 2, "both builders to start")
     go.touch()
-    outputs = [builder.communicate(timeout=120) for builder in builders]
-    assert [b.returncode for b in builders] == [0, 0], outputs
-    lines = [line for _, err in outputs for line in err.splitlines()]
+    try:
+        _wait_until(
+            lambda: any("waiting for another process" in log.read_text() for log in logs),
+            "one builder to wait for the other",
+        )
+    finally:
+        release.touch()  # a builder that never waits fails below rather than hanging here
+        outputs = [builder.communicate(timeout=120)[0] for builder in builders]
+    errors = [log.read_text() for log in logs]
+    assert [b.returncode for b in builders] == [0, 0], errors
+    lines = [line for err in errors for line in err.splitlines()]
     assert sum(line.startswith("decoded 28 image files") for line in lines) == 1
     assert sum(line.startswith("waiting for another process") for line in lines) == 1
     assert sum(line.startswith("reusing the decoded cache") for line in lines) == 1
-    assert outputs[0][0] == outputs[1][0] and outputs[0][0].startswith("loaded 21 ")
+    assert outputs[0] == outputs[1] and outputs[0].startswith("loaded 21 ")
     assert len(_entries(cache)) == 1 and not list(cache.glob(".*.partial"))
