@@ -33,7 +33,7 @@ from kinfonce.data import DatasetSplits
 from kinfonce.data.batches import PretrainData
 from kinfonce.data.captioned import CaptionedSplits, load_caption_splits
 from kinfonce.errors import KinfonceError
-from kinfonce.evaluate import evaluate_baselines, extract_features
+from kinfonce.evaluate import eval_mode, evaluate_baselines, extract_features
 from kinfonce.graph import image_components, images_joined, summarize_pair_graph
 from kinfonce.methods.base import data_description
 from kinfonce.methods.clip import ClipMethod
@@ -110,58 +110,45 @@ def image_embeddings(
     fit, Lightning leaves it on the CPU."""
     module.to(device)
     encoder = nn.Sequential(module.backbone, module.head)
-    z = extract_features(
-        encoder, images, module.eval_transform, batch_size=batch_size, device=device
+    return extract_features(
+        encoder,
+        images,
+        module.eval_transform,
+        batch_size=batch_size,
+        device=device,
+        to_cpu=False,
     )
-    return z.to(device)
 
 
-def zero_shot_metrics(
-    module: ClipMethod, images: Tensor, labels: Tensor, device: str, batch_size: int = 256
-) -> dict[str, float]:
-    """Zero-shot top-1/top-5 of labelled uint8 images (N, C, H, W), with the plain prompts
-    (``zero_shot_*``) and with all captions of each class (``zero_shot_ensemble_*``).
-
-    The whole module (image and text encoders, class captions) is moved to ``device`` first
-    and stays there (:func:`image_embeddings`)."""
-    z = image_embeddings(module, images, device, batch_size)
+def zero_shot_metrics(module: ClipMethod, z: Tensor, labels: Tensor) -> dict[str, float]:
+    """Zero-shot top-1/top-5 of labelled images from their embeddings ``z`` (N, D) (see
+    :func:`image_embeddings`), with the plain prompts (``zero_shot_*``) and with all
+    captions of each class (``zero_shot_ensemble_*``)."""
     metrics = {}
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            for prefix, ensemble in (("zero_shot", False), ("zero_shot_ensemble", True)):
-                scores = module.zero_shot(z, ensemble).cpu()
-                for key, value in topk_accuracy(scores, labels).items():
-                    metrics[f"{prefix}_{key}"] = value
-    finally:
-        module.train(was_training)
+    with eval_mode(module), torch.no_grad():
+        for prefix, ensemble in (("zero_shot", False), ("zero_shot_ensemble", True)):
+            scores = module.zero_shot(z, ensemble).cpu()
+            for key, value in topk_accuracy(scores, labels).items():
+                metrics[f"{prefix}_{key}"] = value
     return metrics
 
 
-def retrieval_metrics(
-    module: ClipMethod, images: Tensor, captions: PairedCaptions, device: str
-) -> dict[str, float]:
+def retrieval_metrics(module: ClipMethod, z: Tensor, captions: PairedCaptions) -> dict[str, float]:
     """Recall at 1, 5 and 10 of image-to-text and text-to-image retrieval among held-out
-    uint8 images (N, C, H, W) and their own captions (N rows of ids into the module's
-    caption list), scored by the training kernel (log of the kernel value).
+    images, from their embeddings ``z`` (N, D) (see :func:`image_embeddings`), and their own
+    captions (N rows of ids into the module's caption list), scored by the training kernel
+    (log of the kernel value).
 
     The candidates are the distinct captions of the N images; a caption shared by several
     images matches each of them."""
-    z = image_embeddings(module, images, device)
     edges = captions.edges()
     ids, column = torch.unique(edges[:, 1], return_inverse=True)
     matches = torch.zeros(len(captions), len(ids), dtype=torch.bool)
     matches[edges[:, 0], column] = True
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            text_z = torch.cat([module.text(chunk.to(device)) for chunk in ids.split(1024)])
-            kernel = module.kernel
-            scores = kernel.log_gram(kernel.normalize(z), kernel.normalize(text_z)).cpu()
-    finally:
-        module.train(was_training)
+    with eval_mode(module), torch.no_grad():
+        text_z = torch.cat([module.text(chunk.to(z.device)) for chunk in ids.split(1024)])
+        kernel = module.kernel
+        scores = kernel.log_gram(kernel.normalize(z), kernel.normalize(text_z)).cpu()
     return {
         **retrieval_recall(scores, matches),
         "test_images": len(captions),
@@ -218,14 +205,15 @@ def evaluate_clip(
     pairs also retrieval recall on the held-out images and the pair graph's components
     (only these when the pairs have no labels)."""
     metrics: dict[str, Any] = {}
+    test_z = image_embeddings(module, splits.test.images, device)
     if splits.num_classes:  # captions without labels have neither probes nor zero-shot
         metrics = evaluate_baselines(module.backbone, splits, config, device)
-        metrics.update(zero_shot_metrics(module, splits.test.images, splits.test.labels, device))
+        metrics.update(zero_shot_metrics(module, test_z, splits.test.labels))
         metrics["captions_per_class"] = config.rewrites
     if isinstance(splits, CaptionedSplits):
         _, _, test = run_captions(config, splits)
         assert test is not None
-        metrics.update(retrieval_metrics(module, splits.test.images, test, device))
+        metrics.update(retrieval_metrics(module, test_z, test))
         metrics.update(caption_graph_metrics(graph_columns(config, splits)))
     return metrics
 
