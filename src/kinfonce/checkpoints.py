@@ -34,7 +34,7 @@ from kinfonce.library_backbones import check_library_name, library_of
 from kinfonce.methods.base import CHECKPOINT_KEY, DATA_FIELDS
 from kinfonce.models import ProjectionHead, build_backbone, place_backbone
 from kinfonce.resolve import resolve
-from kinfonce.weights import load_torch_file
+from kinfonce.weights import key_differences, load_torch_file
 
 #: Checkpoints of a run directory that a resume may continue from, in order of preference
 #: between equal progress.
@@ -221,20 +221,13 @@ def _module_state(checkpoint: dict[str, Any], prefix: str) -> dict[str, torch.Te
 def weights_mismatch(module: nn.Module, state: dict[str, Any]) -> str | None:
     """How ``state`` differs from the weights ``module`` holds, counted in one line with an
     example of each kind (torch's own error lists every key), or None when they match."""
-    own = module.state_dict()
-    missing = sorted(own.keys() - state.keys())
-    unexpected = sorted(state.keys() - own.keys())
-    reshaped = sorted(
-        key
-        for key in own.keys() & state.keys()
-        if not isinstance(state[key], torch.Tensor) or state[key].shape != own[key].shape
-    )
+    differences = key_differences(module, state)
     parts = [
         f"{len(keys)} {what} (e.g. {keys[0]!r})"
         for keys, what in (
-            (missing, "missing"),
-            (unexpected, "unexpected"),
-            (reshaped, "of another shape"),
+            (differences.missing, "missing"),
+            (differences.unexpected, "unexpected"),
+            (differences.reshaped, "of another shape"),
         )
         if keys
     ]
@@ -247,7 +240,10 @@ def checkpoint_progress(path: Path) -> tuple[int, int]:
     Raises:
         KinfonceError: unreadable, not a kinfonce checkpoint, or without those two entries.
     """
-    checkpoint = load_checkpoint(path)
+    return _recorded_progress(load_checkpoint(path), path)
+
+
+def _recorded_progress(checkpoint: dict[str, Any], path: Path) -> tuple[int, int]:
     progress = (checkpoint.get("epoch"), checkpoint.get("global_step"))
     if not all(isinstance(value, int) for value in progress):
         raise KinfonceError(f"checkpoint {str(path)!r} records no integer epoch and global_step")
@@ -260,13 +256,12 @@ def trained_epochs(path: Path) -> int:
     checkpoint = load_checkpoint(path)
     progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
     processed = progress.get("total", {}).get("processed")
-    return processed if isinstance(processed, int) else int(checkpoint_progress(path)[0])
+    return processed if isinstance(processed, int) else _recorded_progress(checkpoint, path)[0]
 
 
-def describe_resume(path: Path, epochs: int) -> str:
-    """The line that says what a resume continues: the checkpoint, the epochs it had trained
-    and those left of ``epochs``."""
-    done = trained_epochs(path)
+def describe_resume(path: Path, done: int, epochs: int) -> str:
+    """The line that says what a resume continues: the checkpoint ``path``, the ``done``
+    epochs it had trained (:func:`trained_epochs`) and those left of ``epochs``."""
     left = max(epochs - done, 0)
     tail = f"{left} to go" if left else "none to go: only the final evaluation runs"
     return f"resuming from {path}: {done} of {epochs} epochs trained, {tail}"

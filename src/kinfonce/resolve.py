@@ -50,13 +50,14 @@ from kinfonce.config import (
 from kinfonce.data.build import default_workers
 from kinfonce.data.datasets import check_dataset_name
 from kinfonce.data.decode import RESIZE_POLICIES
-from kinfonce.errors import KinfonceError, MissingFileError
+from kinfonce.errors import KinfonceError
 from kinfonce.fileio import check_writable_dir
 from kinfonce.kernel_lse import PATHS
 from kinfonce.losses import LOSS_PRESETS, make_loss, preset_defaults, preset_params
 from kinfonce.models import STEMS, check_backbone_name
 from kinfonce.optim import OPTIMIZERS
 from kinfonce.text import HEADS, minilm_missing
+from kinfonce.weights import weights_file
 
 #: Names a training field must be one of: the registries of the modules that define them.
 REGISTERED_NAMES: dict[str, Iterable[str]] = {
@@ -323,8 +324,8 @@ def check_machine(config: TrainConfig) -> None:
     """
     if config.output_dir is not None:
         check_writable_dir(config.output_dir, "output_dir")
-    if config.init_weights is not None and not Path(config.init_weights).exists():
-        raise MissingFileError(f"init_weights {config.init_weights!r} does not exist")
+    if config.init_weights is not None:
+        weights_file(Path(config.init_weights))
     missing = minilm_missing() if getattr(config, "text_encoder", None) == "minilm" else None
     if missing:
         raise KinfonceError(missing)

@@ -373,9 +373,9 @@ def load_training_splits(config: TrainConfig) -> DatasetSplits:
     return splits.with_train_subset(config.train_subset, config.seed)
 
 
-def _set_aside_stale_eval(run_dir: Path, checkpoint: Path, epochs: int) -> None:
-    """``RUN_DIR/eval`` moved aside when the resume trains on (its checkpoint is then old)."""
-    done = trained_epochs(checkpoint)
+def _set_aside_stale_eval(run_dir: Path, done: int, epochs: int) -> None:
+    """``RUN_DIR/eval`` moved aside when the resume of a checkpoint that had trained ``done``
+    epochs trains on to ``epochs`` (the evaluation is then of an old checkpoint)."""
     moved = set_aside_stale_eval(run_dir, done) if done < epochs else None
     if moved is not None:
         print(f"moved {run_dir / 'eval'} (an evaluation of an earlier checkpoint) to {moved}")
@@ -442,8 +442,9 @@ def run_training(
     checkpoint = resume_checkpoint(run_dir, resume)
     if checkpoint is not None:
         check_resumable(checkpoint, config)
+        done = trained_epochs(checkpoint)
         if owner:
-            print(describe_resume(checkpoint, config.epochs))
+            print(describe_resume(checkpoint, done, config.epochs))
     with seeded(config.seed):
         with progress_bars(config.progress):
             splits = (job.load or load_training_splits)(config)
@@ -458,7 +459,7 @@ def run_training(
             if owner:
                 write_text_atomic(run_dir / "config.yaml", dump_config(config))
                 if checkpoint is not None:
-                    _set_aside_stale_eval(run_dir, checkpoint, config.epochs)
+                    _set_aside_stale_eval(run_dir, done, config.epochs)
             try:
                 fit_started, fit_cpu = time.perf_counter(), time.process_time()
                 with (

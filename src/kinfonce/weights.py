@@ -11,7 +11,7 @@ mis-shaped keys are refused by name.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -26,7 +26,14 @@ EXPORT_WEIGHT_FILES = ("backbone.safetensors", "backbone.pth")
 SHOWN_KEYS = 8
 
 
-def _weights_file(path: Path) -> Path:
+def weights_file(path: Path) -> Path:
+    """The file of ``path`` that holds the weights: ``path`` itself, or the weights of an
+    export directory.
+
+    Raises:
+        MissingFileError: no such file.
+        KinfonceError: an export directory without weights.
+    """
     if not path.exists():
         raise MissingFileError(f"init_weights {str(path)!r} does not exist")
     if not path.is_dir():
@@ -47,7 +54,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         MissingFileError: no such file.
         KinfonceError: neither safetensors nor a safely loadable mapping of tensors.
     """
-    file = _weights_file(Path(path))
+    file = weights_file(Path(path))
     try:
         return load_file(file)
     except (SafetensorError, OSError):
@@ -85,6 +92,29 @@ def _named(kind: str, keys: list[str]) -> str:
     return f"{kind} {', '.join(keys[:SHOWN_KEYS])}{more}"
 
 
+class KeyDifferences(NamedTuple):
+    """Sorted keys in which a state_dict differs from a module's (see :func:`key_differences`)."""
+
+    missing: list[str]
+    unexpected: list[str]
+    reshaped: list[str]
+
+
+def key_differences(module: nn.Module, state: dict[str, Any]) -> KeyDifferences:
+    """Keys of ``module``'s weights missing from ``state``, keys of ``state`` the module
+    lacks, and keys whose ``state`` entry is not a tensor of the module's shape."""
+    own = module.state_dict()
+    return KeyDifferences(
+        missing=sorted(own.keys() - state.keys()),
+        unexpected=sorted(state.keys() - own.keys()),
+        reshaped=sorted(
+            key
+            for key in own.keys() & state.keys()
+            if not isinstance(state[key], torch.Tensor) or state[key].shape != own[key].shape
+        ),
+    )
+
+
 def load_initial_weights(backbone: nn.Module, path: str | Path) -> None:
     """Load the weights of ``path`` into ``backbone``, every key and shape matched.
 
@@ -93,19 +123,17 @@ def load_initial_weights(backbone: nn.Module, path: str | Path) -> None:
             another shape, each named.
     """
     state = read_weights(path)
+    differences = key_differences(backbone, state)
     expected = backbone.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
+    shapes = [
         f"{key} (file {tuple(state[key].shape)}, backbone {tuple(expected[key].shape)})"
-        for key in set(state) & set(expected)
-        if state[key].shape != expected[key].shape
-    )
+        for key in differences.reshaped
+    ]
     problems = [
         _named(kind, keys)
         for kind, keys in (
-            ("missing from the file:", missing),
-            ("not in the backbone:", unexpected),
+            ("missing from the file:", differences.missing),
+            ("not in the backbone:", differences.unexpected),
             ("of another shape:", shapes),
         )
         if keys
