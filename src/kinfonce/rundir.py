@@ -127,7 +127,7 @@ def claim_run_dir(run_dir: Path, *, resume: bool) -> Iterator[None]:
             already holds a run; nothing is written then (beyond the directory and lock
             file the holder itself created).
     """
-    with _held(run_dir):
+    with hold_directory(run_dir):
         _check_contents(run_dir, resume)
         for directory in (run_dir, run_dir / "checkpoints", run_dir / "logs"):
             remove_temp_files(directory)
@@ -136,23 +136,16 @@ def claim_run_dir(run_dir: Path, *, resume: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def hold_directory(directory: Path) -> Iterator[None]:
-    """Own ``directory`` for the block (creating it): the lock of :func:`claim_run_dir`,
-    without its check of the contents; a search directory's (:mod:`kinfonce.tune`).
-
-    Raises:
-        KinfonceError: another process holds it, or it cannot be created or written.
-    """
-    with _held(directory):
-        yield
-
-
-@contextlib.contextmanager
-def _held(directory: Path) -> Iterator[int]:
-    """Create ``directory``, take the exclusive lock on its :data:`LOCK_FILE` and write this
-    process into it as the holder; yield the lock's file descriptor.
+    """Own ``directory`` for the block: create it, take the exclusive lock on its
+    :data:`LOCK_FILE` and write this process into it as the holder. The lock of
+    :func:`claim_run_dir`, without its check of the contents; alone, a search directory's
+    (:mod:`kinfonce.tune`).
 
     A disk that cannot take the lock file (full, read-only) is a KinfonceError, and a
     directory created here is removed again, so that it is not left holding only a lock.
+
+    Raises:
+        KinfonceError: another process holds it, or it cannot be created or written.
     """
     created = not directory.exists()
     fd = None
@@ -181,7 +174,7 @@ def _held(directory: Path) -> Iterator[int]:
             os.close(fd)
         raise
     try:
-        yield fd
+        yield
     finally:
         os.close(fd)  # releases the lock
 
