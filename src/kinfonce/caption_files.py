@@ -24,8 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from torchvision.datasets.folder import IMG_EXTENSIONS
-
+from kinfonce.data.imagefolder import is_image
 from kinfonce.data.tree import ImageTree
 from kinfonce.errors import KinfonceError, MissingFileError
 
@@ -127,10 +126,6 @@ def read_caption_table(
     )
 
 
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
-
-
 def _pair_key(name: str) -> tuple[str, str]:
     """(key, extension) of a member the WebDataset way: the key runs to the first dot of the
     file name, ``dir/a.b.jpg`` -> (``dir/a``, ``b.jpg``)."""
@@ -150,7 +145,7 @@ def rows_of_pairs(source: str, tree: ImageTree | MemoryTree) -> CaptionRows:
     members: dict[str, dict[str, str]] = {}
     for name in tree.names():
         key, extension = _pair_key(name)
-        kind = "image" if _is_image(name) else extension.lower()
+        kind = "image" if is_image(name) else extension.lower()
         if kind in ("image", "txt", "cls"):
             members.setdefault(key, {})[kind] = name
     if not members:

@@ -17,10 +17,11 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from kinfonce.data.tree import ImageTree
 from kinfonce.errors import KinfonceError, MissingFileError
 
-__all__ = ["UNLABELED_FOLDERS", "check_every_class_decoded", "tree_members"]
+__all__ = ["UNLABELED_FOLDERS", "check_every_class_decoded", "is_image", "tree_members"]
 
 
-def _is_image(name: str) -> bool:
+def is_image(name: str) -> bool:
+    """Whether a member name has an image extension torchvision reads."""
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
@@ -60,7 +61,7 @@ def tree_members(
         ValueError: the splits' class sets differ (the message names the differences), or
             there are fewer than 2 classes.
     """
-    names = [n for n in tree.names() if _is_image(n)]
+    names = [n for n in tree.names() if is_image(n)]
     prefix = _find_split_root(names, splits)
     members: dict[str, list[tuple[str, str]]] = {s: [] for s in splits}
     for name in names:
