@@ -197,17 +197,11 @@ def drill_kill_storm(work: Path, kills: int = 8) -> None:
 
 
 def drill_full_disk(work: Path) -> None:
-    mount = work / "full"
-    mount.mkdir()
-    if (
-        os.geteuid() != 0
-        or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True
-        ).returncode
-    ):
-        record("3", "full disk during a checkpoint write", "not run (needs root to mount)", True)
-        return
-    try:
+    with tmpfs(work / "full", "size=6m") as mount:
+        if mount is None:
+            record("3", "full disk during a checkpoint write", "not run (needs root to mount)",
+                   True)  # fmt: skip
+            return
         run = mount / "run"
         args = ["pretrain", *TINY, "--epochs", "4", "--output-dir", str(run)]
         code, line = kinfonce(*args, extra_env={"TMPDIR": "/dev/shm"})
@@ -222,8 +216,6 @@ def drill_full_disk(work: Path) -> None:
                f"run fails (exit {code}: `{line}`); readable {good}, unreadable {bad}, "
                f"temp files left {temps}; after freeing space --resume exit {resumed}, "
                f"log epochs {log_epochs(run)}", bool(ok))  # fmt: skip
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def drill_copied_times(work: Path) -> None:
