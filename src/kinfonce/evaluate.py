@@ -29,7 +29,8 @@ from kinfonce.config import EvalSettings, TrainConfig
 from kinfonce.data import load_dataset
 from kinfonce.data.augment import EvalTransform
 from kinfonce.data.crop import padded_crops
-from kinfonce.data.datasets import DEFAULT_RESIZE, TREE_DATASETS
+from kinfonce.data.datasets import TREE_DATASETS
+from kinfonce.data.decode import DEFAULT_RESIZE
 from kinfonce.errors import KinfonceError
 from kinfonce.fileio import write_text_atomic
 from kinfonce.models import build_backbone, place_backbone

@@ -20,6 +20,7 @@ import kinfonce.data.build as build
 import kinfonce.data.datasets as datasets
 from kinfonce.data import load_dataset
 from kinfonce.data.cache import CACHE_ENV, cache_root
+from kinfonce.data.splits import channel_counts, stats_from_counts
 from kinfonce.data.stored import StoredImages
 from tests.helpers import image_bytes, write_image_tree
 
@@ -184,6 +185,20 @@ def test_one_and_two_workers_give_byte_identical_entries(tmp_path, monkeypatch, 
     assert _files(entries[0]) == _files(entries[1])
     assert data.skipped_files == 1 and len(data.train) + len(data.val) == 21
     assert data.image_size == 40 or 12 <= data.image_size <= 40  # the most common size
+
+
+def test_normalisation_statistics_count_the_training_rows_only(tmp_path, monkeypatch):
+    # Catches training chunks whose bytes go uncounted (the decoding counts only theirs),
+    # and test rows' bytes in the statistics.
+    tree = _mixed_tree(tmp_path / "tree")
+    monkeypatch.setattr(build, "CHUNK_ROWS", 4)  # 8 chunks, 2 of them the test split's
+    for _ in range(2):  # built, then read back from the cache entry
+        with pytest.warns(UserWarning, match="1 undecodable"):
+            data = load_dataset(
+                f"imagefolder:{tree}", cache_dir=tmp_path / "cache", workers=1, image_size=16
+            )
+        counts = channel_counts(data.train.images) + channel_counts(data.val.images)
+        assert (data.mean, data.std) == stats_from_counts(counts)
 
 
 GATED_BUILD = """

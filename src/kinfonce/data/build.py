@@ -47,6 +47,7 @@ from kinfonce.data.decode import (
 from kinfonce.data.stored import npy_layout
 from kinfonce.data.tree import ImageTree
 from kinfonce.errors import KinfonceError
+from kinfonce.fileio import write_text_atomic
 from kinfonce.scoped import progress_shown
 
 __all__ = ["CHUNK_ROWS", "TreeRows", "build_entry", "default_workers"]
@@ -123,40 +124,45 @@ def build_entry(
     chunks = rows.chunks()
     workers = max(1, min(workers, math.ceil(len(rows.names) / CHUNK_ROWS)))  # no idle ones
     source = str(rows.tree.path)
-    with _pool(workers) as run:
-        if image_size is None:
-            shapes = _read_shapes(run, rows, chunks)
-            image_size = most_common_size(shapes)
-            chosen = "the most common size"
-        else:
-            chosen = "given"
-        plan = {"rows": len(rows.names), "image_size": image_size, "resize": resize}
-        images = _prepare(partial, plan, source)
-        done = _finished_chunks(partial / "progress.jsonl")
-        todo = [chunk for chunk in chunks if chunk[0] not in done]
-        if done:
-            print(
-                f"resuming the decoding of {source}: {len(chunks) - len(todo)} of {len(chunks)} "
-                f"chunks were decoded before",
-                file=sys.stderr,
+    if workers == 1:  # the chunks run in this process: its reader, index already read
+        _TREES[source] = rows.tree
+    try:
+        with _pool(workers) as run:
+            if image_size is None:
+                shapes = _read_shapes(run, rows, chunks)
+                image_size = most_common_size(shapes)
+                chosen = "the most common size"
+            else:
+                chosen = "given"
+            plan = {"rows": len(rows.names), "image_size": image_size, "resize": resize}
+            images = _prepare(partial, plan, source)
+            done = _finished_chunks(partial / "progress.jsonl")
+            todo = [chunk for chunk in chunks if chunk[0] not in done]
+            if done:
+                print(
+                    f"resuming the decoding of {source}: {len(chunks) - len(todo)} of "
+                    f"{len(chunks)} chunks were decoded before",
+                    file=sys.stderr,
+                )
+            began = time.perf_counter()
+            train_end = rows.splits["train"][1]  # only the training rows' bytes are counted
+            tasks = (
+                (
+                    _decode_chunk,
+                    (source, rows.names[a:b], str(images), a, image_size, resize, a < train_end),
+                )
+                for a, b in todo
             )
-        began = time.perf_counter()
-        tasks = (
-            (_decode_chunk, (source, rows.names[a:b], str(images), a, image_size, resize))
-            for a, b in todo
-        )
-        with tqdm(
-            total=sum(b - a for a, b in todo),
-            desc="decoding",
-            unit="img",
-            leave=False,
-            disable=not progress_shown(),
-        ) as bar:
-            for start, decoded in _synced(run(tasks), images, partial / "progress.jsonl"):
-                done[start] = decoded
-                bar.update(_chunk_length(chunks, start))
-        seconds = time.perf_counter() - began
-    count = sum(b - a for a, b in todo)
+            count, ends = sum(b - a for a, b in todo), dict(chunks)
+            with tqdm(
+                total=count, desc="decoding", unit="img", leave=False, disable=not progress_shown()
+            ) as bar:
+                for start, decoded in _synced(run(tasks), images, partial / "progress.jsonl"):
+                    done[start] = decoded
+                    bar.update(ends[start] - start)
+            seconds = time.perf_counter() - began
+    finally:
+        _TREES.pop(source, None)
     print(
         f"decoded {count} image files of {source} at {image_size}x{image_size} px by {workers} "
         f"process(es) in {seconds:.1f} s ({count / max(seconds, 1e-9):.0f} images/s)",
@@ -209,7 +215,7 @@ def _prepare(partial: Path, plan: dict[str, Any], source: str) -> Path:
         del allocated  # a sparse file of the full size: the workers fill its rows
         os.replace(allocating, images)
         (partial / "progress.jsonl").unlink(missing_ok=True)
-        plan_file.write_text(json.dumps(plan))
+        write_text_atomic(plan_file, json.dumps(plan))
     return images
 
 
@@ -304,10 +310,6 @@ def _finish(
         )
 
 
-def _chunk_length(chunks: list[tuple[int, int]], start: int) -> int:
-    return next(b - a for a, b in chunks if a == start)
-
-
 def _read_shapes(
     run: Callable[[Iterable[tuple[Callable, tuple]]], Iterator[Any]],
     rows: TreeRows,
@@ -387,11 +389,12 @@ def _shapes_chunk(tree: str, names: list[str], start: int) -> tuple[int, list[Sh
 
 
 def _decode_chunk(
-    tree: str, names: list[str], images: str, start: int, size: int, resize: str
+    tree: str, names: list[str], images: str, start: int, size: int, resize: str, counted: bool
 ) -> tuple[int, DecodedRows]:
-    """Decode ``names`` into rows ``start, start + 1, ...`` of the ``.npy`` file ``images``."""
+    """Decode ``names`` into rows ``start, start + 1, ...`` of the ``.npy`` file ``images``,
+    their byte histograms ``counted`` or left zero."""
     out = np.zeros((len(names), 3, size, size), dtype=np.uint8)
-    decoded = decode_into(_tree(tree), names, out, size, resize)
+    decoded = decode_into(_tree(tree), names, out, size, resize, count_bytes=counted)
     offset = npy_layout(Path(images))[3]
     fd = os.open(images, os.O_WRONLY)
     try:

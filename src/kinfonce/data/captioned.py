@@ -147,19 +147,20 @@ def load_caption_splits(config: ClipConfig) -> CaptionedSplits:
     split_of = torch.repeat_interleave(
         torch.arange(3), torch.tensor([len(parts[s]) for s in SPLITS])
     )
+    # kept is ascending and `order` runs train, val, test: each split is one block of rows
+    sizes = torch.bincount(split_of[kept], minlength=len(SPLITS)).tolist()
     sets, texts = {}, {}
-    for number, split in enumerate(SPLITS):
-        mine = (split_of[kept] == number).nonzero().squeeze(1)
-        chosen = order[kept[mine]]
+    for split, rows_kept, block in zip(SPLITS, kept.split(sizes), pixels.split(sizes), strict=True):
+        chosen = order[rows_kept]
         if len(chosen) == 0:
             raise KinfonceError(
                 f"the {split} split of {rows.source} has no decodable image: its "
                 f"{len(images)} images are too few for test_fraction {config.test_fraction} "
                 f"and val_fraction {config.val_fraction}, or its images do not decode"
             )
-        sets[split] = LabeledImages(pixels[mine].contiguous(), labels[chosen])
+        sets[split] = LabeledImages(block, labels[chosen])
         texts[split] = captions.select(chosen.tolist())
-    mean, std = channel_stats(torch.cat([sets["train"].images, sets["val"].images]))
+    mean, std = channel_stats(pixels[: sizes[0] + sizes[1]])  # train and val
     return CaptionedSplits(
         train=sets["train"],
         val=sets["val"],

@@ -15,7 +15,7 @@ import torch
 
 from kinfonce.data.build import TreeRows, build_entry, default_workers
 from kinfonce.data.cache import CACHE_ENV, CachedImages, cache_key, cache_root, load_or_build
-from kinfonce.data.decode import RESIZE_POLICIES
+from kinfonce.data.decode import DEFAULT_RESIZE, RESIZE_POLICIES
 from kinfonce.data.digits import load_digits_splits
 from kinfonce.data.imagefolder import check_every_class_decoded, tree_members
 from kinfonce.data.splits import (
@@ -59,10 +59,6 @@ TINY_IMAGE_SIZE = 16
 
 def _unknown(name: object) -> KinfonceError:
     return KinfonceError(f"unknown data set name {name!r}; known names: {', '.join(DATASETS)}")
-
-
-#: The resize policy of image trees unless one is chosen (``decode.RESIZE_POLICIES``).
-DEFAULT_RESIZE = "shorter-side-then-centre-crop"
 
 
 def check_dataset_name(
