@@ -665,6 +665,12 @@ def _run_text(run: dict) -> str:
     )
 
 
+def _figure(value: float) -> float:
+    """``value`` to 3 significant digits for the RESULT line: a short time or share stays
+    above 0, as a fixed number of decimals would not keep it."""
+    return float(f"{value:.3g}")
+
+
 def summary(results: dict[str, dict]) -> str:
     """The tables and the RESULT line, from the parts' results."""
     lines, result = [], {}
@@ -678,13 +684,13 @@ def summary(results: dict[str, dict]) -> str:
             key = f"g{gamma:g}_2n{two_n}"
             reference = by.get(("nt-xent", two_n, 2.0))
             if name == "kinfonce auto" and reference:
-                result[f"loss_time_over_ntxent_{key}"] = round(r["ms"] / reference["ms"], 2)
+                result[f"loss_time_over_ntxent_{key}"] = _figure(r["ms"] / reference["ms"])
                 if r.get("peak_mib") and reference.get("peak_mib"):
                     ratio = r["peak_mib"] / reference["peak_mib"]
-                    result[f"loss_memory_over_ntxent_{key}"] = round(ratio, 2)
+                    result[f"loss_memory_over_ntxent_{key}"] = _figure(ratio)
             tf32 = by.get(("kinfonce auto, high, TF32 in loss", two_n, gamma))
             if name == "kinfonce auto, high" and tf32:
-                result[f"loss_exact_over_tf32_{key}"] = round(r["ms"] / tf32["ms"], 2)
+                result[f"loss_exact_over_tf32_{key}"] = _figure(r["ms"] / tf32["ms"])
         switch = results["loss"].get("auto_switch_2n") if "loss" in results else None
         if switch:
             lines.append(f"auto leaves the fused path above 2N = {switch:,} on this device now")
@@ -703,7 +709,7 @@ def summary(results: dict[str, dict]) -> str:
                 step_images_per_s=round(best["images_per_s"]),
                 step_best_variant=best["variant"].replace(" ", ""),
                 eager_step_images_per_s=round(eager["images_per_s"]),
-                views_share=round(best["views_share"], 3),
+                views_share=_figure(best["views_share"]),
                 syncs_per_step=best["syncs_per_step"],
             )
     peer = results.get("peer", {})
@@ -713,13 +719,13 @@ def summary(results: dict[str, dict]) -> str:
                   f"{peer['loader_images_per_s']:,.0f} images/s"]  # fmt: skip
         result["peer_images_per_s"] = round(peer["images_per_s"])
         if best:
-            result["step_over_peer"] = round(best["images_per_s"] / peer["images_per_s"], 2)
+            result["step_over_peer"] = _figure(best["images_per_s"] / peer["images_per_s"])
     evaluation = results.get("eval", {})
     if "eval_s" in evaluation:
         lines += ["", f"end-of-run evaluation with both baselines, {evaluation['train_images']:,}"
                   f" / {evaluation['test_images']:,} images, {evaluation['epochs']} epochs: "
                   f"{evaluation['eval_s']:.1f} s"]  # fmt: skip
-        result["eval_s"] = round(evaluation["eval_s"], 1)
+        result["eval_s"] = _figure(evaluation["eval_s"])
         if "graph_vs_eager_max_rel" in evaluation:
             result["probe_graph_vs_eager"] = f"{evaluation['graph_vs_eager_max_rel']:.1e}"
             result["probe_graph_capture"] = evaluation["graph_capture"] == "ok"
@@ -728,13 +734,13 @@ def summary(results: dict[str, dict]) -> str:
         lines += ["", _run_text(pretrain) + f", linear top-1 {pretrain['linear_top1']:.3f} "
                   f"(random encoder {pretrain['random_encoder_linear_top1']:.3f}, raw pixels "
                   f"{pretrain['raw_pixels_linear_top1']:.3f})"]  # fmt: skip
-        result["pretrain_fit_s"] = round(pretrain["pretrain_time_s"], 1)
-        result["pretrain_eval_s"] = round(pretrain["evaluation_time_s"], 1)
+        result["pretrain_fit_s"] = _figure(pretrain["pretrain_time_s"])
+        result["pretrain_eval_s"] = _figure(pretrain["evaluation_time_s"])
     clip = results.get("clip", {})
     if "zero_shot_top1" in clip:
         lines += ["", _run_text(clip) + f", zero-shot top-1 {clip['zero_shot_top1']:.3f}, "
                   f"linear top-1 {clip['linear_top1']:.3f}"]  # fmt: skip
-        result["clip_eval_s"] = round(clip["evaluation_time_s"], 1)
+        result["clip_eval_s"] = _figure(clip["evaluation_time_s"])
         result["clip_zero_shot_top1"] = round(clip["zero_shot_top1"], 3)
     failed = [name for name, r in results.items() if "error" in r]
     for name in failed:
